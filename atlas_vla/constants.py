@@ -1,0 +1,38 @@
+"""Names shared by the data pipeline, the policy and the evaluation.
+
+Two families of names live here. *Columns* are the canonical columns of the `datasets.Dataset`
+that every LIBERO source (Hub id, LeRobot v2/v3 folder, saved dataset, converted HDF5) is mapped
+to, one row per frame. *Batch keys* are the keys of the dict a training sample (and, at inference,
+an observation) becomes once the sample transforms have run; the policy reads only these.
+Everything is in LIBERO units: the policy normalises internally with its stored statistics, so the
+same raw values flow through training, validation and the simulator.
+"""
+
+# --- canonical dataset columns (one row per frame) ---
+AGENT_IMAGE = "observation.images.agentview"  # third-person camera, upright (Hub convention), PIL/uint8 HWC
+WRIST_IMAGE = "observation.images.wrist"  # eye-in-hand camera, upright, PIL/uint8 HWC
+STATE = "observation.state"  # float32[8]: eef pos (3), eef axis-angle (3), gripper qpos (2)
+ACTION = "action"  # float32[7]: dx, dy, dz, droll, dpitch, dyaw, gripper (-1 open, +1 close)
+INSTRUCTION = "instruction"  # natural-language task description
+EPISODE_INDEX = "episode_index"
+FRAME_INDEX = "frame_index"
+TASK_INDEX = "task_index"
+
+CANONICAL_COLUMNS = (AGENT_IMAGE, WRIST_IMAGE, STATE, ACTION, INSTRUCTION, EPISODE_INDEX, FRAME_INDEX)
+
+STATE_DIM = 8
+ACTION_DIM = 7
+GRIPPER_OPEN = -1.0
+GRIPPER_CLOSE = 1.0
+
+# --- batch keys (after the sample transforms; what AtlasPolicy.forward reads) ---
+# uint8 (B, S, 3, H, W); S = num_temporal_frames * num_cameras, current frame first, and within a
+# time step the cameras in the order [agentview, wrist]. VGGT treats frame 0 as the reference view.
+OBS_IMAGES = "observation.images"
+OBS_STATE = STATE  # float32 (B, 8), current frame only
+# INSTRUCTION doubles as the batch key: a list of B strings.
+ACTIONS = "actions"  # float32 (B, action_horizon, 7): actions t .. t+action_horizon-1
+ACTIONS_PAD_MASK = "actions_is_pad"  # bool (B, action_horizon): True where the chunk runs past the episode end
+
+# --- observation files / simulator observations (layout of the shared .npz fixture) ---
+OBSERVATION_KEYS = ("agentview_image", "wrist_image", "state", "task_description")
