@@ -34,6 +34,45 @@ def _command(name: str, help: str):
 # data commands (data-info, convert-libero-hdf5, compute-stats, make-synthetic-libero)
 # ----------------------------------------------------------------------------------------------
 
+
+@_command("data-info", "Describe a LIBERO source: layout, episodes, frames, tasks, state/action dims, cameras, fps.")
+def _add_data_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+@_add_data_info.runner
+def _run_data_info(args: argparse.Namespace) -> int:
+    import json
+
+    from atlas_vla.data.libero import describe
+
+    info = describe(args.source, revision=args.revision)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    ids = info["episode_ids"]
+    rows = [
+        ("source", info["source"] + (f" @ {info['revision']}" if info["revision"] else "")),
+        ("layout", info["layout"]),
+        ("schema", info["schema"]),
+        ("episodes", f"{info['num_episodes']}" + (f" (indices {ids[0]}..{ids[-1]})" if ids else "")),
+        ("frames", str(info["num_frames"])),
+        ("fps", str(info["fps"] if info["fps"] is not None else "unknown")),
+        ("state_dim", str(info["state_dim"])),
+        ("action_dim", str(info["action_dim"])),
+        ("cameras", ", ".join(info["cameras"])),
+        ("columns", ", ".join(f"{canonical} <- {source}" for canonical, source in info["columns"].items())),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(f"{'tasks':<{width}}  {len(info['tasks'])}")
+    for index, task in enumerate(info["tasks"]):
+        print(f"{'':<{width}}  {index:>3}  {task}")
+    return 0
+
 # ----------------------------------------------------------------------------------------------
 # policy commands (predict, export)
 # ----------------------------------------------------------------------------------------------
