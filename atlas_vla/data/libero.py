@@ -823,16 +823,11 @@ def build_samples(
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Batch samples: tensors stacked along a new dim 0, INSTRUCTION as a list of str, indices as int64."""
+    """Batch samples: tensors stacked along a new dim 0, INSTRUCTION as a list of str, indices as int64.
+
+    This is torch's `default_collate`, which inside a `DataLoader` worker stacks straight into
+    shared memory, so a batch crosses to the main process without another copy.
+    """
     if not samples:
         raise ValueError("collate needs at least one sample")
-    batch: dict[str, Any] = {}
-    for key, value in samples[0].items():
-        values = [sample[key] for sample in samples]
-        if isinstance(value, torch.Tensor):
-            batch[key] = torch.stack(values)  # (B, ...)
-        elif isinstance(value, str):
-            batch[key] = list(values)
-        else:
-            batch[key] = torch.as_tensor(values)
-    return batch
+    return torch.utils.data.default_collate(list(samples))

@@ -1,7 +1,7 @@
 """Small transforms shared by training and inference.
 
 Every image the policy sees, whether it comes out of a parquet file during training or out of the
-simulator at evaluation time, goes through `image_to_chw` with the same resize filter, and every
+simulator at evaluation time, goes through `image_to_chw` and its one resize (`resize_images`), and every
 observation becomes batch keys through the same `camera_views` / `state_vector` checks. Keeping one
 code path is what makes the numbers at inference match the numbers at training time.
 """
@@ -13,13 +13,11 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from atlas_vla.constants import INSTRUCTION, OBS_IMAGES, OBS_STATE, OBSERVATION_KEYS, STATE_DIM
 from atlas_vla.data.spec import SampleSpec
-
-# The one resize filter of the project (PIL's bilinear filter is antialiased when shrinking).
-RESAMPLE = Image.Resampling.BILINEAR
 
 # Anything a LIBERO image can arrive as: encoded bytes, the parquet `{bytes, path}` struct, a PIL
 # image, or an (H, W, 3) uint8 array.
@@ -31,7 +29,7 @@ def open_image(image: ImageLike, size: int | None = None) -> Image.Image:
 
     With `size`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers
     `size` x `size` (`Image.draft`), which skips most of the decoding work for large frames; the
-    final resize happens in `image_to_chw` either way.
+    final resize is `resize_images` either way.
     """
     if isinstance(image, Mapping):
         if image.get("bytes") is None:
@@ -57,16 +55,25 @@ def open_image(image: ImageLike, size: int | None = None) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def image_to_chw(image: ImageLike, size: int) -> np.ndarray:
-    """Decode and resize one image to uint8 (3, size, size).
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 images (N, 3, h, w) to uint8 (N, 3, size, size): the only resize in the project.
 
-    The only resize in the project (filter `RESAMPLE`); non-square inputs are stretched to a square,
-    as LIBERO cameras are square already.
+    Bilinear with antialiasing, computed by torch directly on uint8 (its fast path for
+    channels-last input; within one grey level of PIL's bilinear filter). Non-square inputs are
+    stretched to a square, as LIBERO cameras are square already.
     """
-    pil = open_image(image, size)
-    if pil.size != (size, size):
-        pil = pil.resize((size, size), RESAMPLE)
-    return np.asarray(pil).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def image_to_chw(image: ImageLike, size: int) -> np.ndarray:
+    """Decode any `ImageLike` and resize it with `resize_images` to uint8 (3, size, size)."""
+    hwc = np.array(open_image(image, size))  # (H, W, 3), a writable copy
+    chw = torch.from_numpy(hwc).permute(2, 0, 1)[None]  # (1, 3, H, W), channels-last in memory
+    return resize_images(chw, size)[0].contiguous().numpy()
 
 
 def camera_views(images: Sequence[ImageLike], size: int) -> np.ndarray:

@@ -15,11 +15,11 @@ from atlas_vla.constants import INSTRUCTION, OBS_IMAGES, OBS_STATE
 from atlas_vla.data.libero import LiberoSamples, load_libero
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.transforms import (
-    RESAMPLE,
     image_to_chw,
     libero_state,
     observation_to_sample,
     quat_to_axis_angle,
+    resize_images,
     rotate_180,
 )
 
@@ -42,7 +42,9 @@ def _encoded(array: np.ndarray, fmt: str) -> bytes:
 
 def test_image_to_chw_accepts_every_form_with_one_resize() -> None:
     array = _gradient()
-    expected = np.asarray(Image.fromarray(array).resize((16, 16), RESAMPLE)).transpose(2, 0, 1)
+    expected = resize_images(torch.from_numpy(array).permute(2, 0, 1)[None], 16)[0].numpy()
+    pil = np.asarray(Image.fromarray(array).resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    assert np.abs(expected.astype(int) - pil).max() <= 1  # the same filter as PIL's bilinear
     png = _encoded(array, "PNG")
     for image in (array, Image.fromarray(array), png, {"bytes": png, "path": None}):
         result = image_to_chw(image, 16)
@@ -56,6 +58,10 @@ def test_image_to_chw_accepts_every_form_with_one_resize() -> None:
     assert np.abs(drafted - image_to_chw(big, 16).astype(int)).mean() < 4
     rgba = Image.fromarray(array).convert("RGBA")
     np.testing.assert_array_equal(image_to_chw(rgba, 16), expected)
+    square = _gradient(20, 20)
+    np.testing.assert_array_equal(image_to_chw(square, 20), square.transpose(2, 0, 1))  # right size: untouched
+    with pytest.raises(ValueError, match=r"uint8 images of shape \(N, 3, H, W\)"):
+        resize_images(torch.zeros(1, 3, 8, 8), 4)
 
 
 @pytest.mark.parametrize(
