@@ -70,7 +70,6 @@ KNOWN_SCHEMAS: dict[str, dict[str, str]] = {
 _INDEX_COLUMNS = {EPISODE_INDEX: EPISODE_INDEX, FRAME_INDEX: FRAME_INDEX}
 _CAMERAS = (AGENT_IMAGE, WRIST_IMAGE)
 _REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
-_EPISODE_FILE = re.compile(r"episode_(\d+)\.parquet$")
 
 
 @dataclass
@@ -170,8 +169,9 @@ def load_libero(
     The result has `CANONICAL_COLUMNS` (plus `TASK_INDEX` when the source has it); images stay
     encoded in the table (decoded to PIL on access).
     """
-    dataset, _ = _load(source, revision=revision, streaming=streaming, columns=columns, split=split,
-                       max_episodes=max_episodes, cache_dir=cache_dir)
+    dataset, _ = _load(
+        source, revision=revision, streaming=streaming, columns=columns, split=split, max_episodes=max_episodes, cache_dir=cache_dir
+    )
     return dataset
 
 
@@ -187,7 +187,7 @@ def _load(
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, list[int]]:
     """`load_libero`, also returning the episode indices the result holds."""
     _check_overrides(columns or {})
-    src = _open_source(source, revision=revision, cache_dir=cache_dir, with_data=not streaming)
+    src = _open_source(source, revision=revision, cache_dir=cache_dir)
     if src.layout == LAYOUT_SAVED:
         dataset = _load_saved(src.root, split)
         mapping, _ = resolve_columns(dataset.column_names, columns, where=str(src.root))
@@ -197,8 +197,9 @@ def _load(
         if streaming:
             dataset = dataset.to_iterable_dataset()
     else:
-        dataset, mapping, keep = _load_lerobot(src, split=split, streaming=streaming, columns=columns,
-                                               max_episodes=max_episodes, cache_dir=cache_dir)
+        dataset, mapping, keep = _load_lerobot(
+            src, split=split, streaming=streaming, columns=columns, max_episodes=max_episodes, cache_dir=cache_dir
+        )
     return _to_canonical(dataset, mapping, src.tasks, where=src.describe_name()), keep
 
 
@@ -225,7 +226,8 @@ def resolve_columns(
             duplicated = sorted({s for s in mapping.values() if list(mapping.values()).count(s) > 1})
             if duplicated:
                 raise ValueError(f"{where}: source column(s) {duplicated} mapped to more than one canonical column: {mapping}")
-            return mapping, name if not overrides else ("custom" if name == "custom" else f"{name} + overrides")
+            label = name if not overrides or name == "custom" else f"{name} + overrides"
+            return mapping, label
         if schema:
             misses.append(f"{name}: missing {missing}")
     raise ValueError(
@@ -242,8 +244,8 @@ def _check_overrides(columns: Mapping[str, str]) -> None:
         raise ValueError(f"columns override has unknown canonical name(s) {unknown}; expected some of {sorted(allowed)}")
 
 
-def _open_source(source: str, *, revision: str | None, cache_dir: str | None, with_data: bool) -> _Source:
-    """Locate `source` (local folder or Hub id), detect its layout and read its metadata."""
+def _open_source(source: str, *, revision: str | None, cache_dir: str | None) -> _Source:
+    """Locate `source` (local folder, or a Hub id whose metadata is fetched), detect its layout, read its metadata."""
     path = Path(source).expanduser()
     repo_id = commit = None
     if path.exists():
@@ -255,7 +257,7 @@ def _open_source(source: str, *, revision: str | None, cache_dir: str | None, wi
             f"unknown LIBERO source {source!r}: no such local folder, and not a Hub dataset id of the form 'org/name'"
         )
     else:
-        root, repo_id = _download(source, revision=revision, cache_dir=cache_dir, with_data=with_data), source
+        root, repo_id = _download(source, revision=revision, cache_dir=cache_dir, patterns=["meta/*"]), source
         commit = root.name  # snapshot folders are named by commit hash
     src = _Source(root=root, layout=detect_layout(root), repo_id=repo_id, commit=commit)
     if src.layout != LAYOUT_SAVED:
@@ -264,11 +266,10 @@ def _open_source(source: str, *, revision: str | None, cache_dir: str | None, wi
     return src
 
 
-def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, with_data: bool) -> Path:
-    """Snapshot a Hub dataset repo (metadata, plus the parquet data when `with_data`) into the HF cache."""
+def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patterns: list[str]) -> Path:
+    """Snapshot the files of a Hub dataset repo that match `patterns` into the HF cache; returns the snapshot."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["meta/*", "data/*"] if with_data else ["meta/*"]
     try:
         folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, bad revision
@@ -365,7 +366,7 @@ def _load_lerobot(
     """
     features = src.info.get("features", {})
     videos = sorted(k for k, v in features.items() if isinstance(v, dict) and v.get("dtype") == "video")
-    remote = src.repo_id is not None and streaming
+    remote = src.repo_id is not None and streaming  # stream from hf:// instead of reading the snapshot
     available = _episode_ids(src)
     in_split = _split_episodes_in_info(src, split)
     keep = [i for i in available if in_split is None or i in in_split][:max_episodes]
@@ -376,10 +377,16 @@ def _load_lerobot(
         template = src.info.get("data_path", "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet")
         chunk_size = int(src.info.get("chunks_size", 1000))
         relative = [template.format(episode_chunk=i // chunk_size, episode_index=i) for i in keep]
-    elif remote:
-        relative = ["data/*/*.parquet"]  # resolved on the Hub: a metadata-only snapshot holds no data
+    elif src.repo_id is not None:
+        relative = ["data/*/*.parquet"]  # listed by the Hub: the metadata snapshot holds no data yet
     else:
         relative = sorted(str(p.relative_to(src.root)) for p in src.root.glob("data/chunk-*/file-*.parquet"))
+    if src.repo_id is not None and not streaming:
+        # Into the same snapshot; exact file names only for a subset (each pattern is matched against every file).
+        patterns = relative if len(keep) < len(available) else ["data/*"]
+        _download(src.repo_id, revision=src.commit, cache_dir=cache_dir, patterns=patterns)
+        if src.layout == LAYOUT_LEROBOT_V3:
+            relative = sorted(str(p.relative_to(src.root)) for p in src.root.glob("data/chunk-*/file-*.parquet"))
     if not relative:
         raise ValueError(f"{src.describe_name()}: no parquet data files found under data/chunk-*/")
 
@@ -455,16 +462,15 @@ def _to_canonical(
                 raise ValueError(f"{where}: column {mapping[camera]!r} is {feature}, expected an image ({{bytes, path}} struct)")
             dataset = dataset.cast_column(camera, datasets.Image())
     if INSTRUCTION not in mapping:
-        dataset = _join_instructions(dataset, tasks, where=where)
-    order = [c for c in CANONICAL_COLUMNS] + ([TASK_INDEX] if TASK_INDEX in dataset.column_names else [])
-    return dataset.select_columns(order)
+        dataset = _join_instructions(dataset, tasks, has_task_index=TASK_INDEX in mapping, where=where)
+    return dataset.select_columns([*CANONICAL_COLUMNS, *([TASK_INDEX] if TASK_INDEX in mapping else [])])
 
 
 def _join_instructions(
-    dataset: datasets.Dataset | datasets.IterableDataset, tasks: dict[int, str], *, where: str
+    dataset: datasets.Dataset | datasets.IterableDataset, tasks: dict[int, str], *, has_task_index: bool, where: str
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Add the INSTRUCTION column by looking TASK_INDEX up in the task table."""
-    if TASK_INDEX not in dataset.column_names or not tasks:
+    if not has_task_index or not tasks:
         raise ValueError(
             f"{where}: no instructions; expected an {INSTRUCTION!r} column, or a {TASK_INDEX!r} column and a task table "
             f"(meta/tasks.jsonl or meta/tasks.parquet); found columns {dataset.column_names}"
@@ -486,29 +492,32 @@ def _join_instructions(
 
 
 def describe(
-    source: str, *, revision: str | None = None, columns: Mapping[str, str] | None = None, cache_dir: str | None = None
+    source: str,
+    *,
+    revision: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Summarise a LIBERO source without reading its frames (metadata only for LeRobot layouts).
 
     Keys: `source`, `layout`, `schema` (the detected column schema), `columns` (canonical -> source),
     `num_episodes`, `num_frames`, `tasks` (instructions by task index), `state_dim`, `action_dim`,
     `cameras` (source image columns), `fps` (None when the source does not say), `episode_ids`.
+    LeRobot layouts are described whole; `split` picks the split of a saved DatasetDict.
     """
     _check_overrides(columns or {})
-    src = _open_source(source, revision=revision, cache_dir=cache_dir, with_data=False)
+    src = _open_source(source, revision=revision, cache_dir=cache_dir)
     if src.layout == LAYOUT_SAVED:
-        dataset = datasets.load_from_disk(str(src.root))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        dataset = _load_saved(src.root, split)
         mapping, schema = resolve_columns(dataset.column_names, columns, where=str(src.root))
-        features = dataset.features
-        episode_ids = np.unique(_numpy_column(dataset, mapping[EPISODE_INDEX])).tolist()
-        if INSTRUCTION in mapping:
-            tasks = sorted(set(dataset.unique(mapping[INSTRUCTION])))
-        else:
+        if INSTRUCTION not in mapping:
             raise ValueError(f"{src.root}: a saved dataset needs an {INSTRUCTION!r} column; found {dataset.column_names}")
-        cameras = [name for name, f in features.items() if isinstance(f, datasets.Image)]
-        dims = {key: _feature_length(features[mapping[key]]) for key in (STATE, ACTION)}
+        episode_ids = np.unique(_numpy_column(dataset, mapping[EPISODE_INDEX])).tolist()
+        tasks = sorted(dataset.unique(mapping[INSTRUCTION]))
+        cameras = [name for name, f in dataset.features.items() if isinstance(f, datasets.Image)]
+        first = dataset.select_columns([mapping[STATE], mapping[ACTION]])[0] if len(dataset) else {}
+        dims = {key: len(first.get(mapping[key], [])) for key in (STATE, ACTION)}
         num_frames, fps = len(dataset), None
     else:
         features = src.info.get("features", {})
@@ -533,14 +542,6 @@ def describe(
         "fps": fps,
         "episode_ids": episode_ids,
     }
-
-
-def _feature_length(feature: Any) -> int:
-    length = getattr(feature, "length", None)
-    if isinstance(length, int) and length > 0:
-        return length
-    shape = getattr(feature, "shape", None)
-    return int(np.prod(shape)) if shape else 0
 
 
 # ----------------------------------------------------------------------------------------------

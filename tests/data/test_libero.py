@@ -297,23 +297,26 @@ def test_sim_demos_fixture_against_pyarrow(sim_demos_dir: Path) -> None:
     assert dataset[start][INSTRUCTION] == by_task[raw.column("task_index")[0].as_py()]
 
 
-def test_hub_id_from_offline_cache(v2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("repo_id", ["physical-intelligence/libero", "HuggingFaceVLA/libero"])
+def test_hub_id_from_offline_cache(repo_id: str, tmp_path: Path) -> None:
     """A Hub id resolves through `snapshot_download`; offline, a cached snapshot is what it returns."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "datasets--physical-intelligence--libero"
+    repo = tmp_path / "hub" / ("datasets--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots").mkdir()
-    v2_dir.rename(repo / "snapshots" / commit)
+    write = write_v2 if repo_id.startswith("physical") else write_v3
+    write(repo / "snapshots" / commit)
     cache = str(tmp_path / "hub")
 
-    dataset = load_libero("physical-intelligence/libero", cache_dir=cache)
+    dataset = load_libero(repo_id, cache_dir=cache)
     assert len(dataset) == sum(LENGTHS) and dataset[0][INSTRUCTION] == TASKS[0]
-    assert len(load_libero("physical-intelligence/libero", revision=commit, cache_dir=cache)) == sum(LENGTHS)
-    info = describe("physical-intelligence/libero", cache_dir=cache)
-    assert (info["source"], info["revision"], info["num_frames"]) == ("physical-intelligence/libero", commit, sum(LENGTHS))
-    with pytest.raises(ValueError, match="could not get Hub dataset 'physical-intelligence/libero' .revision v9"):
-        load_libero("physical-intelligence/libero", revision="v9", cache_dir=cache)
+    assert len(load_libero(repo_id, revision=commit, cache_dir=cache)) == sum(LENGTHS)
+    assert np.unique(load_libero(repo_id, max_episodes=2, cache_dir=cache)[EPISODE_INDEX]).tolist() == [0, 1]
+    info = describe(repo_id, cache_dir=cache)
+    assert (info["source"], info["revision"], info["num_frames"]) == (repo_id, commit, sum(LENGTHS))
+    with pytest.raises(ValueError, match=f"could not get Hub dataset '{repo_id}' .revision v9"):
+        load_libero(repo_id, revision="v9", cache_dir=cache)
 
 
 def test_streaming_gives_the_same_samples(v2_dir: Path, v3_dir: Path) -> None:
