@@ -753,8 +753,8 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
 
     Rows arrive in file order, one episode after another; each finished episode becomes samples with
     exactly the logic of `LiberoSamples`. Samples are mixed in a buffer of `shuffle_buffer_size`
-    (0 = source order), reseeded per epoch with `set_epoch`. Inside `DataLoader` workers, `datasets`
-    gives each worker its own parquet shards.
+    (0 = source order), reseeded per epoch with `set_epoch`. Inside `DataLoader` workers each worker
+    reads its own parquet shards (or, with fewer shards than workers, its own episodes).
     """
 
     def __init__(
@@ -773,10 +773,20 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
         self.epoch = epoch
         self._dataset.set_epoch(epoch)
 
+    def _worker_part(self) -> datasets.IterableDataset:
+        """This DataLoader worker's share: whole parquet shards when there are enough, else every n-th episode."""
+        worker = torch.utils.data.get_worker_info()
+        if worker is None or worker.num_workers == 1:
+            return self._dataset
+        if self._dataset.n_shards >= worker.num_workers:  # episodes never span two parquet files
+            return self._dataset.shard(num_shards=worker.num_workers, index=worker.id, contiguous=False)
+        count, index = worker.num_workers, worker.id
+        return self._dataset.filter(lambda batch: (np.asarray(batch[EPISODE_INDEX]) % count == index).tolist(), batched=True)
+
     def _episodes(self) -> Iterator[pa.Table]:
         """Consecutive rows of one episode at a time, as Arrow tables."""
         pending: list[pa.Table] = []
-        for batch in self._dataset.with_format("arrow").iter(batch_size=256):
+        for batch in self._worker_part().with_format("arrow").iter(batch_size=256):
             episode = batch.column(EPISODE_INDEX).to_numpy()
             cuts = [0, *(np.flatnonzero(episode[1:] != episode[:-1]) + 1).tolist(), len(episode)]
             for begin, stop in zip(cuts[:-1], cuts[1:]):

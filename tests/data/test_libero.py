@@ -152,7 +152,7 @@ def write_v2(root: Path, lengths=LENGTHS, names=PI_COLUMNS, fmt="PNG", splits=No
     return root
 
 
-def write_v3(root: Path, lengths=LENGTHS, names=V3_COLUMNS, *, video: bool = False) -> Path:
+def write_v3(root: Path, lengths=LENGTHS, names=V3_COLUMNS, *, video: bool = False, one_file: bool = False) -> Path:
     """A LeRobot v3.0 folder like HuggingFaceVLA/libero: many episodes per file, no `datasets` metadata."""
     rows = _frames(lengths, "JPEG")
     (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
@@ -177,9 +177,10 @@ def write_v3(root: Path, lengths=LENGTHS, names=V3_COLUMNS, *, video: bool = Fal
         }
     )
     (root / "data" / "chunk-000").mkdir(parents=True)
-    half = sum(lengths[:2])  # episodes 0-1 in file-000, the rest in file-001
+    half = len(table) if one_file else sum(lengths[:2])  # episodes 0-1 in file-000, the rest in file-001
     pq.write_table(table.slice(0, half), root / "data" / "chunk-000" / "file-000.parquet")
-    pq.write_table(table.slice(half), root / "data" / "chunk-000" / "file-001.parquet")
+    if not one_file:
+        pq.write_table(table.slice(half), root / "data" / "chunk-000" / "file-001.parquet")
     return root
 
 
@@ -319,7 +320,7 @@ def test_hub_id_from_offline_cache(repo_id: str, tmp_path: Path) -> None:
         load_libero(repo_id, revision="v9", cache_dir=cache)
 
 
-def test_streaming_gives_the_same_samples(v2_dir: Path, v3_dir: Path) -> None:
+def test_streaming_gives_the_same_samples(v2_dir: Path, v3_dir: Path, tmp_path: Path) -> None:
     spec = SampleSpec(image_size=16, num_temporal_frames=2, temporal_stride=2, action_horizon=3)
     for root in (v2_dir, v3_dir):
         stream = load_libero(str(root), streaming=True)
@@ -332,9 +333,19 @@ def test_streaming_gives_the_same_samples(v2_dir: Path, v3_dir: Path) -> None:
                 other = streamed[index][key]
                 assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
 
+    # DataLoader workers split the stream: by parquet file (v2: 4 files) or, with fewer files than
+    # workers (v3 in one file), by episode. Every sample arrives exactly once.
+    everything = [(e, f) for e, n in enumerate(LENGTHS) for f in range(n)]
+    for root in (v2_dir, write_v3(tmp_path / "one_file", one_file=True)):
+        loader = torch.utils.data.DataLoader(
+            LiberoSampleStream(load_libero(str(root), streaming=True), spec), batch_size=4, num_workers=2, collate_fn=collate
+        )
+        seen = [(e, f) for b in loader for e, f in zip(b[EPISODE_INDEX].tolist(), b[FRAME_INDEX].tolist())]
+        assert sorted(seen) == everything
+
     shuffled = list(LiberoSampleStream(load_libero(str(v2_dir), streaming=True), spec, shuffle_buffer_size=8, seed=1))
     order = [(s[EPISODE_INDEX], s[FRAME_INDEX]) for s in shuffled]
-    assert sorted(order) == [(e, f) for e, n in enumerate(LENGTHS) for f in range(n)] and order != sorted(order)
+    assert sorted(order) == everything and order != sorted(order)
 
 
 def test_data_info_json(v2_dir: Path, v3_dir: Path, capsys: pytest.CaptureFixture) -> None:
