@@ -699,10 +699,11 @@ def _build_samples(
     views = views.reshape(len(positions), spec.num_views, *views.shape[-3:])  # (B, S, 3, H, W)
 
     actions = frames.action[chunk]  # (B, H, 7)
+    states = frames.state[positions]  # (B, 8), a copy: samples never alias the cached arrays
     return [
         {
             OBS_IMAGES: torch.from_numpy(views[b]),
-            OBS_STATE: torch.from_numpy(frames.state[p]),
+            OBS_STATE: torch.from_numpy(states[b]),
             INSTRUCTION: frames.instructions[frames.instruction_code[p]],
             ACTIONS: torch.from_numpy(actions[b]),
             ACTIONS_PAD_MASK: torch.from_numpy(pad[b]),

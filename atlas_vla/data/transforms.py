@@ -9,6 +9,8 @@ code path is what makes the numbers at inference match the numbers at training t
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
@@ -31,10 +33,11 @@ def open_image(image: ImageLike, size: int | None = None) -> Image.Image:
     `size` x `size` (`Image.draft`), which skips most of the decoding work for large frames; the
     final resize is `resize_images` either way.
     """
-    if isinstance(image, Mapping):
-        if image.get("bytes") is None:
-            raise ValueError(f"image struct has no encoded bytes (path={image.get('path')!r}); expected {{bytes, path}}")
-        image = image["bytes"]
+    if isinstance(image, Mapping):  # the Arrow struct of `datasets.Image`: embedded bytes, else a file path
+        path = image.get("path")
+        if image.get("bytes") is None and not (path and os.path.isfile(path)):
+            raise ValueError(f"image struct has no encoded bytes and no readable file (path={path!r}); expected {{bytes, path}}")
+        image = image["bytes"] if image.get("bytes") is not None else Path(path).read_bytes()
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
             pil = Image.open(io.BytesIO(image))

@@ -468,6 +468,8 @@ def test_chunk_padding_at_episode_end(v2_dir: Path) -> None:
     assert sample[ACTIONS][:, 6].tolist() == [1.0, 1.0, 1.0, 1.0]
     assert samples[0][ACTIONS][:, 6].tolist() == [-1.0, -1.0, 1.0, 1.0]  # gripper stays -1 open / +1 close
     assert sample[OBS_STATE].tolist()[:2] == [1.0, 4.0] and sample[OBS_STATE].dtype == torch.float32
+    sample[OBS_STATE].mul_(0)  # an in-place change to a sample leaves the dataset alone
+    assert samples[LENGTHS[0] + 4][OBS_STATE].tolist()[:2] == [1.0, 4.0]
 
 
 def test_temporal_context_and_camera_order(v2_dir: Path) -> None:

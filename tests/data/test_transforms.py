@@ -40,13 +40,15 @@ def _encoded(array: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_image_to_chw_accepts_every_form_with_one_resize() -> None:
+def test_image_to_chw_accepts_every_form_with_one_resize(tmp_path: Path) -> None:
     array = _gradient()
     expected = resize_images(torch.from_numpy(array).permute(2, 0, 1)[None], 16)[0].numpy()
     pil = np.asarray(Image.fromarray(array).resize((16, 16), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     assert np.abs(expected.astype(int) - pil).max() <= 1  # the same filter as PIL's bilinear
     png = _encoded(array, "PNG")
-    for image in (array, Image.fromarray(array), png, {"bytes": png, "path": None}):
+    file = tmp_path / "frame.png"
+    file.write_bytes(png)
+    for image in (array, Image.fromarray(array), png, {"bytes": png, "path": None}, {"bytes": None, "path": str(file)}):
         result = image_to_chw(image, 16)
         assert result.shape == (3, 16, 16) and result.dtype == np.uint8
         np.testing.assert_array_equal(result, expected)
@@ -71,7 +73,7 @@ def test_image_to_chw_accepts_every_form_with_one_resize() -> None:
         (np.zeros((16, 16, 4), np.uint8), r"shape \(H, W, 3\), got \(16, 16, 4\)"),
         (np.zeros((16, 16, 3), np.float32), "uint8 image array, got dtype float32"),
         (b"\x89PNG broken", "could not decode image bytes"),
-        ({"bytes": None, "path": None}, "no encoded bytes"),
+        ({"bytes": None, "path": "/no/such/frame.png"}, "no encoded bytes and no readable file"),
         ([1, 2, 3], "got list"),
     ],
 )
