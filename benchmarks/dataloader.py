@@ -48,7 +48,8 @@ def _source_frames(count: int) -> list[tuple[Image.Image, Image.Image]]:
         for file in files:
             table = pq.read_table(file, columns=["image", "wrist_image"])
             for agent, wrist in zip(table.column("image").to_pylist(), table.column("wrist_image").to_pylist()):
-                frames.append(tuple(Image.open(io.BytesIO(x["bytes"])).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR) for x in (agent, wrist)))
+                pair = (Image.open(io.BytesIO(x["bytes"])).convert("RGB") for x in (agent, wrist))
+                frames.append(tuple(image.resize((256, 256), Image.Resampling.BILINEAR) for image in pair))
                 if len(frames) == count:
                     return frames
     rng = np.random.default_rng(0)
@@ -120,7 +121,10 @@ def naive_batches(dataset: datasets.Dataset, spec: SampleSpec, order: np.ndarray
         samples = []
         for i in order[begin : begin + batch_size].tolist():
             row = dataset[int(i)]
-            views = [np.asarray(row[camera].convert("RGB").resize(size, Image.Resampling.BILINEAR)).transpose(2, 0, 1) for camera in (AGENT_IMAGE, WRIST_IMAGE)]
+            views = [
+                np.asarray(row[camera].convert("RGB").resize(size, Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+                for camera in (AGENT_IMAGE, WRIST_IMAGE)
+            ]
             ahead = chunks[i : i + spec.action_horizon]
             actions = [a for a, e in zip(ahead[ACTION], ahead[EPISODE_INDEX]) if e == row[EPISODE_INDEX]]
             pad = [False] * len(actions) + [True] * (spec.action_horizon - len(actions))

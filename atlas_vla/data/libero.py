@@ -170,7 +170,13 @@ def load_libero(
     encoded in the table (decoded to PIL on access).
     """
     dataset, _ = _load(
-        source, revision=revision, streaming=streaming, columns=columns, split=split, max_episodes=max_episodes, cache_dir=cache_dir
+        source,
+        revision=revision,
+        streaming=streaming,
+        columns=columns,
+        split=split,
+        max_episodes=max_episodes,
+        cache_dir=cache_dir,
     )
     return dataset
 
@@ -273,9 +279,8 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patt
     try:
         folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, bad revision
-        raise ValueError(
-            f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {type(error).__name__}: {error}".replace("\n", " ")
-        ) from error
+        reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+        raise ValueError(f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {reason}") from error
     return Path(folder)
 
 
@@ -336,7 +341,9 @@ def _episode_ids(src: _Source) -> list[int]:
         return sorted(int(json.loads(line)["episode_index"]) for line in path.read_text().splitlines() if line.strip())
     files = sorted((src.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
     if not files:
-        raise FileNotFoundError(f"no meta/episodes/chunk-*/file-*.parquet in {src.root}: a LeRobot v3 dataset lists its episodes there")
+        raise FileNotFoundError(
+            f"no meta/episodes/chunk-*/file-*.parquet in {src.root}: a LeRobot v3 dataset lists its episodes there"
+        )
     return sorted(int(i) for f in files for i in _read_parquet(f, [EPISODE_INDEX]).column(EPISODE_INDEX).to_pylist())
 
 
@@ -483,7 +490,9 @@ def _join_instructions(
         return [tasks[i] for i in task_indices]
 
     if isinstance(dataset, datasets.IterableDataset):
-        features = None if dataset.features is None else datasets.Features({**dataset.features, INSTRUCTION: datasets.Value("string")})
+        features = dataset.features
+        if features is not None:
+            features = datasets.Features({**features, INSTRUCTION: datasets.Value("string")})
         return dataset.map(lambda batch: {INSTRUCTION: lookup(batch[TASK_INDEX])}, batched=True, features=features)
     codes = _numpy_column(dataset, TASK_INDEX)
     table = np.asarray(lookup(np.unique(codes).tolist()), dtype=object)
@@ -717,7 +726,9 @@ def _build_samples(
 def _check_canonical(column_names: Sequence[str], where: str) -> None:
     missing = [c for c in CANONICAL_COLUMNS if c not in column_names]
     if missing:
-        raise ValueError(f"{where} is missing canonical column(s) {missing}; found {list(column_names)} (load it with load_libero)")
+        raise ValueError(
+            f"{where} is missing canonical column(s) {missing}; found {list(column_names)} (load it with load_libero)"
+        )
 
 
 class LiberoSamples(torch.utils.data.Dataset):

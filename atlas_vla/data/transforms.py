@@ -1,9 +1,9 @@
 """Small transforms shared by training and inference.
 
-Every image the policy sees, whether it comes out of a parquet file during training or out of the
-simulator at evaluation time, goes through `image_to_chw` and its one resize (`resize_images`), and every
-observation becomes batch keys through the same `camera_views` / `state_vector` checks. Keeping one
-code path is what makes the numbers at inference match the numbers at training time.
+Every image the policy sees, whether it comes out of a parquet file during training
+(`atlas_vla.data.libero`) or out of the simulator at evaluation time (`observation_to_sample`),
+goes through `image_to_chw`: one decoder and one resize (`resize_images`). Keeping one code path is
+what makes the pixels at inference match the pixels at training time.
 """
 
 from __future__ import annotations

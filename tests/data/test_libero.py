@@ -238,7 +238,8 @@ def test_lerobot_image_schema_and_overrides(tmp_path: Path) -> None:
     assert load_libero(str(lerobot))[0][FRAME_INDEX] == 0
 
     odd = write_v2(tmp_path / "odd", names=("front", "hand", "qpos", "act"))
-    with pytest.raises(ValueError, match=r"found columns \[.*'act'.*'front'.*\].*physical-intelligence/libero: missing \['actions', 'image', 'state', 'wrist_image'\]"):
+    expected = r"found columns \[.*'act'.*'front'.*\].*physical-intelligence/libero: missing \['actions', 'image', 'state', 'wrist_image'\]"
+    with pytest.raises(ValueError, match=expected):
         load_libero(str(odd))
     columns = {AGENT_IMAGE: "front", WRIST_IMAGE: "hand", STATE: "qpos", ACTION: "act"}
     dataset = load_libero(str(odd), columns=columns)
