@@ -73,6 +73,29 @@ def _run_data_info(args: argparse.Namespace) -> int:
         print(f"{'':<{width}}  {index:>3}  {task}")
     return 0
 
+
+@_command("compute-stats", "Compute action/state normalisation statistics of a LIBERO source's training split.")
+def _add_compute_stats(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
+    parser.add_argument("--output", required=True, help="statistics JSON file to write")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of episodes held out (as in training)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the episode split (as in training)")
+
+
+@_add_compute_stats.runner
+def _run_compute_stats(args: argparse.Namespace) -> int:
+    from atlas_vla.data.libero import DataConfig, load_train_val
+    from atlas_vla.data.normalization import compute_norm_stats
+
+    config = DataConfig(source=args.source, revision=args.revision, val_fraction=args.val_fraction,
+                        split_seed=args.split_seed)
+    train, _ = load_train_val(config)
+    stats = compute_norm_stats(train)
+    path = stats.save(args.output)
+    print(f"wrote {path}: {stats.num_frames} frames, fingerprint {stats.fingerprint}")
+    return 0
+
 # ----------------------------------------------------------------------------------------------
 # policy commands (predict, export)
 # ----------------------------------------------------------------------------------------------

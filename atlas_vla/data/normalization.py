@@ -1,0 +1,205 @@
+"""NormStats: per-dimension statistics of actions and states, computed once, stored with the policy, checked.
+
+Normalisation is a unit change, so it comes as a pair: `normalize` on the way in, `unnormalize` on
+the way out, both from the same `FeatureStats`. The action gripper dimension is already a binary
+-1/+1 command and passes through both untouched. Statistics carry a fingerprint of the frames they
+were computed on, so a policy refuses statistics that came from other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import datasets
+import numpy as np
+import torch
+
+from atlas_vla.constants import ACTION, ACTION_DIM, EPISODE_INDEX, STATE, STATE_DIM
+
+NormalizationMode = Literal["mean_std", "quantile", "none"]
+NORMALIZATION_MODES = ("mean_std", "quantile", "none")
+GRIPPER_ACTION_DIMS = (ACTION_DIM - 1,)  # binary -1/+1: never rescaled
+_EPS = 1e-6
+_FIELDS = ("mean", "std", "min", "max", "q01", "q99")
+
+
+@dataclass
+class FeatureStats:
+    """Per-dimension statistics of one feature (arrays of shape (dim,))."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    q01: np.ndarray
+    q99: np.ndarray
+
+    @classmethod
+    def compute(cls, values: np.ndarray) -> "FeatureStats":
+        """Statistics over the rows of `values` (frames, dim), in float64."""
+        values = np.asarray(values, dtype=np.float64)
+        q01, q99 = np.quantile(values, [0.01, 0.99], axis=0)
+        return cls(values.mean(0), values.std(0), values.min(0), values.max(0), q01, q99)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {name: getattr(self, name).tolist() for name in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "stats") -> "FeatureStats":
+        missing = [name for name in _FIELDS if name not in values]
+        if missing:
+            raise ValueError(f"{where}: missing statistics {missing}; expected {list(_FIELDS)}")
+        arrays = {name: np.asarray(values[name], dtype=np.float64) for name in _FIELDS}
+        dims = {name: a.shape for name, a in arrays.items()}
+        if len(set(dims.values())) != 1 or arrays["mean"].ndim != 1:
+            raise ValueError(f"{where}: statistics must be 1-D arrays of one length, got shapes {dims}")
+        return cls(**arrays)
+
+
+@dataclass
+class NormStats:
+    """Action and state statistics of a training split, with the fingerprint of that split."""
+
+    action: FeatureStats
+    state: FeatureStats
+    num_frames: int
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "num_frames": self.num_frames,
+                "action": self.action.to_dict(), "state": self.state.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "stats") -> "NormStats":
+        missing = [k for k in ("fingerprint", "num_frames", "action", "state") if k not in values]
+        if missing:
+            raise ValueError(f"{where}: missing keys {missing}; expected fingerprint, num_frames, action, state")
+        stats = cls(FeatureStats.from_dict(values["action"], f"{where}: action"),
+                    FeatureStats.from_dict(values["state"], f"{where}: state"),
+                    int(values["num_frames"]), str(values["fingerprint"]))
+        if stats.action.dim != ACTION_DIM or stats.state.dim != STATE_DIM:
+            raise ValueError(f"{where}: expected {ACTION_DIM}-D action and {STATE_DIM}-D state statistics, "
+                             f"got {stats.action.dim}-D and {stats.state.dim}-D")
+        return stats
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+        os.replace(handle.name, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NormStats":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"normalisation statistics not found: {path}")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_dict(values, where=str(path))
+
+    def check_matches(self, other: "NormStats", what: str = "statistics") -> None:
+        """Raise `ValueError` naming the difference when `other` is not the same statistics."""
+        if self.fingerprint != other.fingerprint:
+            raise ValueError(f"{what} come from other data: fingerprint {other.fingerprint} (frames "
+                             f"{other.num_frames}) vs {self.fingerprint} (frames {self.num_frames}) expected")
+        for feature in ("action", "state"):
+            mine, theirs = getattr(self, feature), getattr(other, feature)
+            for name in _FIELDS:
+                if not np.allclose(getattr(mine, name), getattr(theirs, name), rtol=1e-6, atol=1e-8):
+                    raise ValueError(f"{what}: {feature}.{name} differs from the expected values")
+
+
+def data_fingerprint(actions: np.ndarray, states: np.ndarray, episodes: np.ndarray) -> str:
+    """Content hash of the frames statistics are computed on (16 hex chars)."""
+    digest = hashlib.sha256()
+    for array in (actions, states, episodes):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def compute_norm_stats(dataset: datasets.Dataset) -> NormStats:
+    """Statistics of the action and state columns of `dataset` (canonical columns), vectorised.
+
+    Only the numeric columns are read from Arrow (images are never decoded). The fingerprint is a
+    hash of exactly those frames, so the same split gives the same fingerprint on any machine.
+    """
+    for column in (ACTION, STATE, EPISODE_INDEX):
+        if column not in dataset.column_names:
+            raise ValueError(f"cannot compute statistics: column {column!r} missing; found {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError("cannot compute statistics of an empty dataset")
+    table = dataset.select_columns([ACTION, STATE, EPISODE_INDEX]).with_format("numpy")[:]
+    actions = np.asarray(table[ACTION], dtype=np.float32)
+    states = np.asarray(table[STATE], dtype=np.float32)
+    episodes = np.asarray(table[EPISODE_INDEX])
+    if actions.shape[1:] != (ACTION_DIM,) or states.shape[1:] != (STATE_DIM,):
+        raise ValueError(f"expected actions (N, {ACTION_DIM}) and states (N, {STATE_DIM}), "
+                         f"got {actions.shape} and {states.shape}")
+    for name, values in ((ACTION, actions), (STATE, states)):
+        if not np.isfinite(values).all():
+            row = int(np.argwhere(~np.isfinite(values))[0, 0])
+            raise ValueError(f"column {name!r} holds a non-finite value at row {row} (episode {int(episodes[row])})")
+    return NormStats(FeatureStats.compute(actions), FeatureStats.compute(states), int(len(actions)),
+                     data_fingerprint(actions, states, episodes))
+
+
+def _as_tensors(stats: FeatureStats, like: torch.Tensor, names: Sequence[str]) -> list[torch.Tensor]:
+    return [torch.as_tensor(getattr(stats, n), dtype=like.dtype, device=like.device) for n in names]
+
+
+def _keep_mask(dim: int, keep: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(dim, dtype=torch.bool, device=like.device)
+    mask[list(keep)] = True
+    return mask
+
+
+def normalize(x: torch.Tensor, stats: FeatureStats, mode: NormalizationMode,
+              keep: Sequence[int] = ()) -> torch.Tensor:
+    """Map raw values to normalised units; dimensions in `keep` pass through untouched.
+
+    `mean_std`: (x - mean) / std. `quantile`: q01..q99 -> -1..1, clipped to [-1, 1]. `none`: identity.
+    """
+    if mode == "none":
+        return x
+    if mode == "mean_std":
+        mean, std = _as_tensors(stats, x, ("mean", "std"))
+        out = (x - mean) / std.clamp_min(_EPS)
+    elif mode == "quantile":
+        low, high = _as_tensors(stats, x, ("q01", "q99"))
+        out = (2 * (x - low) / (high - low).clamp_min(_EPS) - 1).clamp(-1, 1)
+    else:
+        raise ValueError(f"normalisation mode must be one of {NORMALIZATION_MODES}, got {mode!r}")
+    return torch.where(_keep_mask(stats.dim, keep, x), x, out) if keep else out
+
+
+def unnormalize(x: torch.Tensor, stats: FeatureStats, mode: NormalizationMode,
+                keep: Sequence[int] = ()) -> torch.Tensor:
+    """Inverse of `normalize` (exact for `mean_std`; for `quantile` within [q01, q99])."""
+    if mode == "none":
+        return x
+    if mode == "mean_std":
+        mean, std = _as_tensors(stats, x, ("mean", "std"))
+        out = x * std.clamp_min(_EPS) + mean
+    elif mode == "quantile":
+        low, high = _as_tensors(stats, x, ("q01", "q99"))
+        out = (x + 1) / 2 * (high - low).clamp_min(_EPS) + low
+    else:
+        raise ValueError(f"normalisation mode must be one of {NORMALIZATION_MODES}, got {mode!r}")
+    return torch.where(_keep_mask(stats.dim, keep, x), x, out) if keep else out
