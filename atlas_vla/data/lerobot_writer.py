@@ -1,0 +1,126 @@
+"""LeRobotV2Writer: write episodes as a LeRobot v2.0 folder, the layout of `physical-intelligence/libero`.
+
+Used by the synthetic dataset and the raw-HDF5 converter, so everything atlas-vla writes loads
+through `load_libero` exactly like the Hub dataset. Episodes go into a temporary folder beside the
+target, which is renamed only when `close()` has written the metadata: an interrupted run never
+leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from atlas_vla.constants import ACTION_DIM, STATE_DIM
+
+CODEBASE_VERSION = "v2.0"
+DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+CHUNK_SIZE = 1000
+
+
+def _png(image: np.ndarray) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+class LeRobotV2Writer:
+    """Collects episodes (upright HWC uint8 frames, 8-D states, 7-D actions) into a LeRobot v2 folder."""
+
+    def __init__(self, output: str | Path, *, fps: int, overwrite: bool = False) -> None:
+        self.output = Path(output).expanduser()
+        if self.output.exists() and not overwrite:
+            raise ValueError(f"output folder already exists: {self.output} (pass overwrite to replace it)")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.output.parent / f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.fps = fps
+        self.tasks: dict[str, int] = {}
+        self.episodes: list[dict] = []
+        self.num_frames = 0
+        self.image_shape: tuple[int, ...] | None = None
+
+    def add_episode(self, images: np.ndarray, wrist_images: np.ndarray, states: np.ndarray, actions: np.ndarray,
+                    instruction: str) -> None:
+        """Append one episode: images (T, H, W, 3) uint8 upright, states (T, 8), actions (T, 7)."""
+        T = len(actions)
+        shapes = {"images": images.shape, "wrist_images": wrist_images.shape, "states": states.shape,
+                  "actions": actions.shape}
+        if (images.ndim != 4 or images.shape[-1] != 3 or wrist_images.shape != images.shape
+                or states.shape != (T, STATE_DIM) or actions.shape != (T, ACTION_DIM) or len(images) != T or T == 0):
+            raise ValueError(f"episode arrays must be images/wrist_images (T, H, W, 3), states (T, {STATE_DIM}), "
+                             f"actions (T, {ACTION_DIM}) with T > 0; got {shapes}")
+        self.image_shape = self.image_shape or tuple(images.shape[1:])
+        task_index = self.tasks.setdefault(instruction, len(self.tasks))
+        episode_index = len(self.episodes)
+        table = {
+            "image": [_png(frame) for frame in images],
+            "wrist_image": [_png(frame) for frame in wrist_images],
+            "state": states.astype(np.float32).tolist(),
+            "actions": actions.astype(np.float32).tolist(),
+            "timestamp": (np.arange(T, dtype=np.float32) / self.fps).tolist(),
+            "frame_index": list(range(T)),
+            "episode_index": [episode_index] * T,
+            "index": list(range(self.num_frames, self.num_frames + T)),
+            "task_index": [task_index] * T,
+        }
+        features = datasets.Features({
+            "image": datasets.Image(), "wrist_image": datasets.Image(),
+            "state": datasets.Sequence(datasets.Value("float32"), length=STATE_DIM),
+            "actions": datasets.Sequence(datasets.Value("float32"), length=ACTION_DIM),
+            "timestamp": datasets.Value("float32"), "frame_index": datasets.Value("int64"),
+            "episode_index": datasets.Value("int64"), "index": datasets.Value("int64"),
+            "task_index": datasets.Value("int64"),
+        })
+        path = self.tmp / DATA_PATH.format(episode_chunk=episode_index // CHUNK_SIZE, episode_index=episode_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The Arrow schema carries the `datasets` features, so image columns decode as images on load.
+        pq.write_table(datasets.Dataset.from_dict(table, features=features).data.table, path)
+        self.episodes.append({"episode_index": episode_index, "tasks": [instruction], "length": T})
+        self.num_frames += T
+
+    def close(self) -> Path:
+        """Write the metadata and move the finished folder into place."""
+        if not self.episodes:
+            raise ValueError(f"no episodes were written to {self.output}")
+        meta = self.tmp / "meta"
+        meta.mkdir()
+        image = {"dtype": "image", "shape": list(self.image_shape or ()), "names": ["height", "width", "channel"]}
+        info = {
+            "codebase_version": CODEBASE_VERSION, "robot_type": "panda",
+            "total_episodes": len(self.episodes), "total_frames": self.num_frames, "total_tasks": len(self.tasks),
+            "total_videos": 0, "total_chunks": (len(self.episodes) - 1) // CHUNK_SIZE + 1, "chunks_size": CHUNK_SIZE,
+            "fps": self.fps, "splits": {"train": f"0:{len(self.episodes)}"}, "data_path": DATA_PATH,
+            "features": {
+                "image": image, "wrist_image": image,
+                "state": {"dtype": "float32", "shape": [STATE_DIM], "names": ["state"]},
+                "actions": {"dtype": "float32", "shape": [ACTION_DIM], "names": ["actions"]},
+                **{name: {"dtype": dtype, "shape": [1], "names": None} for name, dtype in
+                   (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
+                    ("index", "int64"), ("task_index", "int64"))},
+            },
+        }
+        (meta / "info.json").write_text(json.dumps(info, indent=4))
+        _write_jsonl(meta / "tasks.jsonl", [{"task_index": i, "task": t} for t, i in self.tasks.items()])
+        _write_jsonl(meta / "episodes.jsonl", self.episodes)
+        if self.output.exists():
+            shutil.rmtree(self.output)
+        self.tmp.rename(self.output)
+        return self.output
+
+    def abort(self) -> None:
+        """Remove the temporary folder (after an error)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
