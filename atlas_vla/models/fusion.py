@@ -1,0 +1,97 @@
+"""Fusion: VGGT tokens, instruction tokens and the robot state -> one feature per action-chunk step.
+
+Each selected VGGT layer is projected to the fusion width and the projections are summed, so using
+more layers costs parameters, not sequence length. Patch grids can be average-pooled to k x k per
+frame; each frame's camera token is always kept. A transformer encoder mixes vision, language and
+state tokens; learnable action queries (one per chunk step) then attend to that context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class FusionConfig:
+    """Widths and depths of the trainable fusion module."""
+
+    hidden_dim: int = 512  # width of every fused token
+    num_heads: int = 8
+    encoder_depth: int = 2  # self-attention layers over [vision, language, state] tokens
+    decoder_depth: int = 4  # layers in which the action queries attend to themselves and the context
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    spatial_pool: int | None = None  # pool each frame's patch grid to k x k tokens (None: keep every patch)
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"FusionConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
+                             f"num_heads ({self.num_heads})")
+        if self.spatial_pool is not None and self.spatial_pool < 1:
+            raise ValueError(f"FusionConfig.spatial_pool must be a positive integer or null, got {self.spatial_pool}")
+
+
+def _layer(config: FusionConfig, decoder: bool) -> nn.Module:
+    cls = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
+    return cls(config.hidden_dim, config.num_heads, int(config.hidden_dim * config.mlp_ratio), config.dropout,
+               activation="gelu", batch_first=True, norm_first=True)
+
+
+class Fusion(nn.Module):
+    """(vision layers, language, state) -> action-query features (B, action_horizon, hidden_dim)."""
+
+    def __init__(self, config: FusionConfig, *, vision_dim: int, num_vision_layers: int, num_views: int,
+                 patch_grid: tuple[int, int], language_dim: int, state_dim: int, action_horizon: int) -> None:
+        super().__init__()
+        self.config = config
+        D = config.hidden_dim
+        self.patch_grid = patch_grid
+        pooled = (config.spatial_pool,) * 2 if config.spatial_pool else patch_grid
+        self.tokens_per_view = 1 + pooled[0] * pooled[1]  # camera token + (pooled) patches
+        self.vision_proj = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, D)) for _ in range(num_vision_layers)
+        )
+        self.view_embed = nn.Parameter(torch.zeros(num_views, 1, D))
+        self.token_embed = nn.Parameter(torch.zeros(1, self.tokens_per_view, D))
+        self.language_proj = nn.Sequential(nn.LayerNorm(language_dim), nn.Linear(language_dim, D))
+        self.state_proj = nn.Sequential(nn.Linear(state_dim, D), nn.GELU(), nn.Linear(D, D))
+        self.type_embed = nn.Parameter(torch.zeros(3, D))  # vision, language, state
+        self.encoder = nn.TransformerEncoder(_layer(config, decoder=False), config.encoder_depth,
+                                             enable_nested_tensor=False)
+        self.queries = nn.Parameter(torch.zeros(action_horizon, D))
+        self.decoder = nn.TransformerDecoder(_layer(config, decoder=True), config.decoder_depth)
+        self.norm = nn.LayerNorm(D)
+        for param in (self.view_embed, self.token_embed, self.type_embed, self.queries):
+            nn.init.normal_(param, std=0.02)
+
+    def _vision_tokens(self, layers: list[Tensor], patch_start_idx: int) -> Tensor:
+        fused = 0
+        for proj, tokens in zip(self.vision_proj, layers):
+            # tokens (B, S, P, C2): keep the camera token, drop registers, optionally pool the patch grid
+            B, S, _, C2 = tokens.shape
+            camera = tokens[:, :, :1]
+            patches = tokens[:, :, patch_start_idx:]
+            if self.config.spatial_pool:
+                h, w = self.patch_grid
+                grid = patches.reshape(B * S, h, w, C2).permute(0, 3, 1, 2)
+                grid = F.adaptive_avg_pool2d(grid, self.config.spatial_pool)
+                patches = grid.flatten(2).transpose(1, 2).reshape(B, S, -1, C2)
+            fused = fused + proj(torch.cat((camera, patches), dim=2).float())  # (B, S, T, D)
+        fused = fused + self.view_embed + self.token_embed
+        return fused.flatten(1, 2)  # (B, S*T, D)
+
+    def forward(self, vision_layers: list[Tensor], patch_start_idx: int, language: Tensor, language_mask: Tensor,
+                state: Tensor) -> Tensor:
+        vision = self._vision_tokens(vision_layers, patch_start_idx) + self.type_embed[0]
+        text = self.language_proj(language) + self.type_embed[1]  # (B, L, D)
+        state_token = (self.state_proj(state) + self.type_embed[2]).unsqueeze(1)  # (B, 1, D)
+        context = torch.cat((vision, text, state_token), dim=1)
+        keep = torch.ones(vision.shape[:2], dtype=torch.bool, device=vision.device)
+        padding = ~torch.cat((keep, language_mask, keep[:, :1]), dim=1)  # True = ignore
+        context = self.encoder(context, src_key_padding_mask=padding)
+        queries = self.queries.expand(context.shape[0], -1, -1)
+        return self.norm(self.decoder(queries, context, memory_key_padding_mask=padding))  # (B, H, D)

