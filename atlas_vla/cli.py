@@ -118,6 +118,43 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
 # policy commands (predict, export)
 # ----------------------------------------------------------------------------------------------
 
+
+@_command("predict", "Run a saved policy on one observation file (.npz) and print its action chunk.")
+def _add_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")
+    parser.add_argument("--observation", required=True,
+                        help=".npz with agentview_image, wrist_image (upright HWC uint8), state (8,), task_description")
+    parser.add_argument("--json", action="store_true", help='print {"actions": [[7 floats], ...]}')
+
+
+@_add_predict.runner
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from atlas_vla.constants import OBSERVATION_KEYS
+    from atlas_vla.models.policy import AtlasPolicy
+
+    path = Path(args.observation)
+    if not path.is_file():
+        raise FileNotFoundError(f"observation file not found: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [key for key in OBSERVATION_KEYS if key not in data.files]
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing}; expected {list(OBSERVATION_KEYS)}, found {data.files}")
+        observation = {key: data[key] for key in OBSERVATION_KEYS}
+    observation["task_description"] = str(observation["task_description"])
+    actions = AtlasPolicy.from_pretrained(args.checkpoint).predict_action(observation)
+    if args.json:
+        print(json.dumps({"actions": actions.tolist()}))
+    else:
+        print("step      dx       dy       dz    droll   dpitch     dyaw  gripper")
+        for step, action in enumerate(actions):
+            print(f"{step:>4} " + " ".join(f"{value:8.4f}" for value in action))
+    return 0
+
 # ----------------------------------------------------------------------------------------------
 # evaluation commands (eval-offline, eval-libero)
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""AtlasPolicy: training signal, frozen parts, save/load, prediction on the real observation fixture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import synthetic_dataset, tiny_policy_config
+from safetensors import safe_open
+
+from atlas_vla.cli import main as cli
+from atlas_vla.data.libero import LiberoSamples, collate, load_libero
+from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.models.action_head import ActionHeadConfig
+from atlas_vla.models.policy import AtlasPolicy, PolicyConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return load_libero(str(synthetic_dataset(tmp_path_factory.mktemp("data"))))
+
+
+@pytest.fixture(scope="module")
+def stats(data):
+    return compute_norm_stats(data)
+
+
+def batch_of(data, config: PolicyConfig, size: int = 8):
+    samples = LiberoSamples(data, config.sample_spec)
+    return collate([samples[i] for i in range(size)])
+
+
+@pytest.mark.parametrize("head", [ActionHeadConfig(), ActionHeadConfig(rotation_format="quaternion"),
+                                  ActionHeadConfig(type="flow_matching")])
+def test_loss_falls_and_only_trainable_parameters_get_gradients(data, stats, head):
+    torch.manual_seed(0)
+    config = tiny_policy_config(head=head)
+    policy = AtlasPolicy(config, stats)
+    batch = batch_of(data, config)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = policy(batch)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out["loss"].item())
+    # flow matching draws a new noise and time every step, so its loss is noisier
+    assert np.mean(losses[-5:]) < (0.75 if head.type == "flow_matching" else 0.5) * np.mean(losses[:5])
+    assert all(p.grad is None for p in policy.frozen.vggt.parameters())
+    assert all(p.grad is None for p in policy.frozen.language.model.parameters())
+    names = {name for name, _ in policy.named_parameters()}
+    assert not any(name.startswith(("vggt.", "frozen")) for name in names)
+    assert {"loss", "pose_loss", "gripper_loss", "pose_l1_error", "pose_l2_error", "gripper_error",
+            "pose_l1_error_normalized"} <= set(out)
+
+
+def test_parameter_counts(stats):
+    policy = AtlasPolicy(tiny_policy_config(), stats)
+    counts = policy.num_parameters()
+    frozen = sum(p.numel() for p in policy.frozen.vggt.parameters())
+    frozen += sum(p.numel() for p in policy.frozen.language.model.parameters())
+    assert counts["trainable"] == sum(p.numel() for p in policy.parameters())
+    assert counts["total"] == counts["trainable"] + frozen
+
+
+def test_save_load_identical_predictions_and_no_frozen_weights(tmp_path, data, stats, observation_file):
+    torch.manual_seed(0)
+    config = tiny_policy_config()
+    policy = AtlasPolicy(config, stats).eval()
+    folder = policy.save_pretrained(tmp_path / "policy")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "norm_stats.json"]
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith(("fusion.", "head.")) for k in keys)
+    loaded = AtlasPolicy.from_pretrained(folder, norm_stats=stats)
+    batch = batch_of(data, config, 4)
+    torch.testing.assert_close(loaded.predict_action_chunk(batch), policy.predict_action_chunk(batch))
+    observation = dict(np.load(observation_file))
+    np.testing.assert_array_equal(loaded.predict_action(observation), policy.predict_action(observation))
+    # saving again over the same folder replaces it completely
+    policy.save_pretrained(folder)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_mismatched_backbone_or_stats_refused(tmp_path, data, stats):
+    config = tiny_policy_config()
+    folder = AtlasPolicy(config, stats).save_pretrained(tmp_path / "policy")
+    saved = json.loads((folder / "config.json").read_text())
+    saved["policy"]["vggt_init_seed"] = 1  # a different backbone than the recorded hash
+    (folder / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="VGGT backbone does not match"):
+        AtlasPolicy.from_pretrained(folder)
+    folder = AtlasPolicy(config, stats).save_pretrained(tmp_path / "policy")
+    other = compute_norm_stats(data.select(range(20)))
+    with pytest.raises(ValueError, match="come from other data"):
+        AtlasPolicy.from_pretrained(folder, norm_stats=other)
+    with pytest.raises(FileNotFoundError, match="not an Atlas policy"):
+        AtlasPolicy.from_pretrained(tmp_path)
+
+
+def test_predict_on_real_observation(stats, observation_file, tmp_path, capsys):
+    config = tiny_policy_config(num_temporal_frames=2, temporal_stride=2)
+    policy = AtlasPolicy(config, stats)
+    observation = dict(np.load(observation_file))
+    policy.reset()
+    for _ in range(3):
+        chunk = policy.predict_action(observation)
+    assert chunk.shape == (4, 7) and np.isfinite(chunk).all()
+    assert set(np.unique(chunk[:, 6])) <= {-1.0, 1.0}
+    folder = policy.save_pretrained(tmp_path / "policy")
+    assert cli(["predict", "--checkpoint", str(folder), "--observation", str(observation_file), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert np.asarray(printed["actions"]).shape == (4, 7)
+
+
+def test_config_validation_and_round_trip():
+    config = tiny_policy_config()
+    assert PolicyConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="multiple of the VGGT patch size"):
+        tiny_policy_config(image_size=50)
+    with pytest.raises(ValueError, match="vggt_layers"):
+        tiny_policy_config(vggt_layers=[5])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['hiden_dim'\] in model.fusion"):
+        PolicyConfig.from_dict({"fusion": {"hiden_dim": 3}})
