@@ -99,7 +99,7 @@ def _run_compute_stats(args: argparse.Namespace) -> int:
 @_command("make-synthetic-libero", "Write the small, learnable LIBERO-format dataset of the demo and the tests.")
 def _add_make_synthetic(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="folder to write (LeRobot v2 layout)")
-    parser.add_argument("--episodes", type=int, default=40, help="number of episodes (alternating two instructions)")
+    parser.add_argument("--episodes", type=int, default=160, help="number of episodes (alternating two instructions)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same dataset)")
     parser.add_argument("--image-size", type=int, default=96, help="camera image side in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

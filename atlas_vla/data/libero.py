@@ -88,6 +88,8 @@ class DataConfig:
     train_episodes: list[int] | None = None  # explicit training episode indices; None = all non-validation ones
     split_seed: int = 0  # seed of the random episode split (same seed, same split)
     shuffle_buffer_size: int = 1000  # streaming only: samples mixed in a buffer, as rows cannot be indexed
+    norm_stats: str | None = None  # statistics JSON (atlas-vla compute-stats); null = computed from the train split
+    generate_synthetic: bool = False  # offline demo: write the synthetic dataset to `source` if it is not there yet
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:

@@ -1,8 +1,8 @@
 """A small, learnable LIBERO-format dataset: the data of the offline demo and of the tests.
 
-Each scene shows a red and a blue block on a grey table and the end effector as a white disc; the
-instruction names the block to reach. The expert moves the effector straight towards the named
-block (position deltas proportional to the remaining distance, saturating at +-1) and closes the
+Each scene shows a red and a blue block on a grey table and the end effector as a white disc that
+starts near the centre; the instruction names the block to reach. The expert moves the effector
+straight towards the named block (position deltas proportional to the remaining distance, saturating at +-1) and closes the
 gripper once it is there. So the actions are determined by what the cameras show and what the
 instruction says: a policy that reads both beats the mean-action baseline by a wide margin, one that
 ignores the instruction cannot. Written in the LeRobot v2 layout of `physical-intelligence/libero`.
@@ -51,7 +51,7 @@ def _episode(rng: np.random.Generator, size: int, task: int, max_frames: int):
     blocks = rng.uniform(0.15, 0.85, size=(2, 2))
     while np.hypot(*(blocks[0] - blocks[1])) < 0.3:
         blocks[1] = rng.uniform(0.15, 0.85, size=2)
-    effector = rng.uniform(0.1, 0.9, size=2)
+    effector = 0.5 + rng.uniform(-0.05, 0.05, size=2)  # starts near the table centre
     target = blocks[task]
     images, wrists, states, actions = [], [], [], []
     closed_for = 0
@@ -70,7 +70,7 @@ def _episode(rng: np.random.Generator, size: int, task: int, max_frames: int):
     return (np.stack(images), np.stack(wrists), np.asarray(states, np.float32), np.asarray(actions, np.float32))
 
 
-def make_synthetic_libero(output: str | Path, *, num_episodes: int = 40, seed: int = 0, image_size: int = 96,
+def make_synthetic_libero(output: str | Path, *, num_episodes: int = 160, seed: int = 0, image_size: int = 96,
                           max_frames: int = 40, overwrite: bool = False) -> Path:
     """Write `num_episodes` expert episodes (alternating the two instructions) to `output`; deterministic."""
     if num_episodes < 2:

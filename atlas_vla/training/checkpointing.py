@@ -1,0 +1,98 @@
+"""Checkpoints: `output_dir/checkpoints/checkpoint-{global_step}`, complete or absent, with retention.
+
+`accelerator.save_state` runs on every rank (DeepSpeed/FSDP need that) into a temporary folder;
+the main process then adds the training state and the resolved config and renames the folder, so a
+crash during a save never produces a folder that `latest` would pick. Each checkpoint also holds the
+exported policy (`policy/`, loadable by `AtlasPolicy.from_pretrained`), written by a save hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "training_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: what a resumed run needs beyond Accelerate's own state."""
+
+    global_step: int  # optimizer updates done
+    epoch: int  # epoch the next batch belongs to
+    batches_in_epoch: int  # micro-batches of that epoch already consumed (skipped on resume)
+    wandb_run_id: str | None = None
+
+    def save(self, folder: Path) -> None:
+        (folder / STATE_NAME).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> "TrainingState":
+        path = folder / STATE_NAME
+        if not path.is_file():
+            raise ValueError(f"{folder} is not a complete atlas-vla checkpoint: {STATE_NAME} is missing")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path} is unreadable: {error}") from error
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (numeric order; temporary folders are ignored)."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_NAME).is_file()]
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
+    """The checkpoint folder to resume from: `latest` (None if there is none yet) or a given path."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    TrainingState.load(path)  # fails clearly on an incomplete folder
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, state: TrainingState,
+                    total_limit: int | None, extra_files: dict[str, str] | None = None) -> Path:
+    """Save a complete checkpoint for `state.global_step` on all ranks; apply retention on the main one."""
+    folder = checkpoints_dir(output_dir)
+    final = folder / f"checkpoint-{state.global_step}"
+    tmp = folder / f".tmp-checkpoint-{state.global_step}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank: model, optimizer, scheduler, RNG, sampler
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if final.exists():  # e.g. re-saving the step a resumed run started from
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

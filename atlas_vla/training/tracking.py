@@ -1,0 +1,118 @@
+"""Tracking: what `accelerator.init_trackers` gets, the persistent W&B run id, and rank-0 rich media.
+
+Accelerate already creates the tracker run on the main process only, so a multi-process job is one
+W&B run. Everything that touches `wandb.Image/Table/Video` goes through `log_media`, which returns at
+once on other ranks. The run id lives in `output_dir/wandb_run_id.txt` and in every checkpoint, so a
+resumed job continues the same run and its step axis.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image, ImageDraw
+
+from atlas_vla.config import WandbConfig
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def new_run_id() -> str:
+    """A fresh W&B-style run id (8 lowercase alphanumerics)."""
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    return "".join(np.random.default_rng().choice(alphabet, 8))
+
+
+def run_name(config: WandbConfig, output_dir: str | os.PathLike) -> str:
+    """The configured name, else `<output folder>-<date>-<time>`."""
+    return config.name or f"{Path(output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def wandb_init_kwargs(config: WandbConfig, output_dir: str | os.PathLike, run_id: str) -> dict[str, Any]:
+    """`init_kwargs["wandb"]` for `accelerator.init_trackers`: no secrets, files under `output_dir`."""
+    import wandb
+
+    kwargs: dict[str, Any] = {
+        "id": run_id,
+        "name": run_name(config, output_dir),
+        "resume": config.resume,
+        "tags": list(config.tags),
+        "notes": config.notes,
+        "save_code": config.save_code,
+        "dir": str(output_dir),
+    }
+    if config.entity:
+        kwargs["entity"] = config.entity
+    if config.disable_stats:
+        kwargs["settings"] = wandb.Settings(x_disable_stats=True)
+    return kwargs
+
+
+def check_tracker_installed(trackers: list[str]) -> None:
+    """Fail early, with the install command, when a requested tracker package is missing."""
+    import importlib.util
+
+    packages = {"wandb": ("wandb", "pip install -e '.[wandb]'"),
+                "tensorboard": ("tensorboard", "pip install -e '.[tensorboard]'")}
+    for tracker in trackers:
+        module, hint = packages[tracker]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--report_to {tracker} needs the {module} package: {hint}")
+
+
+def _draw_actions(image: np.ndarray, predicted: np.ndarray, true: np.ndarray) -> Image.Image:
+    """The camera frame with the first step's xy action as arrows: green = true, red = predicted."""
+    frame = Image.fromarray(image).resize((224, 224))
+    draw = ImageDraw.Draw(frame)
+    centre = np.array([112.0, 112.0])
+    for action, colour in ((true, (40, 220, 40)), (predicted, (230, 40, 40))):
+        tip = centre + 80 * np.clip(action[:2], -1, 1)
+        draw.line([tuple(centre), tuple(tip)], fill=colour, width=3)
+        draw.ellipse([tip[0] - 4, tip[1] - 4, tip[0] + 4, tip[1] + 4], fill=colour)
+    return frame
+
+
+def log_media(accelerator: Accelerator, step: int, images: torch.Tensor, instructions: list[str],
+              predicted: torch.Tensor, true: torch.Tensor, video: Path | None = None) -> None:
+    """W&B images (frames with true vs. predicted actions), a per-sample table, and optionally a video.
+
+    `images` (N, 3, H, W) uint8 agent views; `predicted`, `true` (N, H, 7) in LIBERO units;
+    `video` an mp4 file. A no-op on non-main processes and without a W&B tracker.
+    """
+    if not accelerator.is_main_process or "wandb" not in {t.name for t in accelerator.trackers}:
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    frames = images.permute(0, 2, 3, 1).cpu().numpy()
+    predicted, true = predicted.float().cpu().numpy(), true.float().cpu().numpy()
+    columns = ["frame", "instruction", "true_action", "predicted_action", "pose_l1_error", "gripper_match"]
+    table = wandb.Table(columns=columns)
+    pictures = []
+    for frame, text, p, t in zip(frames, instructions, predicted, true):
+        picture = _draw_actions(frame, p[0], t[0])
+        caption = f"{text} | green true, red predicted"
+        pictures.append(wandb.Image(picture, caption=caption))
+        table.add_data(wandb.Image(picture), text, np.round(t[0], 3).tolist(), np.round(p[0], 3).tolist(),
+                       float(np.abs(p[:, :6] - t[:, :6]).mean()), bool(np.sign(p[0, 6]) == np.sign(t[0, 6])))
+    media: dict[str, Any] = {"media/val_frames": pictures, "media/val_predictions": table}
+    if video is not None:
+        media["media/val_episode"] = wandb.Video(str(video), format="mp4")
+    run.log(media, step=step)
+
+
+def annotate_episode(frames: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+    """(T, 3, H, W) uint8 frames of one episode with their actions drawn -> (T, 224, 224, 3) video."""
+    return np.stack([np.asarray(_draw_actions(f.permute(1, 2, 0).cpu().numpy(), p.cpu().numpy(), t.cpu().numpy()))
+                     for f, p, t in zip(frames, predicted.float(), true.float())])
+
+
+def metrics_table(values: Mapping[str, float]) -> str:
+    """`a=1.23 b=4.56` for the console log."""
+    return " ".join(f"{k}={v:.4g}" for k, v in values.items())
