@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Launch Atlas training with `accelerate launch`. Run `./launch.sh --help` for the options.
+set -euo pipefail
+
+usage() {
+  cat <<'TXT'
+usage: ./launch.sh [options] [-- train.py arguments]
+
+  --mode single|multi|cpu     one GPU, several GPUs (DDP), or CPU processes (default: single)
+  --gpus N                    processes: GPUs for multi, CPU processes for cpu (default: 1; multi: 8)
+  --nodes N                   machines for multi-node training (default: 1)
+  --node_rank R               this machine's rank (multi-node)
+  --main_process_ip IP        address of rank 0 (multi-node)
+  --main_process_port P       port of rank 0 (default: 29500)
+  --config FILE               experiment config (default: configs/train_config.yaml)
+  --accelerate_config FILE    an accelerate config (accelerate_configs/*.yaml or `accelerate config`)
+  --wandb                     log to Weights & Biases (WANDB_MODE=offline works without network)
+  --log FILE                  tee all output (stdout and stderr) to FILE
+  --dry-run                   print the command without running it
+  -h, --help                  this help
+
+Everything after `--` goes to train.py, e.g. -- --learning_rate 1e-4 --max_train_steps 1000.
+Examples:
+  ./launch.sh --wandb
+  ./launch.sh --mode multi --gpus 8 --wandb --log logs/train.log
+  ./launch.sh --mode cpu --gpus 2 -- --config configs/demo.yaml
+TXT
+}
+
+die() { echo "launch.sh: error: $*" >&2; echo "run ./launch.sh --help for usage" >&2; exit 2; }
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+mode=single gpus="" nodes=1 node_rank=0 main_ip="" main_port=29500
+config=configs/train_config.yaml accel_config="" wandb=0 log="" dry_run=0
+train_args=()
+while (($#)); do
+  case "$1" in
+    --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
+    --gpus) [[ $# -ge 2 ]] || die "--gpus needs a value"; gpus=$2; shift 2 ;;
+    --nodes) [[ $# -ge 2 ]] || die "--nodes needs a value"; nodes=$2; shift 2 ;;
+    --node_rank) [[ $# -ge 2 ]] || die "--node_rank needs a value"; node_rank=$2; shift 2 ;;
+    --main_process_ip) [[ $# -ge 2 ]] || die "--main_process_ip needs a value"; main_ip=$2; shift 2 ;;
+    --main_process_port) [[ $# -ge 2 ]] || die "--main_process_port needs a value"; main_port=$2; shift 2 ;;
+    --config) [[ $# -ge 2 ]] || die "--config needs a value"; config=$2; shift 2 ;;
+    --accelerate_config) [[ $# -ge 2 ]] || die "--accelerate_config needs a value"; accel_config=$2; shift 2 ;;
+    --wandb) wandb=1; shift ;;
+    --log) [[ $# -ge 2 ]] || die "--log needs a value"; log=$2; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; train_args=("$@"); break ;;
+    *) die "unknown option '$1'" ;;
+  esac
+done
+
+case "$mode" in single|multi|cpu) ;; *) die "--mode must be single, multi or cpu, got '$mode'" ;; esac
+[[ -z "$gpus" ]] && { [[ "$mode" == multi ]] && gpus=8 || gpus=1; }
+is_int "$gpus" && ((gpus >= 1)) || die "--gpus must be a positive integer, got '$gpus'"
+is_int "$nodes" && ((nodes >= 1)) || die "--nodes must be a positive integer, got '$nodes'"
+is_int "$node_rank" && ((node_rank < nodes)) || die "--node_rank must be in 0..$((nodes - 1)), got '$node_rank'"
+is_int "$main_port" || die "--main_process_port must be a port number, got '$main_port'"
+((nodes == 1)) || [[ -n "$main_ip" ]] || die "--nodes $nodes needs --main_process_ip"
+[[ "$mode" == single && "$gpus" -gt 1 ]] && die "--mode single runs one process; use --mode multi for --gpus $gpus"
+config_in_args=0
+for arg in "${train_args[@]}"; do [[ "$arg" == --config || "$arg" == --config=* ]] && config_in_args=1; done
+((config_in_args)) || [[ -f "$config" ]] || die "config file not found: $config"
+[[ -z "$accel_config" || -f "$accel_config" ]] || die "accelerate config not found: $accel_config"
+
+cmd=(accelerate launch)
+env_prefix=()
+[[ -n "$accel_config" ]] && cmd+=(--config_file "$accel_config")
+case "$mode" in
+  single) cmd+=(--num_processes 1) ;;
+  multi) cmd+=(--multi_gpu --num_processes $((gpus * nodes)))
+         ((nodes > 1)) && cmd+=(--machine_rank "$node_rank" --main_process_ip "$main_ip" --main_process_port "$main_port") ;;
+  cpu) env_prefix=(ACCELERATE_USE_CPU=1)
+       if ((gpus > 1)); then cmd+=(--multi_gpu --num_processes "$gpus"); else cmd+=(--cpu --num_processes 1); fi ;;
+esac
+cmd+=(--num_machines "$nodes")
+cmd+=(train.py)
+((config_in_args)) || cmd+=(--config "$config")
+((wandb)) && cmd+=(--wandb)
+cmd+=("${train_args[@]}")
+
+echo "+ ${env_prefix[*]:+${env_prefix[*]} }${cmd[*]}"
+((dry_run)) && exit 0
+cd "$(dirname "$0")"
+if [[ -n "$log" ]]; then
+  mkdir -p "$(dirname "$log")"
+  env "${env_prefix[@]}" "${cmd[@]}" 2>&1 | tee -a "$log"
+  exit "${PIPESTATUS[0]}"
+fi
+exec env "${env_prefix[@]}" "${cmd[@]}"

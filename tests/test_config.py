@@ -1,0 +1,101 @@
+"""Configuration: YAML + dotted overrides + diffusers flags, validation with suggestions, every shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from atlas_vla.config import (
+    FLAG_ALIASES,
+    TrainConfig,
+    config_from_args,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_flags_and_dotted_keys_are_the_same_thing():
+    a = config_from_args(["--learning_rate", "1e-4", "--mixed_precision=bf16", "--allow_tf32", "--wandb"])
+    b = config_from_args(["--training.learning_rate=0.0001", "--training.mixed_precision", "bf16",
+                          "--training.allow_tf32", "true", "--wandb.enabled", "true"])
+    assert a == b
+    assert a.training.learning_rate == 1e-4 and a.training.allow_tf32 and a.trackers == ["wandb"]
+
+
+def test_value_parsing():
+    c = config_from_args(["--model.vggt_layers", "[4, 11]", "--max_train_steps", "null", "--wandb.tags", "[a, b]",
+                          "--model.vggt.dino.depth", "3", "--resume_from_checkpoint", "latest"])
+    assert c.model.vggt_layers == [4, 11] and c.training.max_train_steps is None
+    assert c.wandb.tags == ["a", "b"] and c.model.vggt.dino.depth == 3
+    assert c.checkpoint.resume_from_checkpoint == "latest"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning_rat", "1"], "did you mean '--learning_rate'"),
+    (["--training.lerning_rate", "1"], "did you mean 'training.learning_rate'"),
+    (["--training.seed", "abc"], "training.seed must be an integer, got 'abc'"),
+    (["--mixed_precision", "fp8"], "must be one of ['no', 'fp16', 'bf16']"),
+    (["--lr_scheduler", "cosin"], "did you mean 'cosine'"),
+    (["--report_to", "mlflow"], "must be one of"),
+    (["--model.image_size", "50"], "multiple of the VGGT patch size"),
+    (["--data.val_fraction", "1.5"], "val_fraction must be in [0, 1)"),
+    (["positional"], "unexpected argument 'positional'"),
+])
+def test_errors_name_the_key_and_suggest(argv, message):
+    with pytest.raises(ValueError) as error:
+        config_from_args(argv)
+    assert message in str(error.value)
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learnig_rate: 1.0\n")
+    with pytest.raises(ValueError, match=r"c.yaml: unknown key config.training.learnig_rate \(did you mean 'learning_rate'"):
+        load_config(path)
+
+
+def test_report_to_resolution():
+    assert config_from_args([]).trackers == []
+    assert config_from_args(["--wandb"]).trackers == ["wandb"]
+    assert config_from_args(["--wandb", "--report_to", "none"]).trackers == []
+    assert config_from_args(["--report_to", "all"]).trackers == ["wandb", "tensorboard"]
+    assert config_from_args(["--report_to", "tensorboard"]).trackers == ["tensorboard"]
+
+
+def test_round_trip_and_no_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-123")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_456")
+    config = config_from_args(["--config", str(REPO / "configs" / "demo.yaml"), "--seed", "7"])
+    path = save_config(config, tmp_path / "out" / "config.yaml")
+    text = path.read_text()
+    assert "secret-key-123" not in text and "hf_secret_456" not in text
+    assert load_config(path) == config
+    assert parse_overrides(["--config", "x.yaml", "--seed", "1"]) == ("x.yaml", {"training": {"seed": 1}})
+
+
+def test_every_alias_points_at_a_real_key():
+    for alias, key in FLAG_ALIASES.items():
+        section, _, name = key.partition(".")
+        assert name in to_dict(TrainConfig())[section], alias
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    if path.name == "sweep.yaml":
+        pytest.skip("a W&B sweep file, not a training config")
+    assert isinstance(load_config(path), TrainConfig)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_is_valid(path):
+    config = load_config_from_file(str(path))
+    expected = yaml.safe_load(path.read_text())
+    assert config.num_processes == expected["num_processes"]
+    assert str(config.distributed_type).split(".")[-1] == expected["distributed_type"]

@@ -1,0 +1,141 @@
+"""The training job end to end: real `accelerate launch` runs on CPU, W&B offline files read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import synthetic_dataset
+from safetensors import safe_open
+from safetensors.torch import load_file
+from wandb_records import find_run_files, read_run
+
+from atlas_vla.training.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[2]
+MISSION_METRICS = ["train/loss", "train/pose_loss", "train/gripper_loss", "train/lr", "train/epoch", "train/step",
+                   "val/loss", "val/pose_loss", "val/gripper_loss", "val/pose_l2_error", "val/pose_l1_error",
+                   "val/gripper_error"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return synthetic_dataset(tmp_path_factory.mktemp("train-data"), num_episodes=8)
+
+
+def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/demo.yaml", "--data.source", str(data_dir), "--data.generate_synthetic", "false",
+            "--data.val_fraction", "0.25", "--output_dir", str(output_dir), "--model.image_size", "56",
+            "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "3",
+            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_warmup_steps", "2",
+            "--logging.log_every_steps", "1", *extra]
+
+
+def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   **env}
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def accelerate(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *args], **env)
+
+
+@pytest.mark.slow
+def test_launch_logs_every_metric_config_tags_to_wandb(tmp_path, data_dir, observation_file):
+    out = tmp_path / "run"
+    accelerate(*tiny_args(data_dir, out, "--report_to", "wandb", "--wandb.tags", "[smoke, ci]",
+                          "--wandb.notes", "a smoke test"))
+    [run_file] = find_run_files(out)
+    logged = read_run(run_file)
+    assert set(MISSION_METRICS) <= set(logged.history)
+    assert [step for step, _ in logged.history["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in logged.history["val/pose_l1_error"]] == [3, 6]
+    assert "val/baseline_pose_l1_error" in logged.history
+    assert logged.tags == ["smoke", "ci"] and logged.notes == "a smoke test"
+    assert logged.run_id == (out / "wandb_run_id.txt").read_text().strip()
+    assert logged.config["training.learning_rate"] == 1e-3
+    assert logged.config["parameters.trainable"] < logged.config["parameters.total"]
+    assert logged.config["setup.num_processes"] == 1 and logged.config["setup.global_batch_size"] == 8
+    assert "WANDB_API_KEY" not in run_file.read_bytes().decode("latin-1")
+    # checkpoints: safetensors only, no frozen backbone or text-encoder tensors, retention
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["checkpoint-4", "checkpoint-6"]
+    for folder in (checkpoints[-1], checkpoints[-1] / "policy", out / "final"):
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            assert all(k.startswith(("fusion.", "head.")) for k in handle.keys())
+    assert not list(out.rglob("*.bin")) or all(p.name in ("optimizer.bin", "scheduler.bin", "sampler.bin")
+                                              for p in out.rglob("*.bin"))
+    result = run([sys.executable, "-m", "atlas_vla.cli", "predict", "--checkpoint", str(out / "final"),
+                  "--observation", str(observation_file), "--json"])
+    assert np.asarray(json.loads(result.stdout)["actions"]).shape == (4, 7)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_one_run_same_weights_lr_schedule(tmp_path, data_dir):
+    out, log = tmp_path / "ddp", tmp_path / "logs" / "train.log"
+    result = run(["./launch.sh", "--mode", "cpu", "--gpus", "2", "--wandb", "--log", str(log), "--",
+                  *tiny_args(data_dir, out)])
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2" in result.stdout
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["global_batch_size"] == 2 * 8
+    first, second = summary["rank_weight_checksums"]
+    assert first == second
+    [run_file] = find_run_files(out)  # one W&B run for the whole job
+    lr = dict(read_run(run_file).history["train/lr"])
+    # warm-up of 2 updates then cosine to 0 at update 6, despite the scheduler stepping on 2 processes
+    assert lr[1] == pytest.approx(0.5e-3) and lr[2] == pytest.approx(1e-3) and lr[6] == pytest.approx(0.0, abs=1e-9)
+    assert "exported the policy" in log.read_text()
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_and_in_the_same_wandb_run(tmp_path, data_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([sys.executable, "train.py", *tiny_args(data_dir, straight)])
+    run([sys.executable, "train.py", *tiny_args(data_dir, resumed, "--report_to", "wandb")])
+    # simulate a crash right after the checkpoint of step 4
+    import shutil
+
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(resumed / "final")
+    run([sys.executable, "train.py", *tiny_args(data_dir, resumed, "--report_to", "wandb",
+                                                 "--resume_from_checkpoint", "latest")])
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(resumed / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+    runs = [read_run(f) for f in find_run_files(resumed)]
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id
+    steps = sorted([step for step, _ in r.history["train/loss"]] for r in runs)
+    assert steps == [[1, 2, 3, 4, 5, 6], [5, 6]]  # the resumed job continues the step axis after 4
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_bad_inputs_fail_clearly_and_keep_saved_work(tmp_path, data_dir, capsys):
+    assert train_main(tiny_args(data_dir, tmp_path / "a", "--training.learning_rat", "1")) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert train_main(["--config", "configs/demo.yaml", "--training.lerning_rate", "1"]) == 2
+    assert "did you mean 'training.learning_rate'" in capsys.readouterr().err
+    assert train_main(["--config", "configs/demo.yaml", "--mixed_precision", "fp8"]) == 2
+    assert "training.mixed_precision must be one of" in capsys.readouterr().err
+    assert train_main(["--config", "configs/nope.yaml"]) == 2
+    assert "config file not found: configs/nope.yaml" in capsys.readouterr().err
+    missing = tmp_path / "no-such-dataset"
+    assert train_main(tiny_args(missing, tmp_path / "b")) == 2
+    assert str(missing) in capsys.readouterr().err
+    # an unreadable checkpoint: nothing already saved is touched
+    broken = tmp_path / "c" / "checkpoints" / "checkpoint-2"
+    broken.mkdir(parents=True)
+    (broken / "model.safetensors").write_bytes(b"kept")
+    assert train_main(tiny_args(data_dir, tmp_path / "c", "--resume_from_checkpoint", str(broken))) == 2
+    assert "training_state.json is missing" in capsys.readouterr().err
+    assert (broken / "model.safetensors").read_bytes() == b"kept"
