@@ -74,6 +74,30 @@ def _run_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("convert-libero-hdf5", "Convert raw LIBERO *_demo.hdf5 files to a dataset load_libero reads.")
+def _add_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="*_demo.hdf5 files or folders of them")
+    parser.add_argument("--output", required=True, help="output folder (appears only when complete)")
+    parser.add_argument("--format", choices=("lerobot_v2", "saved_dataset"), default="lerobot_v2",
+                        help="LeRobot v2 layout (like physical-intelligence/libero) or Dataset.save_to_disk")
+    parser.add_argument("--no-rotate", action="store_true", help="keep the raw upside-down (OpenGL) images")
+    parser.add_argument("--image-size", type=int, default=None, help="resize both cameras to N x N pixels")
+    parser.add_argument("--filter-noops", action="store_true", help="drop idle steps as OpenVLA's re-rendering does")
+    parser.add_argument("--fps", type=int, default=20, help="control rate recorded in info.json (LIBERO: 20)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+@_add_convert.runner
+def _run_convert(args: argparse.Namespace) -> int:
+    from atlas_vla.data.hdf5 import convert_libero_hdf5
+
+    path = convert_libero_hdf5(args.inputs, args.output, output_format=args.format, rotate=not args.no_rotate,
+                               image_size=args.image_size, filter_noops=args.filter_noops, fps=args.fps,
+                               overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 @_command("compute-stats", "Compute action/state normalisation statistics of a LIBERO source's training split.")
 def _add_compute_stats(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
