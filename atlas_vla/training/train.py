@@ -255,6 +255,7 @@ def train(config: TrainConfig) -> Path:
     validations = 0
     sums: dict[str, torch.Tensor] = {}
     micro_batches = 0
+    first_step, steps_per_second = state.global_step, 0.0
     start = time.perf_counter()
     policy.train()
     while state.global_step < max_steps and state.epoch < num_epochs:
@@ -283,9 +284,10 @@ def train(config: TrainConfig) -> Path:
             if step % config.logging.log_every_steps == 0 or step == max_steps:
                 means = accelerator.reduce(torch.stack([sums[k] / micro_batches for k in TRAIN_METRICS]), "mean")
                 logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
+                steps_per_second = (step - first_step) / max(time.perf_counter() - start, 1e-9)
                 logs.update({"train/lr": scheduler.get_last_lr()[0], "train/step": step,
                              "train/epoch": state.epoch + state.batches_in_epoch / (batches_per_epoch or math.inf),
-                             "train/steps_per_second": step / max(time.perf_counter() - start, 1e-9)})
+                             "train/steps_per_second": steps_per_second})
                 accelerator.log(logs, step=step)  # custom metrics: add them to `logs` here
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 sums, micro_batches = {}, 0
@@ -327,7 +329,7 @@ def train(config: TrainConfig) -> Path:
         summary = {"global_step": state.global_step, "num_processes": accelerator.num_processes,
                    "global_batch_size": global_batch, "rank_weight_checksums": checksums,
                    "wandb_run_id": run_id if "wandb" in trackers else None, "parameters": counts,
-                   "seconds": time.perf_counter() - start}
+                   "seconds": time.perf_counter() - start, "train_steps_per_second": steps_per_second}
         (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
         if cfg_t.push_to_hub:
             unwrapped.push_to_hub(cfg_t.hub_model_id or output_dir.name)
