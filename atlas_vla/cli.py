@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Callable, Sequence
 
 # Each entry: (name, help, add_arguments, run). Subcommands register below, one section each.
@@ -182,6 +183,63 @@ def _run_predict(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------
 # evaluation commands (eval-offline, eval-libero)
 # ----------------------------------------------------------------------------------------------
+
+@_command("eval-libero", "Closed-loop success rates of a policy in the LIBERO simulator (standard protocol).")
+def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")
+    parser.add_argument("--suite", required=True,
+                        choices=("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"))
+    parser.add_argument("--tasks", default=None, help="task ids, e.g. 0,3 or 0-4 (default: every task of the suite)")
+    parser.add_argument("--trials", type=int, default=50, help="episodes per task: initial states 0..trials-1")
+    parser.add_argument("--initial-states", default=None, help="explicit initial states, e.g. 30-49 (overrides --trials)")
+    parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default: the suite's)")
+    parser.add_argument("--replan-steps", type=int, default=None,
+                        help="actions executed per query (default: the policy's whole chunk)")
+    parser.add_argument("--camera-size", type=int, default=256, help="simulator camera resolution (protocol: 256)")
+    parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
+    parser.add_argument("--num-workers", type=int, default=1, help="parallel simulator worker processes")
+    parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
+    parser.add_argument("--output", default="eval_results.json", help="results JSON file")
+    parser.add_argument("--report_to", choices=("none", "wandb"), default="none", help="also log to W&B")
+    parser.add_argument("--seed", type=int, default=0, help="env.seed of every episode")
+
+
+@_add_eval_libero.runner
+def _run_eval_libero(args: argparse.Namespace) -> int:
+    from atlas_vla.eval import libero_sim as sim
+
+    try:
+        sim.require_simulator()
+    except sim.SimulatorMissing as error:
+        print(f"atlas-vla eval-libero: {error}", file=sys.stderr)
+        return 2
+    from libero.libero import benchmark
+
+    num_tasks = benchmark.get_benchmark_dict()[args.suite]().n_tasks
+    tasks = sim.parse_range(args.tasks) if args.tasks else list(range(num_tasks))
+    states = sim.parse_range(args.initial_states) if args.initial_states else list(range(args.trials))
+    max_steps = args.max_steps or sim.SUITE_MAX_STEPS[args.suite]
+    specs = [sim.EpisodeSpec(args.suite, task, state, max_steps, args.replan_steps, args.camera_size, args.seed,
+                             args.video_dir) for task in tasks for state in states]
+
+    def report(result: "sim.EpisodeResult") -> None:
+        status = "error" if result.error else ("success" if result.success else "failure")
+        print(f"task {result.task_id} init {result.initial_state}: {status} after {result.steps} steps "
+              f"({result.seconds:.1f} s)" + (f": {result.error.splitlines()[0]}" if result.error else ""), flush=True)
+
+    start = time.perf_counter()
+    results = sim.evaluate(args.checkpoint, specs, num_workers=args.num_workers,
+                           episode_timeout=args.episode_timeout, on_result=report)
+    summary = sim.summarize(results)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    settings["seconds"] = time.perf_counter() - start
+    print(sim.format_table(args.suite, summary))
+    path = sim.save_results(args.output, args.suite, summary, settings)
+    print(f"wrote {path}")
+    if args.report_to == "wandb":
+        print(f"logged to W&B run {sim.log_to_wandb(args.suite, summary, settings)}")
+    return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:

