@@ -184,6 +184,38 @@ def _run_predict(args: argparse.Namespace) -> int:
 # evaluation commands (eval-offline, eval-libero)
 # ----------------------------------------------------------------------------------------------
 
+@_command("eval-offline", "The training loop's val/* metrics of a saved policy on any LIBERO dataset split.")
+def _add_eval_offline(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")
+    parser.add_argument("--data", required=True, help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
+    parser.add_argument("--split", choices=("val", "train", "all"), default="val", help="episode split to score")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="as in training (data.val_fraction)")
+    parser.add_argument("--split-seed", type=int, default=0, help="as in training (data.split_seed)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
+    parser.add_argument("--output", default=None, help="also write the metrics as JSON here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+@_add_eval_offline.runner
+def _run_eval_offline(args: argparse.Namespace) -> int:
+    import json
+
+    from atlas_vla.eval.offline import evaluate_offline, save_metrics
+
+    metrics = evaluate_offline(args.checkpoint, args.data, split=args.split, val_fraction=args.val_fraction,
+                               split_seed=args.split_seed, batch_size=args.batch_size, max_batches=args.max_batches)
+    if args.output:
+        save_metrics(args.output, metrics, {k: v for k, v in vars(args).items() if not k.startswith("_")})
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        width = max(len(key) for key in metrics)
+        for key, value in metrics.items():
+            print(f"{key:<{width}}  {value:.5f}")
+    return 0
+
+
 @_command("eval-libero", "Closed-loop success rates of a policy in the LIBERO simulator (standard protocol).")
 def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from atlas_vla.config import TrainConfig, config_from_args, flatten, save_config, to_dict, usage
-from atlas_vla.constants import ACTIONS, ACTIONS_PAD_MASK, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
+from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
 from atlas_vla.data.libero import build_samples, collate, load_train_val
 from atlas_vla.data.normalization import NormStats, compute_norm_stats
 from atlas_vla.data.synthetic import make_synthetic_libero
 from atlas_vla.video import write_mp4
-from atlas_vla.models.action_head import action_metrics
+from atlas_vla.eval.offline import VAL_METRICS, baseline_metrics, metric_sums
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.training.checkpointing import TrainingState, resolve_resume, save_checkpoint
 from atlas_vla.training.tracking import (
@@ -43,8 +43,6 @@ from atlas_vla.training.tracking import (
 
 logger = logging.getLogger("atlas_vla.train")
 TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
-VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "pose_l2_error", "pose_l1_error", "gripper_error",
-               "pose_l1_error_normalized", "pose_l2_error_normalized")
 SUMMARY_NAME = "train_summary.json"
 FINAL_DIR = "final"
 
@@ -87,39 +85,12 @@ def _norm_stats(config: TrainConfig, train_set: Any) -> NormStats:
     return compute_norm_stats(train_set)
 
 
-@torch.no_grad()
-def _baseline_metrics(loader: Iterable, stats: NormStats, limit: int | None) -> dict[str, float]:
-    """Metrics of always predicting the training mean action (the bar a policy must clear)."""
-    sums: dict[str, float] = {}
-    batches = 0
-    for batches, batch in enumerate(loader, start=1):
-        actions = batch[ACTIONS].float()
-        mean = torch.as_tensor(stats.action.mean, dtype=actions.dtype).expand_as(actions).clone()
-        mean[..., 6] = torch.where(mean[..., 6] >= 0, 1.0, -1.0)  # the majority gripper command
-        for key, value in action_metrics(mean, actions, ~batch[ACTIONS_PAD_MASK]).items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        if limit is not None and batches >= limit:
-            break
-    return {key: value / max(batches, 1) for key, value in sums.items()}
-
-
-@torch.no_grad()
 def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable, limit: int | None) -> dict[str, float]:
     """Mean `val/*` metrics over up to `limit` batches per process, averaged across processes."""
-    policy.eval()
-    sums: dict[str, torch.Tensor] = {}
-    batches = 0
-    for batches, batch in enumerate(loader, start=1):
-        out = policy(batch)
-        for key in VAL_METRICS:
-            sums[key] = sums.get(key, 0) + out[key].detach().float()
-        if limit is not None and batches >= limit:
-            break
-    policy.train()
-    if not batches:
+    totals, count = metric_sums(policy, loader, limit)
+    if not count:
         return {}
-    means = torch.stack([sums[key] / batches for key in VAL_METRICS])
-    means = accelerator.reduce(means, reduction="mean")
+    means = accelerator.reduce((totals / count).to(accelerator.device), reduction="mean")
     return {f"val/{key}": float(value) for key, value in zip(VAL_METRICS, means)}
 
 
@@ -248,7 +219,7 @@ def train(config: TrainConfig) -> Path:
     logger.info("setup: %s; parameters: %s", setup, counts)
 
     # 6. loop ------------------------------------------------------------------------------------------
-    baseline = (_baseline_metrics(val_loader, stats, cfg_t.num_validation_batches)
+    baseline = (baseline_metrics(val_loader, stats, cfg_t.num_validation_batches)
                 if val_loader is not None else {})
     progress = tqdm(total=max_steps, initial=state.global_step, desc="train",
                     disable=not accelerator.is_local_main_process)
