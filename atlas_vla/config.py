@@ -120,6 +120,30 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Closed-loop LIBERO evaluation during training (the [sim] extra), off by default.
+
+    It runs on the main process while the other ranks wait at a barrier (the process-group timeout
+    is raised to 2 h for that); for long evaluations run `atlas-vla eval-libero` on the saved
+    checkpoints from a separate job instead.
+    """
+
+    libero_steps: int | None = None  # evaluate every N optimizer updates; null = never
+    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = "libero_spatial"
+    tasks: list[int] | None = None  # null = every task of the suite
+    initial_states: list[int] = field(default_factory=lambda: list(range(5)))  # official initial states per task
+    max_steps: int | None = None  # null = the suite's protocol value
+    replan_steps: int | None = None  # actions executed per query; null = the whole chunk
+    camera_size: int = 256
+    num_workers: int = 2  # simulator worker processes
+    videos: bool = True  # write an mp4 per episode and log them to W&B
+
+    def __post_init__(self) -> None:
+        if self.libero_steps is not None and self.libero_steps < 1:
+            raise ValueError(f"eval.libero_steps must be >= 1 or null, got {self.libero_steps}")
+
+
+@dataclass
 class TrainConfig:
     """One training run."""
 
@@ -129,6 +153,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def trackers(self) -> list[str]:
@@ -165,6 +190,7 @@ FLAG_ALIASES: dict[str, str] = {
     "tracker_project_name": "wandb.project",
     "wandb": "wandb.enabled",
     "dataset": "data.source",
+    "eval_libero_steps": "eval.libero_steps",
 }
 
 
@@ -391,7 +417,8 @@ def usage() -> str:
     flags = "\n".join(f"  --{alias:<28} = --{key}" for alias, key in FLAG_ALIASES.items())
     return (
         "usage: train.py [--config FILE] [--section.key VALUE ...] [--flag VALUE ...]\n\n"
-        "Config sections (YAML keys, settable as --section.key): model, data, training, checkpoint, logging, wandb.\n"
+        "Config sections (YAML keys, settable as --section.key): model, data, training, checkpoint, logging, wandb, "
+        "eval.\n"
         "See configs/train_config.yaml for every key with a comment.\n\n"
         f"Flags (aliases of config keys):\n{flags}\n"
     )

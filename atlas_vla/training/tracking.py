@@ -107,6 +107,16 @@ def log_media(accelerator: Accelerator, step: int, images: torch.Tensor, instruc
     run.log(media, step=step)
 
 
+def log_videos(accelerator: Accelerator, step: int, videos: list[str]) -> None:
+    """Simulator rollout videos (mp4 files) as `media/eval_episode_<i>`; main process and W&B only."""
+    if not videos or not accelerator.is_main_process or "wandb" not in {t.name for t in accelerator.trackers}:
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    run.log({f"media/eval_episode_{i}": wandb.Video(path, format="mp4") for i, path in enumerate(videos)}, step=step)
+
+
 def annotate_episode(frames: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor) -> np.ndarray:
     """(T, 3, H, W) uint8 frames of one episode with their actions drawn -> (T, 224, 224, 3) video."""
     return np.stack([np.asarray(_draw_actions(f.permute(1, 2, 0).cpu().numpy(), p.cpu().numpy(), t.cpu().numpy()))

@@ -36,6 +36,7 @@ from atlas_vla.training.tracking import (
     annotate_episode,
     check_tracker_installed,
     log_media,
+    log_videos,
     metrics_table,
     new_run_id,
     wandb_init_kwargs,
@@ -111,6 +112,30 @@ def _episode_video(policy: AtlasPolicy, samples: Any, path: Path, max_frames: in
     if not frames:
         return None
     return write_mp4(path, annotate_episode(torch.stack(frames), torch.stack(predicted), torch.stack(true)))
+
+
+def evaluate_in_simulator(policy: AtlasPolicy, config: TrainConfig, references: dict, step: int) -> dict[str, Any]:
+    """Closed-loop LIBERO success rates of the current policy (main process): `eval/*` scalars + videos."""
+    from atlas_vla.eval import libero_sim as sim
+
+    sim.require_simulator()
+    cfg = config.eval
+    folder = Path(config.training.output_dir) / "eval" / f"step-{step}"
+    checkpoint = policy.save_pretrained(folder / "policy", references=references)
+    from libero.libero import benchmark
+
+    tasks = cfg.tasks if cfg.tasks is not None else list(range(benchmark.get_benchmark_dict()[cfg.suite]().n_tasks))
+    max_steps = cfg.max_steps or sim.SUITE_MAX_STEPS[cfg.suite]
+    specs = [sim.EpisodeSpec(cfg.suite, task, state, max_steps, cfg.replan_steps, cfg.camera_size, 0,
+                             str(folder / "videos") if cfg.videos else None)
+             for task in tasks for state in cfg.initial_states]
+    summary = sim.summarize(sim.evaluate(str(checkpoint), specs, num_workers=cfg.num_workers))
+    sim.save_results(folder / "results.json", cfg.suite, summary, {"step": step})
+    logs: dict[str, Any] = {"eval/success_rate": summary["success_rate"]}
+    logs.update({f"eval/{cfg.suite}/task_{task}": row["success_rate"] for task, row in summary["tasks"].items()})
+    logger.info("step %d %s", step, metrics_table(logs))
+    logs["videos"] = [e["video"] for e in summary["episodes_detail"] if e["video"]]
+    return logs
 
 
 def _rank_checksums(accelerator: Accelerator, policy: torch.nn.Module) -> list[float]:
@@ -278,6 +303,12 @@ def train(config: TrainConfig) -> Path:
                              if every and validations % every == 1 % every else None)
                     log_media(accelerator, step, media[OBS_IMAGES][:, 0], list(media[INSTRUCTION]),
                               unwrapped.predict_action_chunk(media), media[ACTIONS], video)
+            if config.eval.libero_steps and step % config.eval.libero_steps == 0:
+                if accelerator.is_main_process:
+                    logs = evaluate_in_simulator(accelerator.unwrap_model(policy), config, references, step)
+                    accelerator.log({k: v for k, v in logs.items() if k != "videos"}, step=step)
+                    log_videos(accelerator, step, logs["videos"])
+                accelerator.wait_for_everyone()  # the other ranks wait here (2 h process-group timeout)
             if step % config.checkpoint.checkpointing_steps == 0 or step == max_steps:
                 saved = TrainingState(step, state.epoch, state.batches_in_epoch, run_id)
                 if state.batches_in_epoch == batches_per_epoch:  # this update ended the epoch

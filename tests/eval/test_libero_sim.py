@@ -139,3 +139,29 @@ def test_eval_libero_runs_a_real_rollout_with_a_tiny_policy(tmp_path, sim_demos_
 
     frames = imageio.mimread(episode["video"], memtest=False)
     assert len(frames) == episode["steps"] == 20 and frames[0].shape == (128, 128, 3)
+
+
+@needs_sim
+@pytest.mark.sim
+@pytest.mark.slow
+def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
+    from helpers import synthetic_dataset
+    from wandb_records import find_run_files, read_run
+
+    data = synthetic_dataset(tmp_path, num_episodes=4)
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/demo.yaml", "--data.source", str(data),
+         "--data.generate_synthetic", "false", "--data.val_fraction", "0.25", "--output_dir", str(out),
+         "--model.image_size", "56", "--train_batch_size", "4", "--max_train_steps", "2", "--eval_libero_steps", "2",
+         "--eval.tasks", "[0]", "--eval.initial_states", "[0]", "--eval.max_steps", "3", "--eval.camera_size", "128",
+         "--eval.num_workers", "1", "--report_to", "wandb"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "MUJOCO_GL": "egl", "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "eval" / "step-2" / "results.json").read_text())
+    assert report["episodes"] == 1 and report["episodes_detail"][0]["steps"] == 3
+    [run_file] = find_run_files(out)
+    history = read_run(run_file).history
+    assert [step for step, _ in history["eval/success_rate"]] == [2]
+    assert "eval/libero_spatial/task_0" in history
