@@ -45,6 +45,7 @@ from atlas_vla.training.tracking import (
 logger = logging.getLogger("atlas_vla.train")
 TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
 SUMMARY_NAME = "train_summary.json"
+METRICS_NAME = "metrics.jsonl"  # every logged scalar, one JSON object per logging step
 FINAL_DIR = "final"
 
 
@@ -144,8 +145,11 @@ def _rank_checksums(accelerator: Accelerator, policy: torch.nn.Module) -> list[f
     return [float(v) for v in accelerator.gather(total.reshape(1).to(accelerator.device).float())]
 
 
-def train(config: TrainConfig) -> Path:
-    """Run one training job; returns the folder of the exported policy."""
+def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
+    """Run one training job; returns the folder of the exported policy.
+
+    `wandb_run_id` attaches to an existing W&B run (e.g. the run a sweep agent created).
+    """
     cfg_t = config.training
     output_dir = Path(cfg_t.output_dir)
     trackers = config.trackers
@@ -166,6 +170,17 @@ def train(config: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg_t.seed)
+    try:
+        return _run(accelerator, config, wandb_run_id)
+    finally:
+        accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+
+
+def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None) -> Path:
+    """Stages 2-7 of `train`, on a built accelerator."""
+    cfg_t = config.training
+    output_dir = Path(cfg_t.output_dir)
+    trackers = config.trackers
     resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
 
     # 2. data ---------------------------------------------------------------------------------------
@@ -224,7 +239,7 @@ def train(config: TrainConfig) -> Path:
         logger.info("resumed from %s at step %d", resume_dir, state.global_step)
     elif config.checkpoint.resume_from_checkpoint == "latest":
         logger.info("no checkpoint in %s yet: starting a new run", output_dir)
-    run_id = state.wandb_run_id or new_run_id()
+    run_id = state.wandb_run_id or wandb_run_id or new_run_id()
     state.wandb_run_id = run_id
 
     # 5. trackers --------------------------------------------------------------------------------------
@@ -242,6 +257,15 @@ def train(config: TrainConfig) -> Path:
         init_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run_id)} if "wandb" in trackers else {}
         accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=init_kwargs)
     logger.info("setup: %s; parameters: %s", setup, counts)
+
+    metrics_file = output_dir / METRICS_NAME
+
+    def record(values: dict[str, Any], step: int) -> None:
+        """Send scalars to the trackers and keep a local copy (`metrics.jsonl`) on the main process."""
+        accelerator.log(values, step=step)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
 
     # 6. loop ------------------------------------------------------------------------------------------
     baseline = (baseline_metrics(val_loader, stats, cfg_t.num_validation_batches)
@@ -284,13 +308,13 @@ def train(config: TrainConfig) -> Path:
                 logs.update({"train/lr": scheduler.get_last_lr()[0], "train/step": step,
                              "train/epoch": state.epoch + state.batches_in_epoch / (batches_per_epoch or math.inf),
                              "train/steps_per_second": steps_per_second})
-                accelerator.log(logs, step=step)  # custom metrics: add them to `logs` here
+                record(logs, step)  # custom metrics: add them to `logs` here
                 progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
                 sums, micro_batches = {}, 0
             if val_loader is not None and (step % cfg_t.validation_steps == 0 or step == max_steps):
                 val_logs = validate(accelerator, policy, val_loader, cfg_t.num_validation_batches)
                 val_logs.update({f"val/baseline_{k}": v for k, v in baseline.items()})
-                accelerator.log(val_logs, step=step)
+                record(val_logs, step)
                 logger.info("step %d %s", step, metrics_table(val_logs))
                 validations += 1
                 indexable = not isinstance(val_samples, torch.utils.data.IterableDataset)
@@ -306,7 +330,7 @@ def train(config: TrainConfig) -> Path:
             if config.eval.libero_steps and step % config.eval.libero_steps == 0:
                 if accelerator.is_main_process:
                     logs = evaluate_in_simulator(accelerator.unwrap_model(policy), config, references, step)
-                    accelerator.log({k: v for k, v in logs.items() if k != "videos"}, step=step)
+                    record({k: v for k, v in logs.items() if k != "videos"}, step)
                     log_videos(accelerator, step, logs["videos"])
                 accelerator.wait_for_everyone()  # the other ranks wait here (2 h process-group timeout)
             if step % config.checkpoint.checkpointing_steps == 0 or step == max_steps:
@@ -337,7 +361,6 @@ def train(config: TrainConfig) -> Path:
             unwrapped.push_to_hub(cfg_t.hub_model_id or output_dir.name)
         logger.info("exported the policy to %s", final_dir)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return final_dir
 
 
