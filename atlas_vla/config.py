@@ -33,6 +33,7 @@ class TrainingConfig:
     """Optimisation and the training loop."""
 
     output_dir: str = "outputs/atlas"  # checkpoints, the exported policy, W&B files and logs go here
+    init_from: str | None = None  # fine-tune: start from the trainable weights of a saved policy (folder or Hub id)
     seed: int = 0
     train_batch_size: int = 32  # micro-batch per process; global batch = this x processes x accumulation
     gradient_accumulation_steps: int = 1
@@ -190,6 +191,7 @@ FLAG_ALIASES: dict[str, str] = {
     "tracker_project_name": "wandb.project",
     "wandb": "wandb.enabled",
     "dataset": "data.source",
+    "init_from": "training.init_from",
     "eval_libero_steps": "eval.libero_steps",
 }
 

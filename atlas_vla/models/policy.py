@@ -315,6 +315,28 @@ class AtlasPolicy(nn.Module):
                              f"unexpected {unexpected[:3]}")
         return policy.eval()
 
+    def load_trainable_weights(self, name_or_path: str | os.PathLike, *, revision: str | None = None) -> "AtlasPolicy":
+        """Start from another saved policy's trainable weights (fine-tuning), keeping this policy's
+        statistics. Refuses a policy trained on another backbone or with other shapes."""
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(name_or_path), revision=revision))
+        if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not an Atlas policy: {CONFIG_NAME} or {WEIGHTS_NAME} is missing")
+        saved = json.loads((folder / CONFIG_NAME).read_text()).get("backbones", {})
+        mine = self.backbone_references()
+        for name, what in (("vggt", "VGGT backbone"), ("language", "text encoder")):
+            if name in saved and name in mine:
+                _check_hash(what, saved[name], mine[name]["weights_hash"])
+        state = load_file(str(folder / WEIGHTS_NAME))
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this policy's config: {error}") from error
+        return self
+
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
                     commit_message: str = "Upload Atlas policy") -> str:
         """Upload the saved policy folder to the Hub (the token is used, never written anywhere)."""

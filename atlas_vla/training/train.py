@@ -197,6 +197,9 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
     # 3. policy, optimizer, schedule ------------------------------------------------------------------
     policy = AtlasPolicy(config.model, stats)
     references = policy.backbone_references()  # hash the frozen encoders once
+    if cfg_t.init_from and resume_dir is None:
+        policy.load_trainable_weights(cfg_t.init_from)
+        logger.info("initialised the trainable weights from %s", cfg_t.init_from)
     counts = policy.num_parameters()
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg_t.learning_rate,
