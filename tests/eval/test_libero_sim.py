@@ -165,3 +165,14 @@ def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
     history = read_run(run_file).history
     assert [step for step, _ in history["eval/success_rate"]] == [2]
     assert "eval/libero_spatial/task_0" in history
+
+
+@needs_sim
+def test_bad_tasks_states_and_checkpoints_fail_before_any_worker(tmp_path, capsys):
+    base = ["eval-libero", "--suite", "libero_spatial", "--tasks", "0"]
+    assert cli([*base, "--checkpoint", str(tmp_path / "missing"), "--initial-states", "0"]) == 2
+    assert "policy folder not found" in capsys.readouterr().err
+    assert cli([*base, "--checkpoint", str(tmp_path), "--initial-states", "60"]) == 2
+    assert "initial states 0..49, got [60]" in capsys.readouterr().err
+    assert cli(["eval-libero", "--suite", "libero_spatial", "--tasks", "12", "--checkpoint", str(tmp_path)]) == 2
+    assert "has tasks 0..9, got task 12" in capsys.readouterr().err
