@@ -10,8 +10,6 @@ import argparse
 import os
 import time
 
-import numpy as np
-
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 

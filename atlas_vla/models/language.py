@@ -6,7 +6,6 @@ reused for every later step; the text model never runs in the training hot path 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from atlas_vla.models.weights import weights_hash
 
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-mpnet-base-v2"
 
@@ -78,12 +79,7 @@ class LanguageEncoder:
 
     def weights_hash(self) -> str:
         """Short content hash of the text model's weights (checked when a policy is loaded)."""
-        digest = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return weights_hash(self.model)
 
     @torch.inference_mode()
     def _encode_new(self, instructions: list[str]) -> None:

@@ -11,7 +11,6 @@ DINOv2 patch embedding, then the aggregator that alternates frame and global att
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from atlas_vla.models.weights import weights_hash
 
 DEFAULT_REPO_ID = "facebook/VGGT-1B"
 _PREFIX = "aggregator."
@@ -419,12 +420,7 @@ class VGGTAggregator(nn.Module):
 
     def weights_hash(self) -> str:
         """Short content hash (16 hex chars) of the state dict: names, dtypes, shapes and bytes."""
-        digest = hashlib.sha256()
-        for name, tensor in self.state_dict().items():
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()[:16]
+        return weights_hash(self)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_REPO_ID, revision: str | None = None,
