@@ -1,5 +1,6 @@
-"""The README's commands: every `bash` block (runnable offline) names files, flags and subcommands
-that exist; `python` blocks import what exists. `sh` blocks need the network or a GPU and are not run."""
+"""The README's commands: every shell block names files, flags and subcommands that exist (`bash`
+blocks run offline; `sh` blocks need the network or a GPU, so they are checked without running);
+`python` blocks import what exists."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def blocks(language: str) -> list[str]:
 
 def commands() -> list[list[str]]:
     found = []
-    for block in blocks("bash"):
+    for block in blocks("bash") + blocks("sh"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):
@@ -73,7 +74,12 @@ def check(words: list[str]) -> None:
         result = subprocess.run(["./launch.sh", "--dry-run", *words[1:]], cwd=REPO, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         return
-    if words[:3] == ["python", "-m", "pytest"]:
+    if words[:3] == ["python", "-m", "pytest"] or words[:2] == ["accelerate", "config"]:
+        return
+    if words[:2] == ["wandb", "sweep"]:
+        check_path(words[2])
+        return
+    if words[:2] == ["wandb", "agent"]:
         return
     if words[0] == "python" and words[1].startswith("benchmarks/"):
         check_path(words[1])

@@ -139,3 +139,16 @@ def test_bad_inputs_fail_clearly_and_keep_saved_work(tmp_path, data_dir, capsys)
     assert train_main(tiny_args(data_dir, tmp_path / "c", "--resume_from_checkpoint", str(broken))) == 2
     assert "training_state.json is missing" in capsys.readouterr().err
     assert (broken / "model.safetensors").read_bytes() == b"kept"
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_same_scalars(tmp_path, data_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run([sys.executable, "train.py", *tiny_args(data_dir, out, "--report_to", "tensorboard")])
+    [events] = [p for p in (out / "logs").rglob("events.out.tfevents.*") if p.parent.name == "atlas-vla"]
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert set(MISSION_METRICS) <= set(scalars)
+    local = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in local if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
