@@ -114,15 +114,23 @@ class RotaryPositionEmbedding2D(nn.Module):
     def __init__(self, frequency: float = 100.0) -> None:
         super().__init__()
         self.frequency = frequency
+        self.num_positions: int | None = None  # set once per forward by the aggregator (avoids a GPU sync)
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def _cos_sin(self, num_positions: int, half: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (num_positions, half, device, dtype)
+        if key not in self._tables:
+            inv_freq = 1.0 / (self.frequency ** (torch.arange(0, half, 2, device=device).float() / half))
+            angles = torch.outer(torch.arange(num_positions, device=device, dtype=inv_freq.dtype), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1).to(dtype)  # (num_positions, half)
+            self._tables = {key: (angles.cos(), angles.sin())}  # one size at a time
+        return self._tables[key]
 
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         # tokens (B, heads, N, D); positions (B, N, 2) integer (row, col)
         half = tokens.shape[-1] // 2
-        num_positions = int(positions.max()) + 1
-        inv_freq = 1.0 / (self.frequency ** (torch.arange(0, half, 2, device=tokens.device).float() / half))
-        angles = torch.outer(torch.arange(num_positions, device=tokens.device, dtype=inv_freq.dtype), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1).to(tokens.dtype)  # (num_positions, half)
-        cos, sin = angles.cos(), angles.sin()
+        num_positions = self.num_positions or int(positions.max()) + 1
+        cos, sin = self._cos_sin(num_positions, half, tokens.device, tokens.dtype)
         rows, cols = tokens.chunk(2, dim=-1)
         return torch.cat(
             (self._rotate(rows, positions[..., 0], cos, sin), self._rotate(cols, positions[..., 1], cos, sin)), dim=-1
@@ -302,6 +310,7 @@ class VGGTAggregator(nn.Module):
                 for _ in range(config.depth)
             )
 
+        self.rope = rope
         self.frame_blocks = blocks()
         self.global_blocks = blocks()
         self._add_normalisation_buffers()
@@ -340,13 +349,15 @@ class VGGTAggregator(nn.Module):
         if not images.is_floating_point():
             raise ValueError(f"VGGT expects float images in [0, 1], got dtype {images.dtype}")
         height, width = images.shape[-2:]
-        if height % p or width % p:
+        if height % p or width % p or not height or not width:
             raise ValueError(f"VGGT expects H and W to be multiples of {p}, got {height} x {width}")
 
     def _resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
         depth = self.config.depth
         if layers is None:
             return list(range(depth))
+        if not len(layers):
+            raise ValueError("VGGT layers must name at least one depth output (or be None for all)")
         resolved = []
         for layer in layers:
             if not -depth <= layer < depth:
@@ -372,6 +383,8 @@ class VGGTAggregator(nn.Module):
         )  # (B*S, P, C)
         P, C = tokens.shape[1:]
         pos = _patch_positions(B * S, H // p, W // p, self.patch_start_idx, images.device)  # (B*S, P, 2)
+        if self.rope is not None:
+            self.rope.num_positions = max(H, W) // p + 1  # positions are the grid + 1
 
         kept: dict[int, Tensor] = {}
         block_size = self.config.aa_block_size
@@ -456,11 +469,13 @@ def _resolve_weights_file(name_or_path: str, revision: str | None) -> Path:
     if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"VGGT weights not found: {path}")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(name_or_path, "model.safetensors", revision=revision))
-    except EntryNotFoundError:
+    except LocalEntryNotFoundError:
+        raise  # offline and not cached: trying model.pt cannot help
+    except EntryNotFoundError:  # the repo has no safetensors file
         return Path(hf_hub_download(name_or_path, "model.pt", revision=revision))
 
 

@@ -15,5 +15,5 @@ def weights_hash(module: nn.Module) -> str:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         if tensor.numel():
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim safe
     return digest.hexdigest()[:16]

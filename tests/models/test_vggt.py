@@ -175,3 +175,18 @@ def test_config_round_trip():
         VGGTConfig.from_dict({"embed_dimension": 3})
     with pytest.raises(ValueError, match="divisible"):
         VGGTConfig(embed_dim=64, num_heads=5, dino=DinoConfig(embed_dim=64))
+
+
+def test_empty_layer_list_and_empty_images_are_clear_errors(tiny_model):
+    with pytest.raises(ValueError, match="at least one depth output"):
+        tiny_model(torch.rand(1, 1, 3, 28, 28), layers=[])
+    with pytest.raises(ValueError, match="multiples of 14"):
+        tiny_model(torch.rand(1, 1, 3, 0, 28))
+
+
+def test_weights_hash_handles_scalar_tensors():
+    from atlas_vla.models.weights import weights_hash
+
+    module = torch.nn.Module()
+    module.register_buffer("scale", torch.tensor(2.0))
+    assert len(weights_hash(module)) == 16
