@@ -164,17 +164,13 @@ def _episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
-    """A local policy folder for `checkpoint` (downloaded once here for a Hub id, not in every worker)."""
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not an Atlas policy: config.json is missing")
-        return str(path)
-    if checkpoint.startswith((".", "/", "~")) or path.suffix or len(Path(checkpoint).parts) != 2:
-        raise FileNotFoundError(f"policy folder not found: {path}")
-    from huggingface_hub import snapshot_download
+    """A local policy folder for `checkpoint` (a Hub id is downloaded once here, not in every worker)."""
+    from atlas_vla.models.policy import CONFIG_NAME, resolve_policy_folder
 
-    return snapshot_download(checkpoint)
+    folder = resolve_policy_folder(checkpoint)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder} is not an Atlas policy: {CONFIG_NAME} is missing")
+    return str(folder)
 
 
 def _worker(checkpoint: str, jobs: Any, results: Any) -> None:

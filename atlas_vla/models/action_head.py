@@ -185,9 +185,10 @@ def build_action_head(config: ActionHeadConfig, feature_dim: int) -> ActionHead:
 
 def action_metrics(prediction: Tensor, target: Tensor, valid: Tensor, suffix: str = "") -> dict[str, Tensor]:
     """Pose L1 (mean absolute error per dimension), pose L2 (mean Euclidean norm of the 6-D error per
-    step) and gripper error rate (sign mismatch), over valid chunk steps."""
+    step) and gripper error rate (open/close mismatch), over valid chunk steps."""
     delta = prediction[..., :POSE_DIMS] - target[..., :POSE_DIMS]
-    mismatch = (torch.sign(prediction[..., GRIPPER]) != torch.sign(target[..., GRIPPER])).float()
+    # closed is > 0 on both sides (also for sources that store the gripper as 0/1)
+    mismatch = ((prediction[..., GRIPPER] > 0) != (target[..., GRIPPER] > 0)).float()
     return {f"pose_l1_error{suffix}": masked_mean(delta.abs(), valid),
             f"pose_l2_error{suffix}": masked_mean(delta.norm(dim=-1), valid),
             f"gripper_error{suffix}": masked_mean(mismatch, valid)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -231,18 +232,19 @@ class AtlasPolicy(nn.Module):
         `task_description`) -> (action_horizon, 7) float array in LIBERO units."""
         was_training = self.training
         self.eval()
-        spec = self.config.sample_spec
-        sample = observation_to_sample(observation, spec)
-        views = torch.as_tensor(sample[OBS_IMAGES])  # (num_cameras, 3, H, W)
-        self._history.append(views)
-        while len(self._history) < self._history.maxlen:  # episode start: repeat the first frame
-            self._history.appendleft(self._history[0])
-        past = list(self._history)[::-1][:: spec.temporal_stride][: spec.num_temporal_frames]
-        batch = {OBS_IMAGES: torch.cat(past, dim=0)[None], OBS_STATE: torch.as_tensor(sample[OBS_STATE])[None],
-                 INSTRUCTION: [sample[INSTRUCTION]]}
-        chunk = self.predict_action_chunk(batch)[0].cpu().numpy().astype(np.float64)
-        self.train(was_training)
-        return chunk
+        try:
+            spec = self.config.sample_spec
+            sample = observation_to_sample(observation, spec)
+            views = torch.as_tensor(sample[OBS_IMAGES])  # (num_cameras, 3, H, W)
+            self._history.append(views)
+            while len(self._history) < self._history.maxlen:  # episode start: repeat the first frame
+                self._history.appendleft(self._history[0])
+            past = list(self._history)[::-1][:: spec.temporal_stride][: spec.num_temporal_frames]
+            batch = {OBS_IMAGES: torch.cat(past, dim=0)[None], OBS_STATE: torch.as_tensor(sample[OBS_STATE])[None],
+                     INSTRUCTION: [sample[INSTRUCTION]]}
+            return self.predict_action_chunk(batch)[0].cpu().numpy().astype(np.float64)
+        finally:
+            self.train(was_training)
 
     # --- saving and loading --------------------------------------------------------------------
 
@@ -286,13 +288,7 @@ class AtlasPolicy(nn.Module):
         Refuses, with the reason, a backbone or text encoder whose weights hash differs from the one
         recorded at training time, and `norm_stats` (if given) that differ from the stored ones.
         """
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            if str(name_or_path).startswith((".", "/", "~")) or folder.suffix:
-                raise FileNotFoundError(f"policy folder not found: {folder}")
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(name_or_path), revision=revision))
+        folder = resolve_policy_folder(name_or_path, revision=revision)
         for name in (CONFIG_NAME, WEIGHTS_NAME, STATS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} is not an Atlas policy: {name} is missing")
@@ -303,7 +299,8 @@ class AtlasPolicy(nn.Module):
             given = norm_stats if isinstance(norm_stats, NormStats) else NormStats.load(norm_stats)
             stats.check_matches(given, what=f"the statistics given for {folder}")
         references = saved.get("backbones", {})
-        vggt = build_vggt(config)
+        # a fine-tuned backbone's weights are in model.safetensors: no need to fetch the pretrained ones
+        vggt = build_vggt(config) if config.freeze_vggt else VGGTAggregator(config.vggt)
         language = LanguageEncoder(config.language)
         _check_hash("VGGT backbone", references.get("vggt"), vggt.weights_hash() if config.freeze_vggt else None)
         _check_hash("text encoder", references.get("language"), language.weights_hash())
@@ -318,11 +315,7 @@ class AtlasPolicy(nn.Module):
     def load_trainable_weights(self, name_or_path: str | os.PathLike, *, revision: str | None = None) -> "AtlasPolicy":
         """Start from another saved policy's trainable weights (fine-tuning), keeping this policy's
         statistics. Refuses a policy trained on another backbone or with other shapes."""
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(name_or_path), revision=revision))
+        folder = resolve_policy_folder(name_or_path, revision=revision)
         if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder} is not an Atlas policy: {CONFIG_NAME} or {WEIGHTS_NAME} is missing")
         saved = json.loads((folder / CONFIG_NAME).read_text()).get("backbones", {})
@@ -348,6 +341,25 @@ class AtlasPolicy(nn.Module):
             folder = self.save_pretrained(Path(tmp) / "policy")
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
         return str(info)
+
+
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+
+
+def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder for a saved policy: the folder itself, or a Hub model id downloaded once.
+
+    Anything that is not an existing folder and does not look like `owner/name` is a missing local path.
+    """
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return folder
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or folder.exists() or not _HUB_ID.match(text):
+        raise FileNotFoundError(f"policy folder not found: {folder}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(text, revision=revision))
 
 
 def build_vggt(config: PolicyConfig) -> VGGTAggregator:

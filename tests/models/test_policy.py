@@ -125,3 +125,24 @@ def test_config_validation_and_round_trip():
         tiny_policy_config(vggt_layers=[5])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['hiden_dim'\] in model.fusion"):
         PolicyConfig.from_dict({"fusion": {"hiden_dim": 3}})
+
+
+def test_policy_folder_resolution(tmp_path):
+    from atlas_vla.models.policy import resolve_policy_folder
+
+    assert resolve_policy_folder(tmp_path) == tmp_path
+    for missing in (str(tmp_path / "nope"), "./relative/nope", "not a hub id"):
+        with pytest.raises(FileNotFoundError, match="policy folder not found"):
+            resolve_policy_folder(missing)
+    # an owner/name id, dots included, goes to the Hub (offline here: a Hub error, not "folder not found")
+    with pytest.raises(Exception) as error:
+        resolve_policy_folder("org/atlas-libero-v1.5")
+    assert not isinstance(error.value, FileNotFoundError) or "policy folder not found" not in str(error.value)
+
+
+def test_predict_action_restores_training_mode_after_an_error(stats):
+    policy = AtlasPolicy(tiny_policy_config(), stats).train()
+    with pytest.raises(ValueError):
+        policy.predict_action({"agentview_image": np.zeros((8, 8)), "wrist_image": np.zeros((8, 8, 3), np.uint8),
+                               "state": np.zeros(8), "task_description": "x"})
+    assert policy.training
