@@ -227,6 +227,9 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default: the suite's)")
     parser.add_argument("--replan-steps", type=int, default=None,
                         help="actions executed per query (default: the policy's whole chunk)")
+    parser.add_argument("--temporal-ensemble", type=float, default=None, metavar="DECAY",
+                        help="query every step and average overlapping chunks, weights exp(-DECAY * i) from the "
+                             "oldest (ACT; e.g. 0.1); replaces --replan-steps")
     parser.add_argument("--camera-size", type=int, default=256, help="simulator camera resolution (protocol: 256)")
     parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
     parser.add_argument("--num-workers", type=int, default=1, help="parallel simulator worker processes")
@@ -256,9 +259,11 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
         bad = [state for state in states if not 0 <= state < len(init_states)]
         if bad:
             raise ValueError(f"{args.suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
+    if args.temporal_ensemble is not None and args.temporal_ensemble < 0:
+        raise ValueError(f"--temporal-ensemble must be >= 0, got {args.temporal_ensemble}")
     checkpoint = sim.resolve_checkpoint(args.checkpoint)
     specs = [sim.EpisodeSpec(args.suite, task, state, max_steps, args.replan_steps, args.camera_size, args.seed,
-                             args.video_dir) for task in tasks for state in states]
+                             args.video_dir, args.temporal_ensemble) for task in tasks for state in states]
 
     def report(result: "sim.EpisodeResult") -> None:
         status = "error" if result.error else ("success" if result.success else "failure")

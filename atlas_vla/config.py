@@ -50,6 +50,8 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
     dataloader_num_workers: int = 2
+    cache_frozen_features: bool = False  # run the frozen VGGT once per training sample and train on its stored
+    # outputs (no backbone in the step; memory: samples x layers x views x tokens x 2*embed_dim x 2 bytes)
     validation_steps: int = 500  # run validation every N optimizer updates (and at the end)
     num_validation_batches: int | None = 20  # batches per validation; null = the whole validation split
     report_to: Literal["wandb", "tensorboard", "all", "none"] | None = None  # null = W&B if wandb.enabled
@@ -135,6 +137,7 @@ class EvalConfig:
     initial_states: list[int] = field(default_factory=lambda: list(range(5)))  # official initial states per task
     max_steps: int | None = None  # null = the suite's protocol value
     replan_steps: int | None = None  # actions executed per query; null = the whole chunk
+    temporal_ensemble: float | None = None  # query every step, average overlapping chunks (ACT decay, e.g. 0.1)
     camera_size: int = 256
     num_workers: int = 2  # simulator worker processes
     videos: bool = True  # write an mp4 per episode and log them to W&B
@@ -142,6 +145,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.libero_steps is not None and self.libero_steps < 1:
             raise ValueError(f"eval.libero_steps must be >= 1 or null, got {self.libero_steps}")
+        if self.temporal_ensemble is not None and self.temporal_ensemble < 0:
+            raise ValueError(f"eval.temporal_ensemble must be >= 0 or null, got {self.temporal_ensemble}")
 
 
 @dataclass
@@ -155,6 +160,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.training.cache_frozen_features and (self.data.streaming or not self.model.freeze_vggt):
+            raise ValueError(f"training.cache_frozen_features: true needs data.streaming: false (got "
+                             f"{self.data.streaming}) and model.freeze_vggt: true (got {self.model.freeze_vggt})")
 
     @property
     def trackers(self) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from atlas_vla.config import FLAG_ALIASES, _set_dotted, load_config, merge
+from atlas_vla.training.tracking import sweep_trial_dir
 from atlas_vla.training.train import train
 
 DEFAULT_BASE_CONFIG = "configs/demo.yaml"
@@ -33,6 +34,8 @@ def train_function(base_config: str | os.PathLike | None = None) -> Path:
 
     `wandb.agent` starts the run; called outside an agent, it starts one itself (`wandb.init()`).
     The base config is `base_config`, else `config` from the sweep parameters, else `configs/demo.yaml`.
+    The trial writes into `<output_dir>/sweep-<run id>` (`sweep_trial_dir`, as `train.py` under
+    `wandb agent` does), so trials never share checkpoints.
     """
     import wandb
 
@@ -40,7 +43,6 @@ def train_function(base_config: str | os.PathLike | None = None) -> Path:
     parameters = dict(run.config)
     path = base_config or parameters.get("config") or DEFAULT_BASE_CONFIG
     config = load_config(path, merge(sweep_overrides(parameters), {"training": {"report_to": "wandb"}}))
-    if config.training.output_dir == load_config(path).training.output_dir:
-        config.training.output_dir = str(Path(config.training.output_dir) / f"sweep-{run.id}")
+    config.training.output_dir = str(sweep_trial_dir(config.training.output_dir, run.id))
     config.wandb.project = run.project or config.wandb.project
     return train(config, wandb_run_id=run.id)

@@ -100,3 +100,25 @@ def test_every_accelerate_config_is_valid(path):
     expected = yaml.safe_load(path.read_text())
     assert config.num_processes == expected["num_processes"]
     assert str(config.distributed_type).split(".")[-1] == expected["distributed_type"]
+
+
+def test_deepspeed_launch_leaves_gradient_accumulation_to_train_py(monkeypatch):
+    """`accelerate launch` exports a config file's `gradient_accumulation_steps` as
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which Accelerator prefers over the value train.py passes;
+    without the key DeepSpeed's value is "auto" and Accelerate fills it from train.py's flag."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    path = REPO / "accelerate_configs" / "deepspeed_zero2.yaml"
+    argv = ["--config_file", str(path), "train.py", "--gradient_accumulation_steps", "4"]
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command sets it
+    _, env = prepare_deepspeed_cmd_env(args)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", raising=False)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    assert DeepSpeedPlugin().deepspeed_config["gradient_accumulation_steps"] == "auto"

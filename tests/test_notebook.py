@@ -30,4 +30,5 @@ def test_notebook_trains_plots_predicts_and_links_the_run(tmp_path, monkeypatch)
                for o in notebook.cells[3].outputs)  # the loss curve
     assert "actions (4, 7)" in outputs[4]
     assert "wandb sync" in outputs[5]
-    assert (tmp_path / "nb" / "final" / "model.safetensors").is_file()
+    [run_dir] = (tmp_path / "nb").iterdir()  # each run of the training cell gets its own folder
+    assert (run_dir / "final" / "model.safetensors").is_file() and f"run folder: {run_dir}" in outputs[2]

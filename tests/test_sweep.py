@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from wandb_records import find_run_files, read_run
 
 from atlas_vla.config import load_config
 from atlas_vla.sweep import sweep_overrides, train_function
+from atlas_vla.training.tracking import sweep_trial_dir, sweep_trial_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs").glob("sweep*.yaml"))
@@ -55,6 +60,7 @@ def test_train_function_trains_with_the_sweep_values(tmp_path, monkeypatch):
               "data.generate_synthetic": False, "data.val_fraction": 0.25, "model.image_size": 56}
     run = wandb.init(mode="offline", dir=str(tmp_path), project="atlas-vla-sweep-test", config=values)
     final = train_function("configs/demo.yaml")
+    assert final == tmp_path / "trial" / f"sweep-{run.id}" / "final"  # the trial's own folder
     assert (final / "model.safetensors").is_file()
     if wandb.run is not None:
         wandb.finish()
@@ -63,3 +69,39 @@ def test_train_function_trains_with_the_sweep_values(tmp_path, monkeypatch):
     config = {k: v for r in ours for k, v in r.config.items()}
     assert config["training.learning_rate"] == 0.0003 and config["training.train_batch_size"] == 4
     assert any("val/pose_l1_error" in r.history for r in ours)
+
+
+def test_a_sweep_trial_is_recognised_from_the_agents_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    monkeypatch.setenv("WANDB_RUN_ID", "abc123")
+    assert sweep_trial_run_id() is None  # a run id alone (e.g. a chosen id) is not a sweep trial
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw33p")
+    assert sweep_trial_run_id() == "abc123"
+    trial = sweep_trial_dir(tmp_path / "out", "abc123")
+    assert trial == tmp_path / "out" / "sweep-abc123"
+    assert sweep_trial_dir(trial, "abc123") == trial  # applying it twice (train_function, then train) is harmless
+
+
+@pytest.mark.slow
+def test_a_cli_agent_trial_writes_its_own_folder_and_its_run_id(tmp_path):
+    data = synthetic_dataset(tmp_path, num_episodes=4)
+    out = tmp_path / "shared-output"
+    # what `wandb agent` exports before it runs the sweep's command (wandb_agent.py, Agent._command_run)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "WANDB_SWEEP_ID": "sw33p", "WANDB_RUN_ID": "trial42x", "WANDB_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py",
+               "--config", "configs/demo.yaml", "--report_to", "wandb", "--data.source", str(data),
+               "--data.generate_synthetic", "false", "--data.val_fraction", "0.25", "--output_dir", str(out),
+               "--model.image_size", "56", "--train_batch_size", "4", "--max_train_steps", "2",
+               "--validation_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "0.0003"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trial = out / "sweep-trial42x"
+    assert [p.name for p in out.iterdir()] == ["sweep-trial42x"]
+    assert (trial / "final" / "model.safetensors").is_file()
+    assert (trial / "wandb_run_id.txt").read_text().strip() == "trial42x"
+    state = json.loads((trial / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["wandb_run_id"] == "trial42x"
+    [logged] = [read_run(f) for f in find_run_files(tmp_path)]
+    assert logged.run_id == "trial42x" and logged.config["training.learning_rate"] == 0.0003

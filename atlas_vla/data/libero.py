@@ -662,17 +662,33 @@ class _Frames:
         starts = np.flatnonzero(new_episode)
         lengths = np.diff(np.r_[starts, len(rows)])
         encoded = table.column(INSTRUCTION).combine_chunks().dictionary_encode()
+        # both the map-style and the streaming sample paths come through here, so a NaN/inf fails
+        # early even when training skips `compute_norm_stats` (statistics given in the config)
+        state = _finite(STATE, _float_matrix(table.column(STATE))[rows], episode, frame)
+        action = _finite(ACTION, _float_matrix(table.column(ACTION))[rows], episode, frame)
         return cls(
             rows=rows,
             start=np.repeat(starts, lengths),
             end=np.repeat(starts + lengths, lengths),
-            state=_float_matrix(table.column(STATE))[rows],
-            action=_float_matrix(table.column(ACTION))[rows],
+            state=state,
+            action=action,
             episode=episode,
             frame=frame,
             instruction_code=encoded.indices.to_numpy(zero_copy_only=False)[rows],
             instructions=encoded.dictionary.to_pylist(),
         )
+
+
+def _finite(column: str, values: np.ndarray, episode: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """`values` (N, D) unchanged; `ValueError` naming the column, episode and frame of the first
+    non-finite value (in episode, frame order), so corrupt data never reaches the loss as NaN."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        position, dim = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"column {column!r} holds a non-finite value ({values[position, dim]}) at episode "
+                         f"{int(episode[position])}, frame {int(frame[position])}, dimension {dim}; "
+                         f"expected finite numbers")
+    return values
 
 
 def _float_matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -683,14 +699,15 @@ def _float_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _build_samples(
-    frames: _Frames, positions: np.ndarray, spec: SampleSpec, take_images: Callable[[np.ndarray], pa.Table]
+    frames: _Frames, positions: np.ndarray, spec: SampleSpec, take_images: Callable[[np.ndarray], pa.Table] | None
 ) -> list[dict[str, Any]]:
     """Samples for `positions` of `frames`: views, state, instruction, action chunk and padding mask.
 
     Views are the current frame then `num_temporal_frames - 1` past frames `temporal_stride` apart
     (clamped to the episode start), each as [agentview, wrist]. The chunk holds actions
     t .. t + action_horizon - 1; steps past the episode end repeat its last action and are masked.
-    `take_images(rows)` returns the camera columns of those source rows as an Arrow table.
+    `take_images(rows)` returns the camera columns of those source rows as an Arrow table; with
+    `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache).
     """
     cameras = _CAMERAS[: spec.num_cameras]
     steps_back = spec.temporal_stride * np.arange(spec.num_temporal_frames)
@@ -699,21 +716,24 @@ def _build_samples(
     pad = chunk >= frames.end[positions][:, None]  # (B, H)
     chunk = np.minimum(chunk, frames.end[positions][:, None] - 1)
 
-    # Decode each distinct frame once, even when temporal context repeats it.
-    unique, inverse = np.unique(frames.rows[context], return_inverse=True)
-    table = take_images(unique)
-    decoded = np.stack(
-        [np.stack([image_to_chw(image, spec.image_size) for image in table.column(camera).to_pylist()]) for camera in cameras],
-        axis=1,
-    )  # (U, C, 3, H, W)
-    views = decoded[inverse.reshape(context.shape)]  # (B, T, C, 3, H, W)
-    views = views.reshape(len(positions), spec.num_views, *views.shape[-3:])  # (B, S, 3, H, W)
+    views = None
+    if take_images is not None:
+        # Decode each distinct frame once, even when temporal context repeats it.
+        unique, inverse = np.unique(frames.rows[context], return_inverse=True)
+        table = take_images(unique)
+        decoded = np.stack(
+            [np.stack([image_to_chw(image, spec.image_size) for image in table.column(camera).to_pylist()])
+             for camera in cameras],
+            axis=1,
+        )  # (U, C, 3, H, W)
+        views = decoded[inverse.reshape(context.shape)]  # (B, T, C, 3, H, W)
+        views = views.reshape(len(positions), spec.num_views, *views.shape[-3:])  # (B, S, 3, H, W)
 
     actions = frames.action[chunk]  # (B, H, 7)
     states = frames.state[positions]  # (B, 8), a copy: samples never alias the cached arrays
     return [
         {
-            OBS_IMAGES: torch.from_numpy(views[b]),
+            **({OBS_IMAGES: torch.from_numpy(views[b])} if views is not None else {}),
             OBS_STATE: torch.from_numpy(states[b]),
             INSTRUCTION: frames.instructions[frames.instruction_code[p]],
             ACTIONS: torch.from_numpy(actions[b]),
@@ -741,9 +761,11 @@ class LiberoSamples(torch.utils.data.Dataset):
     structs. `__getitems__` lets a `DataLoader` fetch a whole batch with one Arrow `take`.
     """
 
-    def __init__(self, dataset: datasets.Dataset, spec: SampleSpec) -> None:
+    def __init__(self, dataset: datasets.Dataset, spec: SampleSpec, *, images: bool = True) -> None:
         _check_canonical(dataset.column_names, "LiberoSamples dataset")
         self.spec = spec
+        self.dataset = dataset
+        self.images = images  # False: samples without OBS_IMAGES, for training on cached frozen features
         numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION]
         self._frames = _Frames.from_table(dataset.select_columns(numeric).with_format("arrow")[:])
         self._images = dataset.select_columns(list(_CAMERAS[: spec.num_cameras])).with_format("arrow")
@@ -759,7 +781,8 @@ class LiberoSamples(torch.utils.data.Dataset):
         if positions.size and (positions.min() < -len(self) or positions.max() >= len(self)):
             raise IndexError(f"sample index out of range for {len(self)} samples: {indices}")
         positions = positions % max(len(self), 1)
-        return _build_samples(self._frames, positions, self.spec, lambda rows: self._images[rows.tolist()])
+        take = (lambda rows: self._images[rows.tolist()]) if self.images else None
+        return _build_samples(self._frames, positions, self.spec, take)
 
 
 class LiberoSampleStream(torch.utils.data.IterableDataset):

@@ -4,7 +4,8 @@ Per episode: the task's official initial state, `env.seed(seed)`, reset, `set_in
 settling steps with `[0, 0, 0, 0, 0, 0, -1]`, then up to the suite's max steps. Observations are
 rotated 180 degrees to the upright convention of the training data, the 8-D state is
 `[eef_pos, axis-angle(eef_quat), gripper_qpos]`, and each predicted chunk runs open-loop for
-`replan_steps` actions before the policy is asked again (gripper -1 open, +1 close).
+`replan_steps` actions before the policy is asked again (gripper -1 open, +1 close), or, with
+`ensemble_decay`, the policy is asked every step and overlapping chunks are averaged (ACT).
 
 Episodes run in worker processes (each loads the policy and builds its environments itself), so a
 MuJoCo crash or hang ends one episode with an error line, not the evaluation. The simulator is the
@@ -59,6 +60,7 @@ class EpisodeSpec:
     camera_size: int = 256
     seed: int = 0
     video_dir: str | None = None
+    ensemble_decay: float | None = None  # temporal ensembling of chunks (ChunkSchedule); None = open-loop chunks
 
 
 @dataclass
@@ -111,33 +113,79 @@ def make_env(bddl_file: str, camera_size: int):
     return OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=camera_size, camera_widths=camera_size)
 
 
+class ChunkSchedule:
+    """Turns the policy's action chunks into one action per simulator step.
+
+    Open loop (default): a chunk is queried and its first `replan_steps` actions run before the next
+    query. Temporal ensembling (`ensemble_decay`, ACT): the policy is queried every step and the
+    action for step t is the weighted mean of every earlier chunk's prediction for t, the oldest
+    weighted most (`exp(-ensemble_decay * i)`, i = 0 for the oldest); the gripper is then snapped
+    back to -1 / +1. A chunk that predicts "close in 6 steps" is then honoured 6 steps later even if
+    every newer chunk still hesitates.
+    """
+
+    def __init__(self, replan_steps: int | None = None, ensemble_decay: float | None = None) -> None:
+        if ensemble_decay is not None and ensemble_decay < 0:
+            raise ValueError(f"ensemble_decay must be >= 0 or None, got {ensemble_decay}")
+        self.replan_steps, self.ensemble_decay = replan_steps, ensemble_decay
+        self._plan: deque[np.ndarray] = deque()
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()
+
+    def needs_query(self, step: int) -> bool:
+        return self.ensemble_decay is not None or not self._plan
+
+    def add(self, step: int, chunk: np.ndarray) -> None:
+        chunk = np.asarray(chunk, dtype=np.float64)
+        if chunk.ndim != 2 or chunk.shape[1] != 7 or not np.isfinite(chunk).all():
+            raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); expected (H, 7)")
+        if self.ensemble_decay is None:
+            self._plan.extend(chunk[: self.replan_steps or len(chunk)])
+        else:
+            self._chunks.append((step, chunk))
+
+    def action(self, step: int) -> np.ndarray:
+        if self.ensemble_decay is None:
+            return self._plan.popleft()
+        while step - self._chunks[0][0] >= len(self._chunks[0][1]):  # chunks that no longer cover `step`
+            self._chunks.popleft()
+        predictions = np.stack([chunk[step - start] for start, chunk in self._chunks])  # oldest first
+        weights = np.exp(-self.ensemble_decay * np.arange(len(predictions)))
+        action = weights @ predictions / weights.sum()
+        action[6] = 1.0 if action[6] > 0 else -1.0
+        return action
+
+
 def run_episode(env: Any, policy: Any, init_state: np.ndarray, instruction: str, *, max_steps: int,
-                replan_steps: int | None, seed: int = 0,
+                replan_steps: int | None, seed: int = 0, ensemble_decay: float | None = None,
                 on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int]:
-    """One protocol episode with `policy` (`reset()`, `predict_action(obs) -> (H, 7)`): (success, steps)."""
+    """One protocol episode with `policy` (`reset()`, `predict_action(obs) -> (H, 7)`): (success, steps).
+
+    Chunks run open-loop for `replan_steps` actions, or are ensembled every step (`ensemble_decay`;
+    see `ChunkSchedule`)."""
     env.seed(seed)
     env.reset()
     obs = env.set_init_state(init_state)
     for _ in range(NUM_WAIT_STEPS):  # let the objects settle
         obs, _, _, _ = env.step(list(WAIT_ACTION))
     policy.reset()
-    plan: deque[np.ndarray] = deque()
+    schedule = ChunkSchedule(replan_steps, ensemble_decay)
     for step in range(max_steps):
         observation = sim_observation(obs, instruction)
         if on_frame is not None:
             on_frame(observation["agentview_image"])
-        if not plan:
-            chunk = np.asarray(policy.predict_action(observation), dtype=np.float64)
-            if chunk.ndim != 2 or chunk.shape[1] != 7 or not np.isfinite(chunk).all():
-                raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); expected (H, 7)")
-            plan.extend(chunk[: replan_steps or len(chunk)])
-        obs, _, done, _ = env.step(plan.popleft().tolist())
+        if schedule.needs_query(step):
+            schedule.add(step, policy.predict_action(observation))
+        obs, _, done, _ = env.step(schedule.action(step).tolist())
         if done:
             return True, step + 1
     return False, max_steps
 
 
-def _episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
+def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
+    """Run one `EpisodeSpec` with `policy` and write its video: what every evaluation worker does.
+
+    `envs` keeps the worker's live environment between episodes of the same task (pass `{}` once).
+    """
     start = time.perf_counter()
     instruction, bddl, init_states = task_info(spec.suite, spec.task_id)
     if not 0 <= spec.initial_state < len(init_states):
@@ -152,6 +200,7 @@ def _episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
     frames: list[np.ndarray] = []
     success, steps = run_episode(envs[key], policy, init_states[spec.initial_state], instruction,
                                  max_steps=spec.max_steps, replan_steps=spec.replan_steps, seed=spec.seed,
+                                 ensemble_decay=spec.ensemble_decay,
                                  on_frame=frames.append if spec.video_dir else None)
     video = None
     if spec.video_dir and frames:
@@ -183,13 +232,14 @@ def _worker(checkpoint: str, jobs: Any, results: Any) -> None:
     policy = AtlasPolicy.from_pretrained(checkpoint)
     envs: dict = {}
     pid = os.getpid()
+    parent = mp.parent_process()
     while True:
         spec = jobs.get()
-        if spec is None:
+        if spec is None or (parent is not None and not parent.is_alive()):  # orphaned: nobody reads the results
             break
         results.put(("start", pid, spec))
         try:
-            result = _episode(spec, policy, envs)
+            result = evaluate_episode(spec, policy, envs)
         except Exception as error:  # one broken episode is reported, the worker goes on
             result = EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0,
                                    error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
@@ -226,42 +276,49 @@ def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int 
         if on_result is not None:
             on_result(result)
 
-    while len(finished) < len(specs):
-        try:
-            kind, pid, payload = results.get(timeout=1.0)
-            heard_from.add(pid)
-            if kind == "start":
-                running[pid] = (payload, time.monotonic())
-            else:
-                running.pop(pid, None)
-                finish(payload)
-            continue
-        except queue.Empty:
-            pass
-        for pid, process in list(workers.items()):
-            spec_started = running.get(pid)
-            hung = spec_started is not None and time.monotonic() - spec_started[1] > episode_timeout
-            if hung:
-                process.kill()
-            if process.is_alive():
+    completed = False
+    try:
+        while len(finished) < len(specs):
+            try:
+                kind, pid, payload = results.get(timeout=1.0)
+                heard_from.add(pid)
+                if kind == "start":
+                    running[pid] = (payload, time.monotonic())
+                else:
+                    running.pop(pid, None)
+                    finish(payload)
                 continue
-            process.join()
-            del workers[pid]
-            if spec_started is not None:
-                running.pop(pid)
-                spec = spec_started[0]
-                reason = f"timed out after {episode_timeout:.0f} s" if hung else f"worker died (exit code {process.exitcode})"
-                finish(EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, error=reason))
-                start_worker()
-            elif process.exitcode != 0:
-                if pid not in heard_from:  # e.g. the policy does not load: every replacement would fail too
-                    raise RuntimeError(f"an evaluation worker failed before its first episode (exit code "
-                                       f"{process.exitcode}); run the episode in-process with run_episode to see why")
-                start_worker()  # it died between episodes: its queue share goes to a fresh worker
-        if not workers and len(finished) < len(specs):
-            raise RuntimeError("every evaluation worker has stopped with episodes left")
-    for process in workers.values():
-        process.join(timeout=30)
+            except queue.Empty:
+                pass
+            for pid, process in list(workers.items()):
+                spec_started = running.get(pid)
+                hung = spec_started is not None and time.monotonic() - spec_started[1] > episode_timeout
+                if hung:
+                    process.kill()
+                if process.is_alive():
+                    continue
+                process.join()
+                del workers[pid]
+                if spec_started is not None:
+                    running.pop(pid)
+                    spec = spec_started[0]
+                    reason = f"timed out after {episode_timeout:.0f} s" if hung else f"worker died (exit code {process.exitcode})"
+                    finish(EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, error=reason))
+                    start_worker()
+                elif process.exitcode != 0:
+                    if pid not in heard_from:  # e.g. the policy does not load: every replacement would fail too
+                        raise RuntimeError(f"an evaluation worker failed before its first episode (exit code "
+                                           f"{process.exitcode}); run the episode in-process with run_episode to see why")
+                    start_worker()  # it died between episodes: its queue share goes to a fresh worker
+            if not workers and len(finished) < len(specs):
+                raise RuntimeError("every evaluation worker has stopped with episodes left")
+        completed = True
+    finally:  # also after Ctrl-C or an error: no worker outlives the evaluation
+        for process in workers.values():
+            process.join(timeout=30 if completed else 0)
+            if process.is_alive():
+                process.kill()
+                process.join()
     return sorted(finished, key=lambda r: (r.task_id, r.initial_state))
 
 

@@ -26,7 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from atlas_vla.constants import ACTIONS, ACTIONS_PAD_MASK, INSTRUCTION, OBS_IMAGES, OBS_STATE, STATE_DIM
+from atlas_vla.constants import (
+    ACTIONS,
+    ACTIONS_PAD_MASK,
+    INSTRUCTION,
+    OBS_IMAGES,
+    OBS_STATE,
+    OBS_VISION_FEATURES,
+    STATE_DIM,
+)
 from atlas_vla.data.normalization import GRIPPER_ACTION_DIMS, NormStats, normalize, unnormalize
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.transforms import observation_to_sample
@@ -176,12 +184,25 @@ class AtlasPolicy(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------
 
+    def vision_features(self, images: Tensor) -> Tensor:
+        """uint8 images (B, S, 3, H, W) -> the frozen VGGT outputs of `vggt_layers` stacked as
+        (B, L, S, P, 2C): what `FeatureCache` stores and what a batch may carry instead of images."""
+        if not self.config.freeze_vggt:
+            raise ValueError("vision features can only be precomputed for a frozen backbone (model.freeze_vggt: true)")
+        images = images.to(self.device, non_blocking=True).float() / 255.0
+        layers, _ = self.frozen.vggt.encode(images, self.config.vggt_layers)
+        return torch.stack(layers, dim=1)
+
     def encode_observations(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Frozen features of a batch: VGGT layers, instruction tokens, normalised state."""
-        images = batch[OBS_IMAGES].to(self.device, non_blocking=True).float() / 255.0  # (B, S, 3, H, W)
-        if self.config.freeze_vggt:
-            layers, patch_start_idx = self.frozen.vggt.encode(images, self.config.vggt_layers)
+        """Frozen features of a batch: VGGT layers (run now, or precomputed under `OBS_VISION_FEATURES`),
+        instruction tokens, normalised state."""
+        patch_start_idx = self.config.vggt.patch_start_idx
+        if OBS_VISION_FEATURES in batch:
+            layers = list(batch[OBS_VISION_FEATURES].to(self.device, non_blocking=True).unbind(1))
+        elif self.config.freeze_vggt:
+            layers = list(self.vision_features(batch[OBS_IMAGES]).unbind(1))
         else:
+            images = batch[OBS_IMAGES].to(self.device, non_blocking=True).float() / 255.0  # (B, S, 3, H, W)
             layers, patch_start_idx = self.vggt(images, self.config.vggt_layers)
         language, language_mask = self.frozen.language.encode(list(batch[INSTRUCTION]))
         state = torch.as_tensor(batch[OBS_STATE], device=self.device).float()
@@ -270,8 +291,9 @@ class AtlasPolicy(nn.Module):
         try:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            # the statistics' fingerprint lets loading detect a norm_stats.json swapped in later
             config = {"policy": self.config.to_dict(), "backbones": references or self.backbone_references(),
-                      "atlas_vla_version": _version()}
+                      "norm_stats_fingerprint": self.norm_stats.fingerprint, "atlas_vla_version": _version()}
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
             self.norm_stats.save(tmp / STATS_NAME)
             _swap_in(tmp, target)
@@ -286,7 +308,9 @@ class AtlasPolicy(nn.Module):
         """Load a saved policy (folder or Hub model id), rebuilding and checking its frozen encoders.
 
         Refuses, with the reason, a backbone or text encoder whose weights hash differs from the one
-        recorded at training time, and `norm_stats` (if given) that differ from the stored ones.
+        recorded at training time, a `norm_stats.json` whose fingerprint differs from the one recorded in
+        `config.json` (folders saved before that was recorded skip this check), and `norm_stats` (if
+        given) that differ from the stored ones.
         """
         folder = resolve_policy_folder(name_or_path, revision=revision)
         for name in (CONFIG_NAME, WEIGHTS_NAME, STATS_NAME):
@@ -295,6 +319,11 @@ class AtlasPolicy(nn.Module):
         saved = json.loads((folder / CONFIG_NAME).read_text())
         config = PolicyConfig.from_dict(saved["policy"])
         stats = NormStats.load(folder / STATS_NAME)
+        recorded = saved.get("norm_stats_fingerprint")  # absent in folders saved before it was recorded
+        if recorded is not None and recorded != stats.fingerprint:
+            raise ValueError(f"{folder / STATS_NAME} does not match the statistics the policy was trained with: "
+                             f"fingerprint {stats.fingerprint}, expected {recorded} (recorded in "
+                             f"{folder / CONFIG_NAME} key 'norm_stats_fingerprint')")
         if norm_stats is not None:
             given = norm_stats if isinstance(norm_stats, NormStats) else NormStats.load(norm_stats)
             stats.check_matches(given, what=f"the statistics given for {folder}")

@@ -58,6 +58,23 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if (p / STATE_NAME).is_file()]
 
 
+def check_fresh_output_dir(output_dir: str | os.PathLike) -> None:
+    """Fail with a `ValueError` when a new (non-resumed) run would write into an earlier run's checkpoints.
+
+    Checkpoints are named by step, so a new run would mix its `checkpoint-2` with an old
+    `checkpoint-1000`, and retention (newest by step) would delete the new run's folders instead of
+    the old ones. The user either continues the earlier run or picks another folder.
+    """
+    folder = checkpoints_dir(output_dir)
+    found = [p.name for p in folder.iterdir() if _NAME.match(p.name) and p.is_dir()] if folder.is_dir() else []
+    found.sort(key=lambda name: int(_NAME.match(name).group(1)))
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(f"training.output_dir {str(output_dir)!r} already holds checkpoints of an earlier run in "
+                         f"{folder} ({shown}): pass --resume_from_checkpoint latest to continue it, or choose "
+                         f"another --output_dir for a new run")
+
+
 def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
     """The checkpoint folder to resume from: `latest` (None if there is none yet) or a given path."""
     if resume_from is None:

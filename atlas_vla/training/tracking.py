@@ -21,12 +21,37 @@ from PIL import Image, ImageDraw
 from atlas_vla.config import WandbConfig
 
 RUN_ID_FILE = "wandb_run_id.txt"
+SWEEP_ID_ENV = "WANDB_SWEEP_ID"  # set by the sweep agent for every trial it starts
+RUN_ID_ENV = "WANDB_RUN_ID"  # the trial's run id, chosen by the sweep server
 
 
 def new_run_id() -> str:
     """A fresh W&B-style run id (8 lowercase alphanumerics)."""
     alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
     return "".join(np.random.default_rng().choice(alphabet, 8))
+
+
+def sweep_trial_run_id() -> str | None:
+    """The W&B run id of the sweep trial this process runs, or None outside a sweep.
+
+    `wandb agent` (and `wandb.agent(sweep_id, function=...)`) exports `WANDB_SWEEP_ID` and, for each
+    trial, `WANDB_RUN_ID` into the trial's environment. Inside a sweep `wandb.init` ignores any other
+    run id, so this is the id the trial's run really gets.
+    """
+    run_id = os.environ.get(RUN_ID_ENV)
+    return run_id if os.environ.get(SWEEP_ID_ENV) and run_id else None
+
+
+def sweep_trial_dir(output_dir: str | os.PathLike, run_id: str) -> Path:
+    """`<output_dir>/sweep-<run id>`: every sweep trial gets its own checkpoints, metrics and export.
+
+    Trials of one sweep share the command line, hence `--output_dir`; without their own folder they
+    would resume or delete each other's checkpoints. Idempotent: a folder that already is the
+    trial's folder is returned unchanged, so the in-process `train_function` and `train` can both apply it.
+    """
+    path = Path(output_dir)
+    name = f"sweep-{run_id}"
+    return path if path.name == name else path / name
 
 
 def run_name(config: WandbConfig, output_dir: str | os.PathLike) -> str:

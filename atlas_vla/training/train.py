@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,13 +25,15 @@ from transformers import get_scheduler
 
 from atlas_vla.config import TrainConfig, config_from_args, flatten, save_config, to_dict, usage
 from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
+from atlas_vla.data.feature_cache import FeatureCache
 from atlas_vla.data.libero import build_samples, collate, load_train_val
 from atlas_vla.data.normalization import NormStats, compute_norm_stats
 from atlas_vla.data.synthetic import make_synthetic_libero
 from atlas_vla.video import write_mp4
+from atlas_vla.eval.libero_sim import require_simulator
 from atlas_vla.eval.offline import VAL_METRICS, baseline_metrics, metric_sums
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.training.checkpointing import TrainingState, resolve_resume, save_checkpoint
+from atlas_vla.training.checkpointing import TrainingState, check_fresh_output_dir, resolve_resume, save_checkpoint
 from atlas_vla.training.tracking import (
     RUN_ID_FILE,
     annotate_episode,
@@ -39,6 +42,8 @@ from atlas_vla.training.tracking import (
     log_videos,
     metrics_table,
     new_run_id,
+    sweep_trial_dir,
+    sweep_trial_run_id,
     wandb_init_kwargs,
 )
 
@@ -128,7 +133,7 @@ def evaluate_in_simulator(policy: AtlasPolicy, config: TrainConfig, references: 
     tasks = cfg.tasks if cfg.tasks is not None else list(range(benchmark.get_benchmark_dict()[cfg.suite]().n_tasks))
     max_steps = cfg.max_steps or sim.SUITE_MAX_STEPS[cfg.suite]
     specs = [sim.EpisodeSpec(cfg.suite, task, state, max_steps, cfg.replan_steps, cfg.camera_size, 0,
-                             str(folder / "videos") if cfg.videos else None)
+                             str(folder / "videos") if cfg.videos else None, cfg.temporal_ensemble)
              for task in tasks for state in cfg.initial_states]
     summary = sim.summarize(sim.evaluate(str(checkpoint), specs, num_workers=cfg.num_workers))
     sim.save_results(folder / "results.json", cfg.suite, summary, {"step": step})
@@ -148,12 +153,21 @@ def _rank_checksums(accelerator: Accelerator, policy: torch.nn.Module) -> list[f
 def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
     """Run one training job; returns the folder of the exported policy.
 
-    `wandb_run_id` attaches to an existing W&B run (e.g. the run a sweep agent created).
+    `wandb_run_id` attaches to an existing W&B run (e.g. the run a sweep agent created). A trial
+    started by a W&B sweep agent (`sweep_trial_run_id`) writes into `<output_dir>/sweep-<run id>`,
+    because all trials of a sweep share one command line and hence one `--output_dir`.
     """
+    trial_id = sweep_trial_run_id()
+    if trial_id is not None:
+        folder = str(sweep_trial_dir(config.training.output_dir, trial_id))
+        config = replace(config, training=replace(config.training, output_dir=folder))
+        wandb_run_id = wandb_run_id or trial_id
     cfg_t = config.training
     output_dir = Path(cfg_t.output_dir)
     trackers = config.trackers
     check_tracker_installed(trackers)
+    if config.eval.libero_steps:
+        require_simulator()  # a missing [sim] extra fails now, not at the first evaluation hours later
 
     # 1. accelerator ------------------------------------------------------------------------------
     accelerator = Accelerator(
@@ -182,6 +196,8 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
     output_dir = Path(cfg_t.output_dir)
     trackers = config.trackers
     resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
+    if config.checkpoint.resume_from_checkpoint is None:
+        check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
 
     # 2. data ---------------------------------------------------------------------------------------
     spec = config.model.sample_spec
@@ -190,7 +206,7 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
             make_synthetic_libero(config.data.source)
         train_set, val_set = load_train_val(config.data)
         stats = _norm_stats(config, train_set)
-    train_loader = _loader(build_samples(train_set, spec, config.data), config, shuffle=True)
+    train_samples = build_samples(train_set, spec, config.data)
     val_samples = build_samples(val_set, spec, config.data) if _has_rows(val_set) else None
     val_loader = _loader(val_samples, config, shuffle=False) if val_samples is not None else None
 
@@ -201,6 +217,13 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
         policy.load_trainable_weights(cfg_t.init_from)
         logger.info("initialised the trainable weights from %s", cfg_t.init_from)
     counts = policy.num_parameters()
+    if cfg_t.cache_frozen_features:  # the frozen backbone runs once per sample here, never in the loop
+        policy.to(accelerator.device)
+        train_samples = FeatureCache.build(train_samples, policy.vision_features, batch_size=cfg_t.train_batch_size,
+                                           progress=accelerator.is_local_main_process)
+        logger.info("cached the frozen VGGT features of %d training samples (%.2f GB)", len(train_samples),
+                    train_samples.nbytes / 1e9)
+    train_loader = _loader(train_samples, config, shuffle=True)
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg_t.learning_rate,
         betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_epsilon, weight_decay=cfg_t.weight_decay,
@@ -251,17 +274,23 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
              "mixed_precision": cfg_t.mixed_precision, "gradient_accumulation_steps": cfg_t.gradient_accumulation_steps,
              "micro_batch_size": cfg_t.train_batch_size, "global_batch_size": global_batch, "max_train_steps": max_steps}
     tracked = {**to_dict(config), "setup": setup, "parameters": counts, "norm_stats_fingerprint": stats.fingerprint}
+    metrics_file = output_dir / METRICS_NAME
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
         stats.save(output_dir / "norm_stats.json")
-        (output_dir / RUN_ID_FILE).write_text(run_id + "\n")
+        if resume_dir is None:  # a new run starts its local metric log anew; a resumed one appends to it
+            metrics_file.write_text("")
     if trackers:
         init_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run_id)} if "wandb" in trackers else {}
         accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=init_kwargs)
+        if "wandb" in trackers and accelerator.is_main_process:
+            # inside a sweep wandb ignores the id we pass and uses the agent's: store the id of the run
+            # that really exists (the main process alone writes the id file and the checkpoint state)
+            run_id = state.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
+    if accelerator.is_main_process:
+        (output_dir / RUN_ID_FILE).write_text(run_id + "\n")
     logger.info("setup: %s; parameters: %s", setup, counts)
-
-    metrics_file = output_dir / METRICS_NAME
 
     def record(values: dict[str, Any], step: int) -> None:
         """Send scalars to the trackers and keep a local copy (`metrics.jsonl`) on the main process."""
@@ -332,10 +361,15 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
                               unwrapped.predict_action_chunk(media), media[ACTIONS], video)
             if config.eval.libero_steps and step % config.eval.libero_steps == 0:
                 if accelerator.is_main_process:
-                    logs = evaluate_in_simulator(accelerator.unwrap_model(policy), config, references, step)
-                    record({k: v for k, v in logs.items() if k != "videos"}, step)
-                    log_videos(accelerator, step, logs["videos"])
-                accelerator.wait_for_everyone()  # the other ranks wait here (2 h process-group timeout)
+                    try:
+                        logs = evaluate_in_simulator(accelerator.unwrap_model(policy), config, references, step)
+                        record({k: v for k, v in logs.items() if k != "videos"}, step)
+                        log_videos(accelerator, step, logs["videos"])
+                    except Exception as error:  # a broken evaluation (e.g. every worker died) must not end training
+                        logger.error("step %d: the LIBERO simulator evaluation failed and is skipped, training "
+                                     "continues: %s: %s", step, type(error).__name__, error)
+                # the other ranks wait here (2 h process-group timeout); after a failed evaluation too
+                accelerator.wait_for_everyone()
             if step % config.checkpoint.checkpointing_steps == 0 or step == max_steps:
                 saved = TrainingState(step, state.epoch, state.batches_in_epoch, run_id)
                 if state.batches_in_epoch == batches_per_epoch:  # this update ended the epoch

@@ -387,6 +387,29 @@ def test_missing_column_in_one_file(v2_dir: Path) -> None:
         load_libero(str(v2_dir))
 
 
+def _poison(root: Path, episode: int, frame: int, column: str, dim: int, value: float) -> None:
+    """Put `value` into `column[dim]` of one frame of a written LeRobot v2 folder."""
+    path = root / "data" / "chunk-000" / f"episode_{episode:06d}.parquet"
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[table.column("frame_index").to_pylist().index(frame)][dim] = value
+    index = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(index, table.field(index), pa.array(values, table.field(index).type)), path)
+
+
+def test_non_finite_state_or_action_named_before_training(v2_dir: Path) -> None:
+    # the sample paths check on their own, so statistics given in the config (no compute_norm_stats) do not hide it
+    _poison(v2_dir, episode=2, frame=3, column="actions", dim=1, value=float("nan"))
+    message = r"column 'action' holds a non-finite value \(nan\) at episode 2, frame 3, dimension 1"
+    with pytest.raises(ValueError, match=message):
+        LiberoSamples(load_libero(str(v2_dir)), SampleSpec(image_size=16))
+    with pytest.raises(ValueError, match=message):
+        list(LiberoSampleStream(load_libero(str(v2_dir), streaming=True), SampleSpec(image_size=16)))
+    _poison(v2_dir, episode=1, frame=0, column="state", dim=7, value=float("inf"))  # the state column is checked too
+    with pytest.raises(ValueError, match=r"column 'observation.state' holds a non-finite value \(inf\) at episode 1, frame 0"):
+        LiberoSamples(load_libero(str(v2_dir)), SampleSpec(image_size=16))
+
+
 def test_unknown_sources(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="unknown LIBERO source"):
         load_libero(str(tmp_path / "nowhere"))

@@ -176,3 +176,35 @@ def test_bad_tasks_states_and_checkpoints_fail_before_any_worker(tmp_path, capsy
     assert "initial states 0..49, got [60]" in capsys.readouterr().err
     assert cli(["eval-libero", "--suite", "libero_spatial", "--tasks", "12", "--checkpoint", str(tmp_path)]) == 2
     assert "has tasks 0..9, got task 12" in capsys.readouterr().err
+
+
+def test_chunk_schedule_open_loop_and_temporal_ensembling():
+    """Open loop runs `replan_steps` actions per query; ensembling averages every chunk that covers a
+    step (oldest weighted most) and snaps the gripper back to -1/+1, so an earlier chunk's planned
+    close is honoured even while newer chunks still hesitate."""
+    def chunk(value: float, gripper: list[float]) -> np.ndarray:
+        actions = np.zeros((len(gripper), 7))
+        actions[:, 0] = value
+        actions[:, 6] = gripper
+        return actions
+
+    open_loop = sim.ChunkSchedule(replan_steps=2)
+    assert open_loop.needs_query(0)
+    open_loop.add(0, chunk(1.0, [-1, -1, -1, 1]))
+    assert [open_loop.action(t)[0] for t in (0, 1)] == [1.0, 1.0] and open_loop.needs_query(2)
+    with pytest.raises(ValueError, match=r"expected \(H, 7\)"):
+        open_loop.add(2, np.zeros((4, 6)))
+
+    ensemble = sim.ChunkSchedule(ensemble_decay=np.log(2.0))  # weights 1, 1/2, 1/4 ... from the oldest
+    ensemble.add(0, chunk(0.0, [-1, -1, 1]))
+    assert ensemble.needs_query(1)
+    np.testing.assert_allclose(ensemble.action(0), [0, 0, 0, 0, 0, 0, -1])
+    ensemble.add(1, chunk(3.0, [-1, -1, -1]))
+    ensemble.add(2, chunk(6.0, [-1, -1, -1]))
+    action = ensemble.action(2)  # chunks from steps 0, 1, 2 cover step 2: (0 * 1 + 3 * 0.5 + 6 * 0.25) / 1.75
+    assert action[0] == pytest.approx(3.0 / 1.75)
+    assert action[6] == 1.0  # the oldest chunk's close (weight 1) outweighs the two newer -1s (0.5 + 0.25)
+    action = ensemble.action(3)  # the step-0 chunk no longer covers step 3: (3 * 1 + 6 * 0.5) / 1.5
+    assert action[0] == pytest.approx(4.0) and action[6] == -1.0
+    with pytest.raises(ValueError, match="ensemble_decay must be >= 0"):
+        sim.ChunkSchedule(ensemble_decay=-1.0)

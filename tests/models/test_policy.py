@@ -101,6 +101,22 @@ def test_mismatched_backbone_or_stats_refused(tmp_path, data, stats):
         AtlasPolicy.from_pretrained(tmp_path)
 
 
+def test_replaced_stats_file_in_saved_folder_refused(tmp_path, data, stats):
+    folder = AtlasPolicy(tiny_policy_config(), stats).save_pretrained(tmp_path / "policy")
+    assert json.loads((folder / "config.json").read_text())["norm_stats_fingerprint"] == stats.fingerprint
+    other = compute_norm_stats(data.select(range(20)))
+    assert other.fingerprint != stats.fingerprint
+    other.save(folder / "norm_stats.json")  # statistics of other data swapped into the folder
+    with pytest.raises(ValueError, match="norm_stats.json does not match") as error:
+        AtlasPolicy.from_pretrained(folder)
+    assert other.fingerprint in str(error.value) and stats.fingerprint in str(error.value)
+    # a folder saved before the fingerprint was recorded still loads (no fingerprint to compare)
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["norm_stats_fingerprint"]
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert AtlasPolicy.from_pretrained(folder).norm_stats.fingerprint == other.fingerprint
+
+
 def test_predict_on_real_observation(stats, observation_file, tmp_path, capsys):
     config = tiny_policy_config(num_temporal_frames=2, temporal_stride=2)
     policy = AtlasPolicy(config, stats)

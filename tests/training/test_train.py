@@ -141,6 +141,49 @@ def test_bad_inputs_fail_clearly_and_keep_saved_work(tmp_path, data_dir, capsys)
     assert (broken / "model.safetensors").read_bytes() == b"kept"
 
 
+def test_eval_libero_steps_without_the_simulator_fails_before_training(tmp_path, data_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "libero", None)  # how Python sees a package that is not installed
+    out = tmp_path / "run"
+    assert train_main(tiny_args(data_dir, out, "--eval_libero_steps", "2")) == 2
+    assert "the LIBERO simulator is not installed: pip install -e '.[sim]'" in capsys.readouterr().err
+    assert not out.exists()  # it failed before building anything
+
+
+def test_a_new_run_refuses_an_output_dir_with_earlier_checkpoints(tmp_path, data_dir, capsys):
+    earlier = tmp_path / "run" / "checkpoints" / "checkpoint-500"
+    earlier.mkdir(parents=True)
+    (earlier / "model.safetensors").write_bytes(b"kept")
+    assert train_main(tiny_args(data_dir, tmp_path / "run")) == 2
+    error = capsys.readouterr().err
+    assert f"{earlier.parent} (checkpoint-500)" in error
+    assert "pass --resume_from_checkpoint latest to continue it, or choose another --output_dir" in error
+    assert (earlier / "model.safetensors").read_bytes() == b"kept"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.slow
+def test_a_failed_simulator_evaluation_is_logged_and_training_goes_on(tmp_path, data_dir, monkeypatch):
+    from atlas_vla.training import train as train_module
+
+    def every_worker_died(*args, **kwargs):
+        raise RuntimeError("every evaluation worker has stopped with episodes left")
+
+    monkeypatch.setattr(train_module, "require_simulator", lambda: None)  # runs with or without the [sim] extra
+    monkeypatch.setattr(train_module, "evaluate_in_simulator", every_worker_died)
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 99, "train/loss": 9.0}) + "\n")  # an earlier run's
+    assert train_main(tiny_args(data_dir, out, "--eval_libero_steps", "3", "--log", str(log))) == 0
+    errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
+    assert len(errors) == 2  # steps 3 and 6
+    assert all("evaluation failed and is skipped, training continues: RuntimeError: every evaluation worker"
+               in line for line in errors)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4, 5, 6]  # a new run: a new log
+    assert not any(key.startswith("eval/") for row in rows for key in row)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_tensorboard_gets_the_same_scalars(tmp_path, data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
