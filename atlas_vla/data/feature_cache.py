@@ -30,7 +30,7 @@ class FeatureCache(torch.utils.data.Dataset):
     def __init__(self, samples: LiberoSamples, features: Tensor) -> None:
         if len(features) != len(samples):
             raise ValueError(f"FeatureCache: {len(features)} feature rows for {len(samples)} samples; expected one per sample")
-        self.samples = LiberoSamples(samples.dataset, samples.spec, images=False) if samples.images else samples
+        self.samples = samples.without_images()
         self.features = features
 
     @classmethod

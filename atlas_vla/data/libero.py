@@ -14,6 +14,7 @@ Three steps, each usable on its own:
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -764,11 +765,16 @@ class LiberoSamples(torch.utils.data.Dataset):
     def __init__(self, dataset: datasets.Dataset, spec: SampleSpec, *, images: bool = True) -> None:
         _check_canonical(dataset.column_names, "LiberoSamples dataset")
         self.spec = spec
-        self.dataset = dataset
         self.images = images  # False: samples without OBS_IMAGES, for training on cached frozen features
         numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION]
         self._frames = _Frames.from_table(dataset.select_columns(numeric).with_format("arrow")[:])
         self._images = dataset.select_columns(list(_CAMERAS[: spec.num_cameras])).with_format("arrow")
+
+    def without_images(self) -> "LiberoSamples":
+        """The same samples without `OBS_IMAGES` (no decoding), sharing this object's frame arrays."""
+        samples = copy.copy(self)
+        samples.images = False
+        return samples
 
     def __len__(self) -> int:
         return len(self._frames.rows)

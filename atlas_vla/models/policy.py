@@ -189,9 +189,13 @@ class AtlasPolicy(nn.Module):
         (B, L, S, P, 2C): what `FeatureCache` stores and what a batch may carry instead of images."""
         if not self.config.freeze_vggt:
             raise ValueError("vision features can only be precomputed for a frozen backbone (model.freeze_vggt: true)")
+        return torch.stack(self._frozen_layers(images), dim=1)
+
+    def _frozen_layers(self, images: Tensor) -> list[Tensor]:
+        """The frozen VGGT's `vggt_layers` outputs (B, S, P, 2C) for uint8 images (B, S, 3, H, W)."""
         images = images.to(self.device, non_blocking=True).float() / 255.0
         layers, _ = self.frozen.vggt.encode(images, self.config.vggt_layers)
-        return torch.stack(layers, dim=1)
+        return layers
 
     def encode_observations(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Frozen features of a batch: VGGT layers (run now, or precomputed under `OBS_VISION_FEATURES`),
@@ -199,8 +203,8 @@ class AtlasPolicy(nn.Module):
         patch_start_idx = self.config.vggt.patch_start_idx
         if OBS_VISION_FEATURES in batch:
             layers = list(batch[OBS_VISION_FEATURES].to(self.device, non_blocking=True).unbind(1))
-        elif self.config.freeze_vggt:
-            layers = list(self.vision_features(batch[OBS_IMAGES]).unbind(1))
+        elif self.config.freeze_vggt:  # the live path: no stacking, the layers go straight to the fusion
+            layers = self._frozen_layers(batch[OBS_IMAGES])
         else:
             images = batch[OBS_IMAGES].to(self.device, non_blocking=True).float() / 255.0  # (B, S, 3, H, W)
             layers, patch_start_idx = self.vggt(images, self.config.vggt_layers)

@@ -49,13 +49,18 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS_DIR
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first (numeric order; temporary folders are ignored)."""
+def _checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every `checkpoint-{step}` folder, complete or not, oldest first (temporary folders are ignored)."""
     folder = checkpoints_dir(output_dir)
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / STATE_NAME).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (numeric order; temporary folders are ignored)."""
+    return [p for p in _checkpoint_folders(output_dir) if (p / STATE_NAME).is_file()]
 
 
 def check_fresh_output_dir(output_dir: str | os.PathLike) -> None:
@@ -65,13 +70,11 @@ def check_fresh_output_dir(output_dir: str | os.PathLike) -> None:
     `checkpoint-1000`, and retention (newest by step) would delete the new run's folders instead of
     the old ones. The user either continues the earlier run or picks another folder.
     """
-    folder = checkpoints_dir(output_dir)
-    found = [p.name for p in folder.iterdir() if _NAME.match(p.name) and p.is_dir()] if folder.is_dir() else []
-    found.sort(key=lambda name: int(_NAME.match(name).group(1)))
+    found = [p.name for p in _checkpoint_folders(output_dir)]
     if found:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise ValueError(f"training.output_dir {str(output_dir)!r} already holds checkpoints of an earlier run in "
-                         f"{folder} ({shown}): pass --resume_from_checkpoint latest to continue it, or choose "
+                         f"{checkpoints_dir(output_dir)} ({shown}): pass --resume_from_checkpoint latest to continue it, or choose "
                          f"another --output_dir for a new run")
 
 
