@@ -43,7 +43,7 @@ from atlas_vla.constants import (
     WRIST_IMAGE,
 )
 from atlas_vla.data.spec import SampleSpec
-from atlas_vla.data.transforms import image_to_chw
+from atlas_vla.data.transforms import image_to_chw, random_shift as random_shift_images
 
 LAYOUT_LEROBOT_V2 = "lerobot-v2"  # meta/info.json (v2.x), meta/tasks.jsonl, data/chunk-*/episode_*.parquet
 LAYOUT_LEROBOT_V3 = "lerobot-v3"  # meta/info.json (v3.x), meta/tasks.parquet, data/chunk-*/file-*.parquet
@@ -91,6 +91,7 @@ class DataConfig:
     shuffle_buffer_size: int = 1000  # streaming only: samples mixed in a buffer, as rows cannot be indexed
     norm_stats: str | None = None  # statistics JSON (atlas-vla compute-stats); null = computed from the train split
     generate_synthetic: bool = False  # offline demo: write the synthetic dataset to `source` if it is not there yet
+    random_shift: int = 0  # training images only: pad by N pixels and crop back at a random offset (DrQ); 0 = off
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -99,6 +100,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.max_episodes must be a positive integer or None, got {self.max_episodes!r}")
         if self.shuffle_buffer_size < 0:
             raise ValueError(f"DataConfig.shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size!r}")
+        if not isinstance(self.random_shift, int) or self.random_shift < 0:
+            raise ValueError(f"DataConfig.random_shift must be a non-negative integer (pixels), got {self.random_shift!r}")
         _check_overrides(self.columns)
 
 
@@ -700,7 +703,8 @@ def _float_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _build_samples(
-    frames: _Frames, positions: np.ndarray, spec: SampleSpec, take_images: Callable[[np.ndarray], pa.Table] | None
+    frames: _Frames, positions: np.ndarray, spec: SampleSpec, take_images: Callable[[np.ndarray], pa.Table] | None,
+    random_shift: int = 0,
 ) -> list[dict[str, Any]]:
     """Samples for `positions` of `frames`: views, state, instruction, action chunk and padding mask.
 
@@ -709,6 +713,7 @@ def _build_samples(
     t .. t + action_horizon - 1; steps past the episode end repeat its last action and are masked.
     `take_images(rows)` returns the camera columns of those source rows as an Arrow table; with
     `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache).
+    `random_shift` > 0 shifts every view independently (`transforms.random_shift`).
     """
     cameras = _CAMERAS[: spec.num_cameras]
     steps_back = spec.temporal_stride * np.arange(spec.num_temporal_frames)
@@ -729,6 +734,7 @@ def _build_samples(
         )  # (U, C, 3, H, W)
         views = decoded[inverse.reshape(context.shape)]  # (B, T, C, 3, H, W)
         views = views.reshape(len(positions), spec.num_views, *views.shape[-3:])  # (B, S, 3, H, W)
+        views = random_shift_images(views, random_shift)
 
     actions = frames.action[chunk]  # (B, H, 7)
     states = frames.state[positions]  # (B, 8), a copy: samples never alias the cached arrays
@@ -762,10 +768,12 @@ class LiberoSamples(torch.utils.data.Dataset):
     structs. `__getitems__` lets a `DataLoader` fetch a whole batch with one Arrow `take`.
     """
 
-    def __init__(self, dataset: datasets.Dataset, spec: SampleSpec, *, images: bool = True) -> None:
+    def __init__(self, dataset: datasets.Dataset, spec: SampleSpec, *, images: bool = True,
+                 random_shift: int = 0) -> None:
         _check_canonical(dataset.column_names, "LiberoSamples dataset")
         self.spec = spec
         self.images = images  # False: samples without OBS_IMAGES, for training on cached frozen features
+        self.random_shift = random_shift  # training augmentation (DataConfig.random_shift); 0 = exact images
         numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION]
         self._frames = _Frames.from_table(dataset.select_columns(numeric).with_format("arrow")[:])
         self._images = dataset.select_columns(list(_CAMERAS[: spec.num_cameras])).with_format("arrow")
@@ -788,7 +796,7 @@ class LiberoSamples(torch.utils.data.Dataset):
             raise IndexError(f"sample index out of range for {len(self)} samples: {indices}")
         positions = positions % max(len(self), 1)
         take = (lambda rows: self._images[rows.tolist()]) if self.images else None
-        return _build_samples(self._frames, positions, self.spec, take)
+        return _build_samples(self._frames, positions, self.spec, take, self.random_shift)
 
 
 class LiberoSampleStream(torch.utils.data.IterableDataset):
@@ -801,13 +809,15 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(
-        self, dataset: datasets.IterableDataset, spec: SampleSpec, *, shuffle_buffer_size: int = 0, seed: int = 0
+        self, dataset: datasets.IterableDataset, spec: SampleSpec, *, shuffle_buffer_size: int = 0, seed: int = 0,
+        random_shift: int = 0,
     ) -> None:
         if dataset.column_names is not None:
             _check_canonical(dataset.column_names, "LiberoSampleStream dataset")
         self.spec = spec
         self.shuffle_buffer_size = shuffle_buffer_size
         self.seed = seed
+        self.random_shift = random_shift
         self.epoch = 0
         self._dataset = dataset
 
@@ -846,7 +856,8 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
             frames = _Frames.from_table(table)
             for begin in range(0, len(frames.rows), 32):
                 positions = np.arange(begin, min(begin + 32, len(frames.rows)))
-                yield from _build_samples(frames, positions, self.spec, lambda rows, t=table: t.take(pa.array(rows)))
+                yield from _build_samples(frames, positions, self.spec, lambda rows, t=table: t.take(pa.array(rows)),
+                                          self.random_shift)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer_size <= 1:
@@ -866,14 +877,17 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
 
 
 def build_samples(
-    dataset: datasets.Dataset | datasets.IterableDataset, spec: SampleSpec, config: DataConfig | None = None
+    dataset: datasets.Dataset | datasets.IterableDataset, spec: SampleSpec, config: DataConfig | None = None,
+    *, train: bool = False,
 ) -> LiberoSamples | LiberoSampleStream:
-    """`LiberoSamples` for a `Dataset`, `LiberoSampleStream` for a streaming one."""
+    """`LiberoSamples` for a `Dataset`, `LiberoSampleStream` for a streaming one. Only `train` samples
+    get `config.random_shift`: validation and inference always see the exact images."""
+    shift = config.random_shift if config is not None and train else 0
     if isinstance(dataset, datasets.IterableDataset):
         buffer = config.shuffle_buffer_size if config is not None else 0
         seed = config.split_seed if config is not None else 0
-        return LiberoSampleStream(dataset, spec, shuffle_buffer_size=buffer, seed=seed)
-    return LiberoSamples(dataset, spec)
+        return LiberoSampleStream(dataset, spec, shuffle_buffer_size=buffer, seed=seed, random_shift=shift)
+    return LiberoSamples(dataset, spec, random_shift=shift)
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

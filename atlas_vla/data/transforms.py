@@ -72,6 +72,21 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+def random_shift(images: np.ndarray, pad: int) -> np.ndarray:
+    """DrQ-style random shift: every uint8 image (..., 3, H, W) is padded by `pad` edge pixels on
+    each side and cropped back to H x W at its own random offset (up to `pad` pixels each way).
+
+    Offsets come from torch's RNG, which `DataLoader` seeds differently in every worker and epoch."""
+    if pad <= 0:
+        return images
+    *lead, C, H, W = images.shape
+    flat = images.reshape(-1, C, H, W)
+    padded = np.pad(flat, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
+    offsets = torch.randint(0, 2 * pad + 1, (len(flat), 2)).tolist()
+    shifted = np.stack([padded[i, :, dy:dy + H, dx:dx + W] for i, (dy, dx) in enumerate(offsets)])
+    return shifted.reshape(images.shape)
+
+
 def image_to_chw(image: ImageLike, size: int) -> np.ndarray:
     """Decode any `ImageLike` and resize it with `resize_images` to uint8 (3, size, size)."""
     hwc = np.array(open_image(image, size))  # (H, W, 3), a writable copy

@@ -19,6 +19,7 @@ from atlas_vla.data.transforms import (
     libero_state,
     observation_to_sample,
     quat_to_axis_angle,
+    random_shift,
     resize_images,
     rotate_180,
 )
@@ -155,3 +156,20 @@ def test_observation_to_sample_rejects_bad_observations(observation_file: Path) 
         observation_to_sample({**good, "state": good["state"][:7]}, spec)
     with pytest.raises(ValueError, match="task_description'] must be a string"):
         observation_to_sample({**good, "task_description": 3}, spec)
+
+
+def test_random_shift_crops_the_edge_padded_image_at_independent_offsets() -> None:
+    images = torch.randint(0, 256, (3, 2, 3, 16, 16), dtype=torch.uint8).numpy()  # (B, S, 3, H, W)
+    assert random_shift(images, 0) is images
+    torch.manual_seed(0)
+    shifted = random_shift(images, 2)
+    assert shifted.shape == images.shape and shifted.dtype == np.uint8
+    padded = np.pad(images, ((0, 0), (0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+    offsets = set()
+    for b in range(3):
+        for s in range(2):
+            matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                       if np.array_equal(shifted[b, s], padded[b, s, :, dy:dy + 16, dx:dx + 16])]
+            assert len(matches) == 1  # a pure translation of this very view, edges replicated
+            offsets.add(matches[0])
+    assert len(offsets) > 1  # views are shifted independently

@@ -86,9 +86,14 @@ def test_sim_demos_recipe_trains_and_drives_the_simulator(tmp_path, sim_demos_di
     assert first["agentview_image"].shape == (128, 128, 3) and first["wrist_image"].shape == (128, 128, 3)
     assert np.abs(first["agentview_image"] - recorded).mean() < 6  # JPEG noise only
     assert np.abs(rotate_180(first["agentview_image"]) - recorded).mean() > 20
+    wrist = np.asarray(Image.open(io.BytesIO(table["wrist_image"][0].as_py()["bytes"])).convert("RGB")).astype(float)
+    assert np.abs(first["wrist_image"] - wrist).mean() < np.abs(rotate_180(first["wrist_image"]) - wrist).mean()
     np.testing.assert_allclose(first["state"], np.stack(table["state"].to_pylist())[0], atol=2e-3)
-    sample = observation_to_sample(first, policy.config.sample_spec)  # what the model is given
-    assert tuple(sample["observation.images"].shape) == (2, 3, policy.config.image_size, policy.config.image_size)
+    sample = observation_to_sample(first, policy.config.sample_spec)  # what the model is given: the agent view
+    assert not policy.config.use_wrist_camera
+    assert tuple(sample["observation.images"].shape) == (1, 3, policy.config.image_size, policy.config.image_size)
+    np.testing.assert_array_equal(sample["observation.images"][0].numpy(), observation_to_sample(
+        {**first, "wrist_image": np.zeros_like(first["wrist_image"])}, policy.config.sample_spec)["observation.images"][0])
 
     # the instruction reaches the model: it was encoded, and another instruction changes the actions
     assert first["task_description"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"
