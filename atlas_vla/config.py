@@ -52,7 +52,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 2
     cache_frozen_features: bool = False  # run the frozen VGGT once per training sample and train on its stored
     # outputs (no backbone in the step; memory: samples x layers x views x tokens x 2*embed_dim x 2 bytes)
-    cached_views: int = 1  # with data.random_shift: differently shifted copies cached per sample, one drawn per use
+    cached_copies: int = 1  # with data.random_shift: differently shifted copies cached per sample, one drawn per use
     validation_steps: int = 500  # run validation every N optimizer updates (and at the end)
     num_validation_batches: int | None = 20  # batches per validation; null = the whole validation split
     report_to: Literal["wandb", "tensorboard", "all", "none"] | None = None  # null = W&B if wandb.enabled
@@ -61,7 +61,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "validation_steps",
-                    "cached_views")
+                    "cached_copies")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
@@ -167,8 +167,8 @@ class TrainConfig:
         if self.training.cache_frozen_features and (self.data.streaming or not self.model.freeze_vggt):
             raise ValueError(f"training.cache_frozen_features: true needs data.streaming: false (got "
                              f"{self.data.streaming}) and model.freeze_vggt: true (got {self.model.freeze_vggt})")
-        if self.training.cached_views > 1 and not (self.training.cache_frozen_features and self.data.random_shift):
-            raise ValueError(f"training.cached_views: {self.training.cached_views} stores differently shifted copies "
+        if self.training.cached_copies > 1 and not (self.training.cache_frozen_features and self.data.random_shift):
+            raise ValueError(f"training.cached_copies: {self.training.cached_copies} stores differently shifted copies "
                              f"of each sample: it needs training.cache_frozen_features: true (got "
                              f"{self.training.cache_frozen_features}) and data.random_shift > 0 (got "
                              f"{self.data.random_shift}); otherwise every copy is the same")

@@ -7,7 +7,7 @@ the samples with those tokens under `OBS_VISION_FEATURES` in place of their imag
 accepts either. On a CPU this removes the backbone from the training step entirely.
 
 With random-shift augmentation (`DataConfig.random_shift`) a single cached copy would freeze one
-shift per sample forever; `views=K` caches K independently shifted copies and each use draws one.
+shift per sample forever; `copies=K` caches K independently shifted copies and each use draws one.
 
 Memory: K x samples x layers x cameras x tokens x 2 * embed_dim x 2 bytes, e.g. 7,000 samples of a
 128-wide VGGT at 126 px (2 layers, 2 cameras, 86 tokens) take 1.2 GB per copy. For VGGT-1B on a full LIBERO
@@ -40,25 +40,25 @@ class FeatureCache(torch.utils.data.Dataset):
 
     @classmethod
     def build(cls, samples: LiberoSamples, encode: Callable[[Tensor], Tensor], *, batch_size: int = 64,
-              views: int = 1, dtype: torch.dtype = torch.float16, progress: bool = True) -> "FeatureCache":
+              copies: int = 1, dtype: torch.dtype = torch.float16, progress: bool = True) -> "FeatureCache":
         """Run `encode` (uint8 images (B, S, 3, H, W) -> features (B, ...), e.g. `AtlasPolicy.vision_features`)
-        `views` times over every sample of `samples`, in order, and keep the results in `dtype` on the
+        `copies` times over every sample of `samples`, in order, and keep the results in `dtype` on the
         CPU. Each pass decodes the images again, so with `samples.random_shift` every copy is shifted anew."""
         if not isinstance(samples, LiberoSamples) or not samples.images:
             raise ValueError(f"FeatureCache.build needs map-style LiberoSamples with images, got {type(samples).__name__}"
                              " (a streaming dataset cannot be cached: set training.cache_frozen_features false)")
-        if views < 1:
-            raise ValueError(f"FeatureCache.build: views must be >= 1, got {views}")
+        if copies < 1:
+            raise ValueError(f"FeatureCache.build: copies must be >= 1, got {copies}")
         features: Tensor | None = None
-        batches = [(view, start) for view in range(views) for start in range(0, len(samples), batch_size)]
-        for view, start in tqdm(batches, desc="caching frozen features", disable=not progress):
+        batches = [(copy, start) for copy in range(copies) for start in range(0, len(samples), batch_size)]
+        for copy, start in tqdm(batches, desc="caching frozen features", disable=not progress):
             indices = list(range(start, min(start + batch_size, len(samples))))
             batch = collate(samples.__getitems__(indices))
             with torch.no_grad():
                 out = encode(batch[OBS_IMAGES]).to("cpu", dtype)
             if features is None:  # allocated once the per-sample shape is known
-                features = torch.empty((len(samples), views, *out.shape[1:]), dtype=dtype)
-            features[start:start + len(indices), view] = out
+                features = torch.empty((len(samples), copies, *out.shape[1:]), dtype=dtype)
+            features[start:start + len(indices), copy] = out
         if features is None:
             raise ValueError("FeatureCache.build: the training split has no samples")
         return cls(samples, features)

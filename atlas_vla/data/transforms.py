@@ -79,7 +79,7 @@ def random_shift(images: np.ndarray, pad: int) -> np.ndarray:
     Offsets come from torch's RNG, which `DataLoader` seeds differently in every worker and epoch."""
     if pad <= 0:
         return images
-    *lead, C, H, W = images.shape
+    C, H, W = images.shape[-3:]
     flat = images.reshape(-1, C, H, W)
     padded = np.pad(flat, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
     offsets = torch.randint(0, 2 * pad + 1, (len(flat), 2)).tolist()

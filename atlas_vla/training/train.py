@@ -220,9 +220,9 @@ def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None
     if cfg_t.cache_frozen_features:  # the frozen backbone runs once per sample here, never in the loop
         policy.to(accelerator.device)
         train_samples = FeatureCache.build(train_samples, policy.vision_features, batch_size=cfg_t.train_batch_size,
-                                           views=cfg_t.cached_views, progress=accelerator.is_local_main_process)
-        logger.info("cached the frozen VGGT features of %d training samples x %d views (%.2f GB)", len(train_samples),
-                    cfg_t.cached_views, train_samples.nbytes / 1e9)
+                                           copies=cfg_t.cached_copies, progress=accelerator.is_local_main_process)
+        logger.info("cached the frozen VGGT features of %d training samples x %d copies (%.2f GB)", len(train_samples),
+                    cfg_t.cached_copies, train_samples.nbytes / 1e9)
     train_loader = _loader(train_samples, config, shuffle=True)
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=cfg_t.learning_rate,

@@ -55,10 +55,10 @@ def test_cache_refuses_streams_unfrozen_backbones_and_bad_sizes(setup):
         FeatureCache(samples, torch.zeros(2, 1))
     with pytest.raises(ValueError, match=r"random_shift must be a non-negative integer \(pixels\), got -1"):
         DataConfig(random_shift=-1)
-    with pytest.raises(ValueError, match="views must be >= 1, got 0"):
-        FeatureCache.build(samples, policy.vision_features, views=0)
-    with pytest.raises(ValueError, match=r"cached_views: 4 .* data.random_shift > 0 \(got 0\)"):
-        load_config(None, {"training": {"cache_frozen_features": True, "cached_views": 4}})
+    with pytest.raises(ValueError, match="copies must be >= 1, got 0"):
+        FeatureCache.build(samples, policy.vision_features, copies=0)
+    with pytest.raises(ValueError, match=r"cached_copies: 4 .* data.random_shift > 0 \(got 0\)"):
+        load_config(None, {"training": {"cache_frozen_features": True, "cached_copies": 4}})
     with pytest.raises(ValueError, match=r"cache_frozen_features: true needs data.streaming: false \(got True\)"):
         load_config(None, {"training": {"cache_frozen_features": True}, "data": {"streaming": True}})
     with pytest.raises(ValueError, match=r"model.freeze_vggt: true \(got False\)"):
@@ -73,7 +73,7 @@ def test_shifted_copies_are_cached_and_drawn_at_random(tmp_path):
     exact = build_samples(dataset, spec, DataConfig(random_shift=4))  # validation / inference: never shifted
     assert samples.random_shift == 4 and exact.random_shift == 0
     torch.manual_seed(0)
-    cache = FeatureCache.build(samples, policy.vision_features, batch_size=5, views=3, progress=False)
+    cache = FeatureCache.build(samples, policy.vision_features, batch_size=5, copies=3, progress=False)
     assert cache.features.shape[:2] == (len(samples), 3)
     copies = cache.features[0].float()
     assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
