@@ -7,7 +7,9 @@ usage() {
 usage: ./launch.sh [options] [-- train.py arguments]
 
   --mode single|multi|cpu     one GPU, several GPUs (DDP), or CPU processes (default: single)
-  --gpus N                    processes: GPUs for multi, CPU processes for cpu (default: 1; multi: 8)
+  --num_processes N           processes per machine: GPUs in single/multi mode, CPU processes in cpu mode
+                              (default: 1; multi: 8)
+  --gpus N                    the same, by its GPU name (in cpu mode it counts CPU processes: prefer --num_processes)
   --nodes N                   machines for multi-node training (default: 1)
   --node_rank R               this machine's rank (multi-node)
   --main_process_ip IP        address of rank 0 (multi-node)
@@ -23,20 +25,20 @@ Everything after `--` goes to train.py, e.g. -- --learning_rate 1e-4 --max_train
 Examples:
   ./launch.sh --wandb
   ./launch.sh --mode multi --gpus 8 --wandb --log logs/train.log
-  ./launch.sh --mode cpu --gpus 2 -- --config configs/demo.yaml
+  ./launch.sh --mode cpu --num_processes 2 -- --config configs/demo.yaml
 TXT
 }
 
 die() { echo "launch.sh: error: $*" >&2; echo "run ./launch.sh --help for usage" >&2; exit 2; }
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
-mode=single gpus="" nodes=1 node_rank=0 main_ip="" main_port=29500
+mode=single gpus="" gpus_flag=--gpus nodes=1 node_rank=0 main_ip="" main_port=29500
 config=configs/train_config.yaml accel_config="" wandb=0 log="" dry_run=0
 train_args=()
 while (($#)); do
   case "$1" in
     --mode) [[ $# -ge 2 ]] || die "--mode needs a value"; mode=$2; shift 2 ;;
-    --gpus) [[ $# -ge 2 ]] || die "--gpus needs a value"; gpus=$2; shift 2 ;;
+    --gpus|--num_processes) [[ $# -ge 2 ]] || die "$1 needs a value"; gpus=$2; gpus_flag=$1; shift 2 ;;
     --nodes) [[ $# -ge 2 ]] || die "--nodes needs a value"; nodes=$2; shift 2 ;;
     --node_rank) [[ $# -ge 2 ]] || die "--node_rank needs a value"; node_rank=$2; shift 2 ;;
     --main_process_ip) [[ $# -ge 2 ]] || die "--main_process_ip needs a value"; main_ip=$2; shift 2 ;;
@@ -54,12 +56,14 @@ done
 
 case "$mode" in single|multi|cpu) ;; *) die "--mode must be single, multi or cpu, got '$mode'" ;; esac
 [[ -z "$gpus" ]] && { [[ "$mode" == multi ]] && gpus=8 || gpus=1; }
-is_int "$gpus" && ((gpus >= 1)) || die "--gpus must be a positive integer, got '$gpus'"
+is_int "$gpus" && ((gpus >= 1)) || die "$gpus_flag must be a positive integer, got '$gpus'"
+[[ "$mode" == cpu && "$gpus_flag" == --gpus && "$gpus" -gt 1 ]] &&
+  echo "launch.sh: note: in cpu mode --gpus counts CPU processes; --num_processes $gpus says so" >&2
 is_int "$nodes" && ((nodes >= 1)) || die "--nodes must be a positive integer, got '$nodes'"
 is_int "$node_rank" && ((node_rank < nodes)) || die "--node_rank must be in 0..$((nodes - 1)), got '$node_rank'"
 is_int "$main_port" || die "--main_process_port must be a port number, got '$main_port'"
 ((nodes == 1)) || [[ -n "$main_ip" ]] || die "--nodes $nodes needs --main_process_ip"
-[[ "$mode" == single && "$gpus" -gt 1 ]] && die "--mode single runs one process; use --mode multi for --gpus $gpus"
+[[ "$mode" == single && "$gpus" -gt 1 ]] && die "--mode single runs one process; use --mode multi for $gpus_flag $gpus"
 config_in_args=0
 for arg in "${train_args[@]}"; do [[ "$arg" == --config || "$arg" == --config=* ]] && config_in_args=1; done
 ((config_in_args)) || [[ -f "$config" ]] || die "config file not found: $config"

@@ -11,7 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Callable, Sequence
+import warnings
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+from atlas_vla.config import LIBERO_SUITES, EvalConfig, load_config
+from atlas_vla.data.config import DataConfig
+from atlas_vla.schema import to_dict
 
 # Each entry: (name, help, add_arguments, run). Subcommands register below, one section each.
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
@@ -31,6 +37,52 @@ def _command(name: str, help: str):
     return decorator
 
 
+class _RenamedFlag(argparse.Action):
+    """An old flag spelling that keeps working: it stores into the new flag's value and warns."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        warnings.warn(f"{option_string} is deprecated: use {self.new}", FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed_flag(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Keep `old` working as a deprecated spelling of the already declared flag `new`."""
+    dest = next(a.dest for a in parser._actions if new in a.option_strings)
+    parser.add_argument(old, dest=dest, action=_RenamedFlag, new=new)
+
+
+def _add_policy_argument(parser: argparse.ArgumentParser) -> None:
+    """`--policy PATH_OR_HUB_ID` (a saved policy folder; `--checkpoint` is its old name)."""
+    # not required=True: argparse would then refuse the old spelling alone (`main` checks it is given)
+    parser.add_argument("--policy", default=None, help="saved policy folder (e.g. OUTPUT_DIR/final) or Hub model id "
+                                                       "(required)")
+    _renamed_flag(parser, "--checkpoint", "--policy")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config RUN.yaml` (its `data:` section: the run's exact split) and the flags that override it."""
+    parser.add_argument("--config", default=None,
+                        help="a run's config.yaml (OUTPUT_DIR/config.yaml): use its data section, split included")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="share of episodes held out (as in training)")
+    parser.add_argument("--split-seed", type=int, default=None, help="seed of the episode split (as in training)")
+
+
+def _data_config(args: argparse.Namespace, source: str | None) -> DataConfig:
+    """The `DataConfig` of `--config` (or the defaults) with `source` and the data flags applied on top."""
+    if args.config is None and source is None:
+        raise ValueError("name the data: a source (Hub dataset id or folder) or --config RUN.yaml")
+    config = load_config(args.config).data if args.config else DataConfig()
+    overrides = {"source": source, "revision": args.revision, "val_fraction": args.val_fraction,
+                 "split_seed": args.split_seed}
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
 # ----------------------------------------------------------------------------------------------
 # data commands (data-info, convert-libero-hdf5, compute-stats, make-synthetic-libero)
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +99,7 @@ def _add_data_info(parser: argparse.ArgumentParser) -> None:
 def _run_data_info(args: argparse.Namespace) -> int:
     import json
 
-    from atlas_vla.data.libero import describe
+    from atlas_vla.data.sources import describe
 
     info = describe(args.source, revision=args.revision)
     if args.json:
@@ -101,21 +153,18 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 @_command("compute-stats", "Compute action/state normalisation statistics of a LIBERO source's training split.")
 def _add_compute_stats(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
+    parser.add_argument("source", nargs="?", default=None,
+                        help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder (default: --config's)")
     parser.add_argument("--output", required=True, help="statistics JSON file to write")
-    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of episodes held out (as in training)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the episode split (as in training)")
+    _add_data_arguments(parser)
 
 
 @_add_compute_stats.runner
 def _run_compute_stats(args: argparse.Namespace) -> int:
-    from atlas_vla.data.libero import DataConfig, load_train_val
     from atlas_vla.data.normalization import compute_norm_stats
+    from atlas_vla.data.split import load_train_val
 
-    config = DataConfig(source=args.source, revision=args.revision, val_fraction=args.val_fraction,
-                        split_seed=args.split_seed)
-    train, _ = load_train_val(config)
+    train, _ = load_train_val(_data_config(args, args.source))
     stats = compute_norm_stats(train)
     path = stats.save(args.output)
     print(f"wrote {path}: {stats.num_frames} frames, fingerprint {stats.fingerprint}")
@@ -146,7 +195,7 @@ def _run_make_synthetic(args: argparse.Namespace) -> int:
 
 @_command("predict", "Run a saved policy on one observation file (.npz) and print its action chunk.")
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")
+    _add_policy_argument(parser)
     parser.add_argument("--observation", required=True,
                         help=".npz with agentview_image, wrist_image (upright HWC uint8), state (8,), task_description")
     parser.add_argument("--json", action="store_true", help='print {"actions": [[7 floats], ...]}')
@@ -171,7 +220,7 @@ def _run_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: missing keys {missing}; expected {list(OBSERVATION_KEYS)}, found {data.files}")
         observation = {key: data[key] for key in OBSERVATION_KEYS}
     observation["task_description"] = str(observation["task_description"])
-    actions = AtlasPolicy.from_pretrained(args.checkpoint).predict_action(observation)
+    actions = AtlasPolicy.from_pretrained(args.policy).predict_action(observation)
     if args.json:
         print(json.dumps({"actions": actions.tolist()}))
     else:
@@ -186,11 +235,11 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 @_command("eval-offline", "The training loop's val/* metrics of a saved policy on any LIBERO dataset split.")
 def _add_eval_offline(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")
-    parser.add_argument("--data", required=True, help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
+    _add_policy_argument(parser)
+    parser.add_argument("--data", default=None,
+                        help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder (default: --config's)")
     parser.add_argument("--split", choices=("val", "train", "all"), default="val", help="episode split to score")
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="as in training (data.val_fraction)")
-    parser.add_argument("--split-seed", type=int, default=0, help="as in training (data.split_seed)")
+    _add_data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
     parser.add_argument("--output", default=None, help="also write the metrics as JSON here")
@@ -203,8 +252,8 @@ def _run_eval_offline(args: argparse.Namespace) -> int:
 
     from atlas_vla.eval.offline import evaluate_offline, save_metrics
 
-    metrics = evaluate_offline(args.checkpoint, args.data, split=args.split, val_fraction=args.val_fraction,
-                               split_seed=args.split_seed, batch_size=args.batch_size, max_batches=args.max_batches)
+    metrics = evaluate_offline(args.policy, _data_config(args, args.data), split=args.split,
+                               batch_size=args.batch_size, max_batches=args.max_batches)
     if args.output:
         save_metrics(args.output, metrics, {k: v for k, v in vars(args).items() if not k.startswith("_")})
     if args.json:
@@ -218,25 +267,49 @@ def _run_eval_offline(args: argparse.Namespace) -> int:
 
 @_command("eval-libero", "Closed-loop success rates of a policy in the LIBERO simulator (standard protocol).")
 def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="saved policy folder or Hub model id")
-    parser.add_argument("--suite", required=True,
-                        choices=("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"))
+    _add_policy_argument(parser)
+    parser.add_argument("--config", default=None,
+                        help="a run's config (YAML): evaluate with its eval section; the flags below override it")
+    parser.add_argument("--suite", default=None, choices=LIBERO_SUITES, help="required unless --config gives it")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. 0,3 or 0-4 (default: every task of the suite)")
-    parser.add_argument("--trials", type=int, default=50, help="episodes per task: initial states 0..trials-1")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="episodes per task: initial states 0..trials-1 (default 50, or --config's states)")
     parser.add_argument("--initial-states", default=None, help="explicit initial states, e.g. 30-49 (overrides --trials)")
-    parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default: the suite's)")
+    parser.add_argument("--max-episode-steps", type=int, default=None,
+                        help="policy steps per episode (default: the suite's)")
     parser.add_argument("--replan-steps", type=int, default=None,
                         help="actions executed per query (default: the policy's whole chunk)")
-    parser.add_argument("--temporal-ensemble", type=float, default=None, metavar="DECAY",
+    parser.add_argument("--ensemble-decay", type=float, default=None, metavar="DECAY",
                         help="query every step and average overlapping chunks, weights exp(-DECAY * i) from the "
                              "oldest (ACT; e.g. 0.1); replaces --replan-steps")
-    parser.add_argument("--camera-size", type=int, default=256, help="simulator camera resolution (protocol: 256)")
+    parser.add_argument("--camera-size", type=int, default=None, help="simulator camera resolution (protocol: 256)")
     parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
-    parser.add_argument("--num-workers", type=int, default=1, help="parallel simulator worker processes")
+    parser.add_argument("--num-workers", type=int, default=None, help="parallel simulator worker processes (default 1)")
     parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
     parser.add_argument("--output", default="eval_results.json", help="results JSON file")
-    parser.add_argument("--report_to", choices=("none", "wandb"), default="none", help="also log to W&B")
-    parser.add_argument("--seed", type=int, default=0, help="env.seed of every episode")
+    parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
+    parser.add_argument("--seed", type=int, default=None, help="env.seed of every episode (default 0)")
+    _renamed_flag(parser, "--max-steps", "--max-episode-steps")
+    _renamed_flag(parser, "--temporal-ensemble", "--ensemble-decay")
+    _renamed_flag(parser, "--report_to", "--report-to")
+
+
+def _eval_config(args: argparse.Namespace) -> EvalConfig:
+    """The `eval:` section of `--config` (or the command's defaults) with the given flags applied on top."""
+    from atlas_vla.eval.libero_sim import parse_range
+
+    if args.config is None and args.suite is None:
+        raise ValueError("--suite is required (or --config RUN.yaml, whose eval section names one)")
+    config = load_config(args.config).eval if args.config else EvalConfig(initial_states=list(range(50)), num_workers=1)
+    overrides = {"suite": args.suite, "max_episode_steps": args.max_episode_steps, "replan_steps": args.replan_steps,
+                 "ensemble_decay": args.ensemble_decay, "camera_size": args.camera_size,
+                 "num_workers": args.num_workers, "seed": args.seed,
+                 "tasks": parse_range(args.tasks) if args.tasks else None}
+    if args.initial_states:
+        overrides["initial_states"] = parse_range(args.initial_states)
+    elif args.trials is not None:
+        overrides["initial_states"] = list(range(args.trials))
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @_add_eval_libero.runner
@@ -248,22 +321,9 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
     except sim.SimulatorMissing as error:
         print(f"atlas-vla eval-libero: {error}", file=sys.stderr)
         return 2
-    from libero.libero import benchmark
-
-    num_tasks = benchmark.get_benchmark_dict()[args.suite]().n_tasks
-    tasks = sim.parse_range(args.tasks) if args.tasks else list(range(num_tasks))
-    states = sim.parse_range(args.initial_states) if args.initial_states else list(range(args.trials))
-    max_steps = args.max_steps or sim.SUITE_MAX_STEPS[args.suite]
-    for task in tasks:  # range-check tasks and initial states once, before any worker starts
-        _, _, init_states = sim.task_info(args.suite, task)
-        bad = [state for state in states if not 0 <= state < len(init_states)]
-        if bad:
-            raise ValueError(f"{args.suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
-    if args.temporal_ensemble is not None and args.temporal_ensemble < 0:
-        raise ValueError(f"--temporal-ensemble must be >= 0, got {args.temporal_ensemble}")
-    checkpoint = sim.resolve_checkpoint(args.checkpoint)
-    specs = [sim.EpisodeSpec(args.suite, task, state, max_steps, args.replan_steps, args.camera_size, args.seed,
-                             args.video_dir, args.temporal_ensemble) for task in tasks for state in states]
+    config = _eval_config(args)
+    specs = sim.episode_specs(config, video_dir=args.video_dir)  # checks tasks and states before any worker starts
+    policy = sim.resolve_checkpoint(args.policy)
 
     def report(result: "sim.EpisodeResult") -> None:
         status = "error" if result.error else ("success" if result.success else "failure")
@@ -271,18 +331,17 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
               f"({result.seconds:.1f} s)" + (f": {result.error.splitlines()[0]}" if result.error else ""), flush=True)
 
     start = time.perf_counter()
-    results = sim.evaluate(checkpoint, specs, num_workers=args.num_workers,
-                           episode_timeout=args.episode_timeout, on_result=report)
+    results = sim.evaluate(policy, specs, num_workers=config.num_workers, episode_timeout=args.episode_timeout,
+                           on_result=report)
     summary = sim.summarize(results)
-    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    settings["seconds"] = time.perf_counter() - start
-    print(sim.format_table(args.suite, summary))
-    path = sim.save_results(args.output, args.suite, summary, settings)
+    settings = {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "eval": to_dict(config),
+                "seconds": time.perf_counter() - start}
+    print(sim.format_table(config.suite, summary))
+    path = sim.save_results(args.output, config.suite, summary, settings)
     print(f"wrote {path}")
     if args.report_to == "wandb":
-        print(f"logged to W&B run {sim.log_to_wandb(args.suite, summary, settings)}")
+        print(f"logged to W&B run {sim.log_to_wandb(config.suite, summary, settings)}")
     return 0
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atlas-vla` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "policy", "") is None:
+        parser.error(f"{args.command}: the argument --policy is required")
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError) as error:

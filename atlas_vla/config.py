@@ -5,27 +5,33 @@ A run is described by one `TrainConfig` with the sections `model` (`PolicyConfig
 then overridden from the command line, either with dotted keys (`--training.learning_rate 1e-4`)
 or with the familiar diffusers-style flags, which are aliases of those keys (`--learning_rate 1e-4`).
 Every value is checked against its field's type; an unknown key or flag fails with the closest valid
-name. The resolved config is saved with every checkpoint and sent to the tracker.
+name; a key that was renamed keeps working under its old name with a deprecation warning. The resolved
+config is saved with every checkpoint and sent to the tracker. Reading a config imports neither torch
+nor datasets: the sections are light dataclasses (`atlas_vla.models.config`, `atlas_vla.data.config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
-import tempfile
-import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import yaml
 
-from atlas_vla.data.libero import DataConfig
-from atlas_vla.models.policy import PolicyConfig
+from atlas_vla.data.config import DataConfig
+from atlas_vla.files import write_text_atomic
+from atlas_vla.models.config import PolicyConfig
+from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict
 
 REPORT_TO = ("wandb", "tensorboard", "all", "none")
+# the `transformers.get_scheduler` names (a test checks each is one), listed here so that reading a
+# config never imports transformers (and with it torch)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay")
 
 
 @dataclass
@@ -53,14 +59,16 @@ class TrainingConfig:
     cache_frozen_features: bool = False  # run the frozen VGGT once per training sample and train on its stored
     # outputs (no backbone in the step; memory: samples x layers x views x tokens x 2*embed_dim x 2 bytes)
     cached_copies: int = 1  # with data.random_shift: differently shifted copies cached per sample, one drawn per use
-    validation_steps: int = 500  # run validation every N optimizer updates (and at the end)
+    validate_every_steps: int = 500  # run validation every N optimizer updates (and at the end)
     num_validation_batches: int | None = 20  # batches per validation; null = the whole validation split
     report_to: Literal["wandb", "tensorboard", "all", "none"] | None = None  # null = W&B if wandb.enabled
     push_to_hub: bool = False  # upload the final policy (needs `huggingface-cli login` or HF_TOKEN)
     hub_model_id: str | None = None  # Hub repo for push_to_hub; null = the output folder's name
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"validation_steps": "validate_every_steps"}
+
     def __post_init__(self) -> None:
-        positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "validation_steps",
+        positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "validate_every_steps",
                     "cached_copies")
         for name in positive:
             if getattr(self, name) < 1:
@@ -70,25 +78,24 @@ class TrainingConfig:
         if self.lr_warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError(f"training.learning_rate ({self.learning_rate}) must be > 0 and lr_warmup_steps "
                              f"({self.lr_warmup_steps}) >= 0")
-        from transformers import SchedulerType
-
-        names = [s.value for s in SchedulerType]
-        if self.lr_scheduler not in names:
+        if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"training.lr_scheduler {self.lr_scheduler!r} is not a transformers scheduler; "
-                             f"expected one of {names}{_suggest(self.lr_scheduler, names)}")
+                             f"expected one of {list(LR_SCHEDULERS)}{suggest(self.lr_scheduler, LR_SCHEDULERS)}")
 
 
 @dataclass
 class CheckpointConfig:
     """Where and how often training state is saved, and where to resume from."""
 
-    checkpointing_steps: int = 1000  # save output_dir/checkpoints/checkpoint-{step} every N optimizer updates
+    save_every_steps: int = 1000  # save output_dir/checkpoints/checkpoint-{step} every N optimizer updates
     checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints; null = keep all
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"checkpointing_steps": "save_every_steps"}
+
     def __post_init__(self) -> None:
-        if self.checkpointing_steps < 1:
-            raise ValueError(f"checkpoint.checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        if self.save_every_steps < 1:
+            raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoint.checkpoints_total_limit must be >= 1 or null, "
                              f"got {self.checkpoints_total_limit}")
@@ -124,31 +131,50 @@ class WandbConfig:
     disable_stats: bool = False  # turn off system metrics (GPU/CPU utilisation and memory)
 
 
+def check_ensemble_decay(decay: float | None, name: str = "ensemble_decay") -> None:
+    """`ValueError` unless the temporal-ensembling decay is null (off) or >= 0."""
+    if decay is not None and decay < 0:
+        raise ValueError(f"{name} must be >= 0 or null, got {decay}")
+
+
+LiberoSuite = Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]
+LIBERO_SUITES: tuple[str, ...] = typing.get_args(LiberoSuite)
+
+
 @dataclass
 class EvalConfig:
-    """Closed-loop LIBERO evaluation during training (the [sim] extra), off by default.
+    """Closed-loop LIBERO evaluation (the [sim] extra): which episodes, and how the policy's chunks run.
 
-    It runs on the main process while the other ranks wait at a barrier (the process-group timeout
-    is raised to 2 h for that); for long evaluations run `atlas-vla eval-libero` on the saved
-    checkpoints from a separate job instead.
+    `atlas-vla eval-libero --config RUN.yaml` evaluates with this section (its flags override it).
+    During training (`every_steps`, off by default) it runs on the main process while the other
+    ranks wait at a barrier (the process-group timeout is raised to 2 h for that); for long
+    evaluations run `atlas-vla eval-libero` on the saved checkpoints from a separate job instead.
     """
 
-    libero_steps: int | None = None  # evaluate every N optimizer updates; null = never
-    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = "libero_spatial"
+    every_steps: int | None = None  # during training: evaluate every N optimizer updates; null = never
+    suite: LiberoSuite = "libero_spatial"
     tasks: list[int] | None = None  # null = every task of the suite
     initial_states: list[int] = field(default_factory=lambda: list(range(5)))  # official initial states per task
-    max_steps: int | None = None  # null = the suite's protocol value
-    replan_steps: int | None = None  # actions executed per query; null = the whole chunk
-    temporal_ensemble: float | None = None  # query every step, average overlapping chunks (ACT decay, e.g. 0.1)
+    max_episode_steps: int | None = None  # policy steps per episode; null = the suite's protocol value
+    replan_steps: int | None = None  # actions executed per query (openpi's name, a count); null = the whole chunk
+    ensemble_decay: float | None = None  # query every step, average overlapping chunks (ACT weights exp(-decay*i), e.g. 0.1)
     camera_size: int = 256
     num_workers: int = 2  # simulator worker processes
     videos: bool = True  # write an mp4 per episode and log them to W&B
+    seed: int = 0  # env.seed of every episode
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"libero_steps": "every_steps", "max_steps": "max_episode_steps",
+                                              "temporal_ensemble": "ensemble_decay"}
 
     def __post_init__(self) -> None:
-        if self.libero_steps is not None and self.libero_steps < 1:
-            raise ValueError(f"eval.libero_steps must be >= 1 or null, got {self.libero_steps}")
-        if self.temporal_ensemble is not None and self.temporal_ensemble < 0:
-            raise ValueError(f"eval.temporal_ensemble must be >= 0 or null, got {self.temporal_ensemble}")
+        for name in ("every_steps", "max_episode_steps", "replan_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"eval.{name} must be >= 1 or null, got {value}")
+        check_ensemble_decay(self.ensemble_decay, "eval.ensemble_decay")
+        for name in ("camera_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -197,11 +223,11 @@ FLAG_ALIASES: dict[str, str] = {
     "mixed_precision": "training.mixed_precision",
     "allow_tf32": "training.allow_tf32",
     "dataloader_num_workers": "training.dataloader_num_workers",
-    "validation_steps": "training.validation_steps",
+    "validation_steps": "training.validate_every_steps",
     "report_to": "training.report_to",
     "push_to_hub": "training.push_to_hub",
     "hub_model_id": "training.hub_model_id",
-    "checkpointing_steps": "checkpoint.checkpointing_steps",
+    "checkpointing_steps": "checkpoint.save_every_steps",
     "checkpoints_total_limit": "checkpoint.checkpoints_total_limit",
     "resume_from_checkpoint": "checkpoint.resume_from_checkpoint",
     "log": "logging.log_file",
@@ -209,121 +235,8 @@ FLAG_ALIASES: dict[str, str] = {
     "wandb": "wandb.enabled",
     "dataset": "data.source",
     "init_from": "training.init_from",
-    "eval_libero_steps": "eval.libero_steps",
+    "eval_libero_steps": "eval.every_steps",
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# dicts <-> dataclasses
-# ----------------------------------------------------------------------------------------------
-
-
-def _suggest(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check `value` against a field annotation, converting strings/ints the way YAML users expect."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, where)
-            except ValueError as error:
-                errors.append(str(error))
-        raise ValueError(errors[0] if errors else f"{where}: unexpected value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return from_dict(annotation, value, where)
-    if origin in (list, Sequence) or annotation is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        inner = args[0] if args else Any
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"{where} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{where} must be an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls: type, values: Mapping[str, Any], where: str = "config") -> Any:
-    """Build dataclass `cls` from a (nested) mapping, checking every key and value type."""
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown key {where}.{key}{_suggest(key, known)}; valid keys: {known}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain nested dict of a dataclass config (for YAML/JSON and the tracker)."""
-    return dataclasses.asdict(config)
-
-
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists become strings, so every tracker can show them)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        annotation = hints[f.name]
-        nested = next((a for a in (annotation, *typing.get_args(annotation)) if dataclasses.is_dataclass(a)), None)
-        keys.append(prefix + f.name)
-        if nested is not None:
-            keys.extend(_all_keys(nested, f"{prefix}{f.name}."))
-    return keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +258,20 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = _all_keys(TrainConfig)
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `value` at the dotted `TrainConfig` key (`training.seed`) in the nested dict `values`.
+
+    A renamed key works under its old name, with a deprecation warning; an unknown one fails with
+    the closest valid key or flag.
+    """
+    renamed = renamed_dotted_keys(TrainConfig)
+    if dotted in renamed:
+        warnings.warn(f"--{dotted} is deprecated: use --{renamed[dotted]}", FutureWarning, stacklevel=2)
+        dotted = renamed[dotted]
+    keys = dotted_keys(TrainConfig)
     if dotted not in keys:
         names = keys + [f"--{alias}" for alias in FLAG_ALIASES]
-        raise ValueError(f"unknown option --{dotted}{_suggest(dotted, names)}")
+        raise ValueError(f"unknown option --{dotted}{suggest(dotted, names)}")
     node = values
     *parents, last = dotted.split(".")
     for part in parents:
@@ -388,7 +310,7 @@ def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
             parsed = value
         if isinstance(parsed, str):
             parsed = value  # keep strings exactly as typed
-        _set_dotted(overrides, FLAG_ALIASES.get(key, key), parsed)
+        set_dotted(overrides, FLAG_ALIASES.get(key, key), parsed)
     return config_path, overrides
 
 
@@ -421,14 +343,14 @@ def config_from_args(argv: Sequence[str]) -> TrainConfig:
     return load_config(path, overrides)
 
 
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML text (what `config.yaml` of a run and of every checkpoint holds)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
-    os.replace(handle.name, path)
-    return path
+    return write_text_atomic(path, config_yaml(config))
 
 
 def usage() -> str:

@@ -12,18 +12,16 @@ same raw values flow through training, validation and the simulator.
 AGENT_IMAGE = "observation.images.agentview"  # third-person camera, upright (Hub convention), PIL/uint8 HWC
 WRIST_IMAGE = "observation.images.wrist"  # eye-in-hand camera, upright, PIL/uint8 HWC
 STATE = "observation.state"  # float32[8]: eef pos (3), eef axis-angle (3), gripper qpos (2)
-ACTION = "action"  # float32[7]: dx, dy, dz, droll, dpitch, dyaw, gripper (-1 open, +1 close)
+ACTION = "action"  # float32[7]: see atlas_vla.action_layout
 INSTRUCTION = "instruction"  # natural-language task description
 EPISODE_INDEX = "episode_index"
 FRAME_INDEX = "frame_index"
 TASK_INDEX = "task_index"
 
 CANONICAL_COLUMNS = (AGENT_IMAGE, WRIST_IMAGE, STATE, ACTION, INSTRUCTION, EPISODE_INDEX, FRAME_INDEX)
+CAMERAS = (AGENT_IMAGE, WRIST_IMAGE)  # the camera order everywhere: agent view first, then wrist
 
-STATE_DIM = 8
-ACTION_DIM = 7
-GRIPPER_OPEN = -1.0
-GRIPPER_CLOSE = 1.0
+STATE_DIM = 8  # the action's layout (7-D) lives in `atlas_vla.action_layout`
 
 # --- batch keys (after the sample transforms; what AtlasPolicy.forward reads) ---
 # uint8 (B, S, 3, H, W); S = num_temporal_frames * num_cameras, current frame first, and within a

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from atlas_vla.config import FLAG_ALIASES, _set_dotted, load_config, merge
+from atlas_vla.config import FLAG_ALIASES, load_config, merge, set_dotted
 from atlas_vla.training.tracking import sweep_trial_dir
 from atlas_vla.training.train import train
 
@@ -25,7 +25,7 @@ def sweep_overrides(parameters: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in parameters.items():
         if name.startswith("_") or name == "config":
             continue
-        _set_dotted(overrides, FLAG_ALIASES.get(name, name), value)
+        set_dotted(overrides, FLAG_ALIASES.get(name, name), value)
     return overrides
 
 

@@ -7,7 +7,7 @@ demonstrations, then measure its success in the simulator on initial states it n
 
 Training is `accelerate launch train.py --config configs/sim_demos.yaml` on the 60 demonstrations in
 `../shared/fixtures/libero/sim_demos` (libero_spatial tasks 0-2, initial states 0-19); evaluation is
-`atlas-vla eval-libero` with the config's `eval:` section (tasks 0-2, initial states 30-49, the full
+`atlas-vla eval-libero --config` with the config's `eval:` section (tasks 0-2, initial states 30-49, the full
 protocol: 10 settling steps, 220 max steps) in parallel simulator workers. Prints the per-task and
 average success rates, the training and evaluation times, and where the videos are; writes them to
 `<output-dir>/closed_loop_summary.json`. Extra arguments after `--` go to train.py.
@@ -40,10 +40,6 @@ def main() -> int:
     parser.add_argument("train_args", nargs="*", help="after --: more train.py overrides")
     args = parser.parse_args()
 
-    from atlas_vla.config import load_config
-
-    config = load_config(args.config)
-    ev = config.eval
     out = Path(args.output_dir)
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
 
@@ -64,16 +60,11 @@ def main() -> int:
         train_seconds = time.perf_counter() - start
         print(f"training took {train_seconds / 60:.1f} min", flush=True)
 
-    tasks = ",".join(str(t) for t in ev.tasks) if ev.tasks is not None else None
-    states = args.initial_states or ",".join(str(s) for s in ev.initial_states)
-    command = ["atlas-vla", "eval-libero", "--checkpoint", str(out / "final"), "--suite", ev.suite,
-               "--initial-states", states, "--camera-size", str(ev.camera_size),
-               "--num-workers", str(args.num_workers or ev.num_workers), "--video-dir", str(out / "videos"),
-               "--output", str(out / "eval_results.json")]
-    command += ["--tasks", tasks] if tasks else []
-    command += ["--replan-steps", str(ev.replan_steps)] if ev.replan_steps else []
-    command += ["--temporal-ensemble", str(ev.temporal_ensemble)] if ev.temporal_ensemble is not None else []
-    command += ["--max-steps", str(ev.max_steps)] if ev.max_steps else []
+    # the config's eval: section chooses the episodes (atlas-vla eval-libero --config); flags override it
+    command = ["atlas-vla", "eval-libero", "--policy", str(out / "final"), "--config", args.config,
+               "--video-dir", str(out / "videos"), "--output", str(out / "eval_results.json")]
+    command += ["--initial-states", args.initial_states] if args.initial_states else []
+    command += ["--num-workers", str(args.num_workers)] if args.num_workers else []
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)

@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from atlas_vla.constants import ACTION, ACTIONS, ACTIONS_PAD_MASK, AGENT_IMAGE, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES, OBS_STATE, STATE, WRIST_IMAGE
-from atlas_vla.data.libero import LiberoSamples, collate, load_libero
+from atlas_vla.data.samples import collate, LiberoSamples
+from atlas_vla.data.sources import load_libero
 from atlas_vla.data.spec import SampleSpec
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "libero" / "sim_demos"

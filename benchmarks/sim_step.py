@@ -1,7 +1,7 @@
 """LIBERO simulator costs on this machine: env build + reset, seconds per step (two cameras) and per
 policy query, one full episode, and what a 500-episode suite costs with N parallel workers.
 
-    MUJOCO_GL=egl python benchmarks/sim_step.py [--checkpoint outputs/demo/final] [--camera-size 128 256]
+    MUJOCO_GL=egl python benchmarks/sim_step.py [--policy outputs/demo/final] [--camera-size 128 256]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None, help="a saved policy to time per query (default: none)")
+    parser.add_argument("--policy", default=None, help="a saved policy to time per query (default: none)")
     parser.add_argument("--camera-size", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--steps", type=int, default=50, help="steps timed per camera size")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -41,10 +41,10 @@ def main() -> None:
         print(f"camera {size:>3}: env build + reset {build:5.2f} s, step {step_seconds[size] * 1e3:6.1f} ms")
         env.close()
     query, horizon = 0.0, 1
-    if args.checkpoint:
+    if args.policy:
         from atlas_vla.models.policy import AtlasPolicy
 
-        policy = AtlasPolicy.from_pretrained(args.checkpoint)
+        policy = AtlasPolicy.from_pretrained(args.policy)
         observation = sim.sim_observation(obs, instruction)
         policy.predict_action(observation)
         start = time.perf_counter()
@@ -56,7 +56,7 @@ def main() -> None:
     size = args.camera_size[-1]
     episode = (220 + sim.NUM_WAIT_STEPS) * step_seconds[size] + -(-220 // horizon) * query
     print(f"one 220-step episode at {size}px, estimated from the step and query times: {episode:.1f} s")
-    if args.checkpoint:  # measure one real episode end to end (the untrained demo policy never succeeds early)
+    if args.policy:  # measure one real episode end to end (the untrained demo policy never succeeds early)
         env = sim.make_env(bddl, size)
         start = time.perf_counter()
         success, steps = sim.run_episode(env, policy, init_states[0], instruction, max_steps=220, replan_steps=None)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from atlas_vla.config import load_config
-from atlas_vla.data.libero import build_samples, collate, load_train_val
 from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.data.samples import build_samples, collate
+from atlas_vla.data.split import load_train_val
 from atlas_vla.data.synthetic import make_synthetic_libero
 from atlas_vla.models.policy import AtlasPolicy
 

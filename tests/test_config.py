@@ -122,3 +122,40 @@ def test_deepspeed_launch_leaves_gradient_accumulation_to_train_py(monkeypatch):
         if key.startswith("ACCELERATE_"):
             monkeypatch.setenv(key, value)
     assert DeepSpeedPlugin().deepspeed_config["gradient_accumulation_steps"] == "auto"
+
+
+def test_reading_a_config_imports_neither_torch_nor_datasets():
+    import subprocess
+    import sys
+
+    code = ("import sys; from atlas_vla.config import load_config; load_config('configs/train_config.yaml'); "
+            "print(sorted(m for m in ('torch', 'datasets', 'pyarrow', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_renamed_keys_keep_working_with_a_deprecation_warning(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("training: {validation_steps: 7}\ncheckpoint: {checkpointing_steps: 9}\n"
+                    "eval: {libero_steps: 3, max_steps: 40, temporal_ensemble: 0.1}\n"
+                    "model: {head: {pose_loss: l2, gripper_loss: l1}}\n")
+    with pytest.warns(FutureWarning, match="config.eval.temporal_ensemble is deprecated: use config.eval.ensemble_decay"):
+        old = load_config(path)
+    assert (old.training.validate_every_steps, old.checkpoint.save_every_steps) == (7, 9)
+    assert (old.eval.every_steps, old.eval.max_episode_steps, old.eval.ensemble_decay) == (3, 40, 0.1)
+    assert (old.model.head.pose_loss_type, old.model.head.gripper_loss_type) == ("l2", "l1")
+    with pytest.warns(FutureWarning, match="--eval.libero_steps is deprecated: use --eval.every_steps"):
+        assert config_from_args(["--eval.libero_steps", "5"]).eval.every_steps == 5
+    # the diffusers-style flags are aliases of the new keys, not deprecated
+    assert config_from_args(["--validation_steps", "4", "--checkpointing_steps", "6", "--eval_libero_steps", "2"]) \
+        == config_from_args(["--training.validate_every_steps", "4", "--checkpoint.save_every_steps", "6",
+                             "--eval.every_steps", "2"])
+
+
+def test_every_accepted_lr_scheduler_is_a_transformers_scheduler():
+    from transformers import SchedulerType
+
+    from atlas_vla.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from atlas_vla.constants import OBS_IMAGES, OBS_VISION_FEATURES
-from atlas_vla.data.libero import LiberoSamples, collate
+from atlas_vla.data.samples import LiberoSamples, collate
 
 
 class FeatureCache(torch.utils.data.Dataset):

@@ -21,14 +21,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from atlas_vla.action_layout import ACTION_DIM, GRIPPER, POSE
 from atlas_vla.data.lerobot_writer import LeRobotV2Writer
+from atlas_vla.files import StagedFolder
 from atlas_vla.data.transforms import rotate_180
 
 OutputFormat = Literal["lerobot_v2", "saved_dataset"]
 NOOP_THRESHOLD = 1e-4
 _DEMO = re.compile(r"^demo_(\d+)$")
 # key -> (trailing shape, or None for images (H, W, 3))
-_KEYS = {"actions": (7,), "obs/agentview_rgb": None, "obs/eye_in_hand_rgb": None, "obs/ee_pos": (3,),
+_KEYS = {"actions": (ACTION_DIM,), "obs/agentview_rgb": None, "obs/eye_in_hand_rgb": None, "obs/ee_pos": (3,),
          "obs/ee_ori": (3,), "obs/gripper_states": (2,)}
 
 
@@ -75,11 +77,11 @@ def noop_mask(actions: np.ndarray) -> np.ndarray:
     keep = np.ones(len(actions), dtype=bool)
     previous_gripper = None
     for t, action in enumerate(actions):
-        idle = np.linalg.norm(action[:6]) < NOOP_THRESHOLD
-        if idle and (previous_gripper is None or action[6] == previous_gripper):
+        idle = np.linalg.norm(action[POSE]) < NOOP_THRESHOLD
+        if idle and (previous_gripper is None or action[GRIPPER] == previous_gripper):
             keep[t] = False
             continue
-        previous_gripper = action[6]
+        previous_gripper = action[GRIPPER]
     return keep
 
 
@@ -166,15 +168,11 @@ def convert_libero_hdf5(inputs: Sequence[str | Path], output: str | Path, *, out
         raise
     if output_format == "lerobot_v2":
         return output
-    from atlas_vla.data.libero import load_libero
+    from atlas_vla.data.sources import load_libero
 
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        load_libero(str(staging)).save_to_disk(str(tmp))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        with StagedFolder(output) as staged:
+            load_libero(str(staging)).save_to_disk(str(staged.path))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -1,17 +1,15 @@
 """LeRobotV2Writer: write episodes as a LeRobot v2.0 folder, the layout of `physical-intelligence/libero`.
 
 Used by the synthetic dataset and the raw-HDF5 converter, so everything atlas-vla writes loads
-through `load_libero` exactly like the Hub dataset. Episodes go into a temporary folder beside the
-target, which is renamed only when `close()` has written the metadata: an interrupted run never
-leaves a folder that looks finished.
+through `load_libero` exactly like the Hub dataset. Episodes go into a `StagedFolder` beside the
+target, which is moved into place only when `close()` has written the metadata: an interrupted run
+never leaves a folder that looks finished.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +18,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from atlas_vla.constants import ACTION_DIM, STATE_DIM
+from atlas_vla.action_layout import ACTION_DIM
+from atlas_vla.constants import STATE_DIM
+from atlas_vla.files import StagedFolder
 
 CODEBASE_VERSION = "v2.0"
 DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
@@ -40,9 +40,8 @@ class LeRobotV2Writer:
         self.output = Path(output).expanduser()
         if self.output.exists() and not overwrite:
             raise ValueError(f"output folder already exists: {self.output} (pass overwrite to replace it)")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.output.parent / f".{self.output.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        self._staged = StagedFolder(self.output)
+        self.tmp = self._staged.path
         self.fps = fps
         self.tasks: dict[str, int] = {}
         self.episodes: list[dict] = []
@@ -112,14 +111,11 @@ class LeRobotV2Writer:
         (meta / "info.json").write_text(json.dumps(info, indent=4))
         _write_jsonl(meta / "tasks.jsonl", [{"task_index": i, "task": t} for t, i in self.tasks.items()])
         _write_jsonl(meta / "episodes.jsonl", self.episodes)
-        if self.output.exists():
-            shutil.rmtree(self.output)
-        self.tmp.rename(self.output)
-        return self.output
+        return self._staged.commit()
 
     def abort(self) -> None:
         """Remove the temporary folder (after an error)."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._staged.abort()
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:

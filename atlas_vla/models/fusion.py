@@ -8,31 +8,11 @@ state tokens; learnable action queries (one per chunk step) then attend to that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-@dataclass
-class FusionConfig:
-    """Widths and depths of the trainable fusion module."""
-
-    hidden_dim: int = 512  # width of every fused token
-    num_heads: int = 8
-    encoder_depth: int = 2  # self-attention layers over [vision, language, state] tokens
-    decoder_depth: int = 4  # layers in which the action queries attend to themselves and the context
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    spatial_pool: int | None = None  # pool each frame's patch grid to k x k tokens (None: keep every patch)
-
-    def __post_init__(self) -> None:
-        if self.hidden_dim % self.num_heads:
-            raise ValueError(f"FusionConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
-                             f"num_heads ({self.num_heads})")
-        if self.spatial_pool is not None and self.spatial_pool < 1:
-            raise ValueError(f"FusionConfig.spatial_pool must be a positive integer or null, got {self.spatial_pool}")
+from atlas_vla.models.config import FusionConfig
 
 
 def _layer(config: FusionConfig, decoder: bool) -> nn.Module:

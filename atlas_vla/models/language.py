@@ -7,26 +7,14 @@ reused for every later step; the text model never runs in the training hot path 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from atlas_vla.models.config import LanguageConfig
 from atlas_vla.models.weights import weights_hash
-
-DEFAULT_TEXT_ENCODER = "sentence-transformers/all-mpnet-base-v2"
-
-
-@dataclass
-class LanguageConfig:
-    """Which frozen text encoder reads the instruction."""
-
-    model_name_or_path: str = DEFAULT_TEXT_ENCODER  # Hub id or local folder (AutoTokenizer + AutoModel)
-    revision: str | None = None  # Hub branch, tag or commit
-    max_length: int = 32  # tokens kept per instruction (LIBERO instructions are < 25 tokens)
-    trust_remote_code: bool = False  # never on by default: it runs code from the model repo
 
 
 def minilm_path() -> str:

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from atlas_vla.hub import local_path_or_hub_id
+from atlas_vla.models.config import (
+    DEFAULT_VGGT_REPO_ID,
+    DinoConfig,
+    PolicyConfig,
+    VGGTConfig,
+)
 from atlas_vla.models.weights import weights_hash
 
-DEFAULT_REPO_ID = "facebook/VGGT-1B"
 _PREFIX = "aggregator."
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the aggregator normalises its [0, 1] input itself
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,75 +37,6 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DinoConfig:
-    """The DINOv2 ViT that patchifies each frame (defaults: ViT-L/14 with 4 registers, as in VGGT-1B)."""
-
-    img_size: int = 518  # size the position embedding was trained at (a 37 x 37 grid of 14-px patches)
-    patch_size: int = 14
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_register_tokens: int = 4
-    init_values: float = 1.0  # LayerScale initial value
-    interpolate_antialias: bool = True  # antialiased bicubic resize of the position embedding
-    interpolate_offset: float = 0.0
-
-
-@dataclass
-class VGGTConfig:
-    """Aggregator hyper-parameters, named as the official `Aggregator` arguments (defaults: VGGT-1B)."""
-
-    img_size: int = 518
-    patch_size: int = 14
-    embed_dim: int = 1024
-    depth: int = 24  # number of frame blocks, and of global blocks
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_register_tokens: int = 4
-    qkv_bias: bool = True
-    proj_bias: bool = True
-    ffn_bias: bool = True
-    aa_order: list[str] = field(default_factory=lambda: ["frame", "global"])  # alternating-attention order
-    aa_block_size: int = 1  # blocks of one kind run before switching to the other kind
-    qk_norm: bool = True
-    rope_freq: float = 100  # 2D RoPE base frequency; <= 0 disables RoPE
-    init_values: float = 0.01  # LayerScale initial value of the aggregator blocks
-    dino: DinoConfig = field(default_factory=DinoConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.dino, Mapping):
-            self.dino = DinoConfig(**self.dino)
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"VGGTConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        if self.depth % self.aa_block_size:
-            raise ValueError(f"VGGTConfig.depth ({self.depth}) must be divisible by aa_block_size ({self.aa_block_size})")
-        if sorted(set(self.aa_order)) != ["frame", "global"] or len(self.aa_order) != 2:
-            raise ValueError(f"VGGTConfig.aa_order must be an order of ['frame', 'global'], got {self.aa_order!r}")
-        if self.dino.embed_dim != self.embed_dim or self.dino.patch_size != self.patch_size:
-            raise ValueError(
-                f"VGGTConfig: the patch embed must match the aggregator: dino.embed_dim={self.dino.embed_dim} vs "
-                f"embed_dim={self.embed_dim}, dino.patch_size={self.dino.patch_size} vs patch_size={self.patch_size}"
-            )
-
-    @property
-    def patch_start_idx(self) -> int:
-        """Index of the first patch token: one camera token, then the register tokens."""
-        return 1 + self.num_register_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "VGGTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown VGGTConfig keys {unknown}; expected some of {sorted(known)}")
-        return cls(**dict(values))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +372,7 @@ class VGGTAggregator(nn.Module):
         return weights_hash(self)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_REPO_ID, revision: str | None = None,
+    def from_pretrained(cls, name_or_path: str = DEFAULT_VGGT_REPO_ID, revision: str | None = None,
                         config: VGGTConfig | None = None) -> "VGGTAggregator":
         """Load the aggregator from a Hub repo id, a local folder, a `.safetensors` file or a `.pt` state dict.
 
@@ -456,27 +392,32 @@ class VGGTAggregator(nn.Module):
         return model
 
 
+def build_vggt(config: PolicyConfig) -> VGGTAggregator:
+    """A policy's VGGT: pretrained weights when `vggt_pretrained` is set, else a seeded random init."""
+    if config.vggt_pretrained:
+        return VGGTAggregator.from_pretrained(config.vggt_pretrained, revision=config.vggt_revision, config=config.vggt)
+    return VGGTAggregator(config.vggt).init_weights(config.vggt_init_seed)
+
+
 def _resolve_weights_file(name_or_path: str, revision: str | None) -> Path:
     """A local weights file for `name_or_path`: the file itself, a folder's model file, or a Hub download."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
+    found = local_path_or_hub_id(name_or_path, f"VGGT weights not found: {Path(name_or_path).expanduser()}")
+    if isinstance(found, Path) and found.is_file():
+        return found
+    if isinstance(found, Path):
         for candidate in ("model.safetensors", "model.pt"):
-            if (path / candidate).is_file():
-                return path / candidate
-        raise FileNotFoundError(f"no model.safetensors or model.pt in {path}")
-    if path.suffix in (".safetensors", ".pt", ".pth", ".bin") or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"VGGT weights not found: {path}")
+            if (found / candidate).is_file():
+                return found / candidate
+        raise FileNotFoundError(f"no model.safetensors or model.pt in {found}")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(name_or_path, "model.safetensors", revision=revision))
+        return Path(hf_hub_download(found, "model.safetensors", revision=revision))
     except LocalEntryNotFoundError:
         raise  # offline and not cached: trying model.pt cannot help
     except EntryNotFoundError:  # the repo has no safetensors file
-        return Path(hf_hub_download(name_or_path, "model.pt", revision=revision))
+        return Path(hf_hub_download(found, "model.pt", revision=revision))
 
 
 def _read_aggregator_state(weights_file: Path) -> dict[str, Tensor]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from atlas_vla.files import swap_in_folder
+
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "training_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -108,9 +110,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, sta
         state.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if final.exists():  # e.g. re-saving the step a resumed run started from
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_in_folder(tmp, final)  # replaces e.g. the step a resumed run started from
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image, ImageDraw
 
+from atlas_vla.action_layout import GRIPPER, POSE, gripper_closed
 from atlas_vla.config import WandbConfig
 
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -125,21 +126,22 @@ def log_media(accelerator: Accelerator, step: int, images: torch.Tensor, instruc
         caption = f"{text} | green true, red predicted"
         pictures.append(wandb.Image(picture, caption=caption))
         table.add_data(wandb.Image(picture), text, np.round(t[0], 3).tolist(), np.round(p[0], 3).tolist(),
-                       float(np.abs(p[:, :6] - t[:, :6]).mean()), bool(np.sign(p[0, 6]) == np.sign(t[0, 6])))
+                       float(np.abs(p[:, POSE] - t[:, POSE]).mean()),
+                       bool(gripper_closed(p[0, GRIPPER]) == gripper_closed(t[0, GRIPPER])))
     media: dict[str, Any] = {"media/val_frames": pictures, "media/val_predictions": table}
     if video is not None:
         media["media/val_episode"] = wandb.Video(str(video), format="mp4")
     run.log(media, step=step)
 
 
-def log_videos(accelerator: Accelerator, step: int, videos: list[str]) -> None:
-    """Simulator rollout videos (mp4 files) as `media/eval_episode_<i>`; main process and W&B only."""
+def log_videos(accelerator: Accelerator, step: int, videos: Mapping[str, str]) -> None:
+    """Videos (key -> mp4 file, e.g. `libero_sim.episode_videos`) in the W&B run; main process and W&B only."""
     if not videos or not accelerator.is_main_process or "wandb" not in {t.name for t in accelerator.trackers}:
         return
     import wandb
 
     run = accelerator.get_tracker("wandb", unwrap=True)
-    run.log({f"media/eval_episode_{i}": wandb.Video(path, format="mp4") for i, path in enumerate(videos)}, step=step)
+    run.log({key: wandb.Video(path, format="mp4") for key, path in videos.items()}, step=step)
 
 
 def annotate_episode(frames: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor) -> np.ndarray:

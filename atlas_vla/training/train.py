@@ -1,4 +1,9 @@
-"""The training loop: `train(config)` builds, prepares, resumes, loops and exports, in numbered stages.
+"""The training loop: `train(config)` sets up a run, fits it and exports the policy.
+
+`setup_run` builds everything the loop needs in numbered stages (accelerator, data, policy +
+optimizer + schedule, resume, trackers) and returns one `TrainingRun`; `fit` runs the optimizer
+updates and, after each, whatever is due (logging, validation, simulator evaluation, checkpoint);
+`export_policy` writes the final policy and the run summary.
 
 One optimizer update is one `global_step`; it is the step of every logged value, of checkpoint
 names and of the LR schedule, on any number of processes and with any gradient accumulation.
@@ -11,28 +16,41 @@ import logging
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from atlas_vla.config import TrainConfig, config_from_args, flatten, save_config, to_dict, usage
+from atlas_vla.config import (
+    CheckpointConfig,
+    EvalConfig,
+    LoggingConfig,
+    TrainConfig,
+    TrainingConfig,
+    config_from_args,
+    config_yaml,
+    save_config,
+    usage,
+)
 from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
+from atlas_vla.data.config import DataConfig
 from atlas_vla.data.feature_cache import FeatureCache
-from atlas_vla.data.libero import build_samples, collate, load_train_val
 from atlas_vla.data.normalization import NormStats, compute_norm_stats
+from atlas_vla.data.samples import build_samples, collate
+from atlas_vla.data.spec import SampleSpec
+from atlas_vla.data.split import load_train_val
 from atlas_vla.data.synthetic import make_synthetic_libero
-from atlas_vla.video import write_mp4
 from atlas_vla.eval.libero_sim import require_simulator
 from atlas_vla.eval.offline import VAL_METRICS, baseline_metrics, metric_sums
+from atlas_vla.files import write_json_atomic, write_text_atomic
 from atlas_vla.models.policy import AtlasPolicy
+from atlas_vla.schema import flatten, to_dict
 from atlas_vla.training.checkpointing import TrainingState, check_fresh_output_dir, resolve_resume, save_checkpoint
 from atlas_vla.training.tracking import (
     RUN_ID_FILE,
@@ -46,12 +64,172 @@ from atlas_vla.training.tracking import (
     sweep_trial_run_id,
     wandb_init_kwargs,
 )
+from atlas_vla.video import write_mp4
 
 logger = logging.getLogger("atlas_vla.train")
 TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
 SUMMARY_NAME = "train_summary.json"
 METRICS_NAME = "metrics.jsonl"  # every logged scalar, one JSON object per logging step
 FINAL_DIR = "final"
+
+
+@dataclass
+class TrainingRun:
+    """Everything `fit` and `export_policy` need, built once by `setup_run`.
+
+    `policy`, `optimizer`, `scheduler` and the loaders are the `accelerator.prepare`d objects;
+    `state` is where training stands and is advanced by `fit` (a resumed run starts from its checkpoint's).
+    """
+
+    config: TrainConfig  # the resolved config (a sweep trial's output_dir already applied)
+    accelerator: Accelerator
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any | None  # None for an empty validation split
+    val_samples: Any | None
+    stats: NormStats
+    references: dict[str, Any]  # ids and weight hashes of the frozen encoders, saved with every exported policy
+    parameter_counts: dict[str, int]
+    max_steps: int  # optimizer updates of the whole run
+    batches_per_epoch: int | None  # micro-batches per process and epoch; None for a stream
+    num_epochs: int  # epochs that `max_steps` spans (sys.maxsize for a stream)
+    state: TrainingState = field(default_factory=lambda: TrainingState(global_step=0, epoch=0, batches_in_epoch=0))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.training.output_dir)
+
+    @property
+    def trackers(self) -> list[str]:
+        return self.config.trackers
+
+    @property
+    def run_id(self) -> str:
+        """The W&B run id: kept in the training state so that a resumed run continues the same W&B run."""
+        assert self.state.wandb_run_id is not None, "setup_run sets the run id"
+        return self.state.wandb_run_id
+
+    @property
+    def global_batch_size(self) -> int:
+        training_cfg = self.config.training
+        return training_cfg.train_batch_size * self.accelerator.num_processes * training_cfg.gradient_accumulation_steps
+
+    @property
+    def unwrapped_policy(self) -> AtlasPolicy:
+        return self.accelerator.unwrap_model(self.policy)
+
+    def record(self, values: dict[str, Any], step: int) -> None:
+        """Send scalars to the trackers and keep a local copy (`metrics.jsonl`) on the main process."""
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with (self.output_dir / METRICS_NAME).open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+@dataclass
+class TrainLosses:
+    """The undivided micro-batch losses since the last `train/*` log; their mean is what is logged."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    micro_batches: int = 0
+
+    def add(self, out: Mapping[str, torch.Tensor]) -> None:
+        for key in TRAIN_METRICS:
+            self.sums[key] = self.sums.get(key, 0) + out[key].detach().float()
+        self.micro_batches += 1
+
+    def means(self) -> torch.Tensor:
+        """The mean of each of `TRAIN_METRICS` on this process, as one tensor."""
+        return torch.stack([self.sums[key] / self.micro_batches for key in TRAIN_METRICS])
+
+    def reset(self) -> None:
+        self.sums, self.micro_batches = {}, 0
+
+
+@dataclass
+class Throughput:
+    """Optimizer updates per second of this process's loop (a resumed run counts from its first step)."""
+
+    first_step: int
+    start: float = field(default_factory=time.perf_counter)
+    steps_per_second: float = 0.0  # as last measured
+
+    def measure(self, step: int) -> float:
+        self.steps_per_second = (step - self.first_step) / max(time.perf_counter() - self.start, 1e-9)
+        return self.steps_per_second
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
+    """Run one training job; returns the folder of the exported policy.
+
+    `wandb_run_id` attaches to an existing W&B run (e.g. the run a sweep agent created). A trial
+    started by a W&B sweep agent (`sweep_trial_run_id`) writes into `<output_dir>/sweep-<run id>`,
+    because all trials of a sweep share one command line and hence one `--output_dir`.
+    """
+    trial_id = sweep_trial_run_id()
+    if trial_id is not None:
+        folder = str(sweep_trial_dir(config.training.output_dir, trial_id))
+        config = replace(config, training=replace(config.training, output_dir=folder))
+        wandb_run_id = wandb_run_id or trial_id
+    check_tracker_installed(config.trackers)
+    if config.eval.every_steps:
+        require_simulator()  # a missing [sim] extra fails now, not at the first evaluation hours later
+
+    # 1. accelerator ------------------------------------------------------------------------------
+    accelerator = _build_accelerator(config)
+    try:
+        run = setup_run(accelerator, config, wandb_run_id)  # 2-5
+        throughput = fit(run)  # 6
+        return export_policy(run, throughput)  # 7
+    finally:
+        accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`train.py` / `atlas-vla-train` / `python -m atlas_vla.train`: parse, validate, train."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        config = config_from_args(argv)
+        train(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1-5. setup
+# ---------------------------------------------------------------------------------------------------
+
+
+def _build_accelerator(config: TrainConfig) -> Accelerator:
+    """The accelerator, the process's logging, TF32 and the global seed (set before anything is built)."""
+    training_cfg, output_dir = config.training, Path(config.training.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=training_cfg.gradient_accumulation_steps,
+        mixed_precision=training_cfg.mixed_precision,
+        log_with=config.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # rank 0 may spend long in validation or media logging: keep the other ranks from timing out
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
+    )
+    _setup_logging(accelerator, config.logging.log_file)
+    if training_cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(training_cfg.seed)
+    return accelerator
 
 
 def _setup_logging(accelerator: Accelerator, log_file: str | None) -> None:
@@ -63,16 +241,47 @@ def _setup_logging(accelerator: Accelerator, log_file: str | None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=level, handlers=handlers, force=True)
 
 
-def _loader(samples: Any, config: TrainConfig, shuffle: bool) -> torch.utils.data.DataLoader:
-    workers = config.training.dataloader_num_workers
-    iterable = isinstance(samples, torch.utils.data.IterableDataset)
-    return torch.utils.data.DataLoader(
-        samples, batch_size=config.training.train_batch_size, shuffle=shuffle and not iterable,
-        drop_last=shuffle, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
-        # its own generator: creating an epoch's iterator must not consume the global RNG,
-        # or a resumed run would draw different random numbers than an uninterrupted one
-        generator=torch.Generator().manual_seed(config.training.seed),
-    )
+def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None) -> TrainingRun:
+    """Stages 2-5 of `train` on a built accelerator: data, policy + optimizer + schedule, resume, trackers.
+
+    The order of these stages is the order in which random numbers are drawn; changing it changes
+    the trained weights for the same seed.
+    """
+    output_dir = Path(config.training.output_dir)
+    resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
+    if config.checkpoint.resume_from_checkpoint is None:
+        check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
+    train_samples, val_samples, stats = _load_data(accelerator, config.data, config.model.sample_spec)  # 2
+    run = _build_policy_and_optimizer(accelerator, config, train_samples, val_samples, stats,  # 3
+                                      resuming=resume_dir is not None)
+    run.state = _resume(accelerator, resume_dir, config.checkpoint, output_dir)  # 4
+    run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
+    _start_trackers(run, fresh=resume_dir is None)  # 5
+    return run
+
+
+def _load_data(accelerator: Accelerator, data_cfg: DataConfig, spec: SampleSpec) -> tuple[Any, Any | None, NormStats]:
+    """Stage 2: (training samples, validation samples or None for an empty split, normalisation statistics).
+
+    The main process goes first, so that it alone writes the synthetic data and the `datasets` cache.
+    """
+    with accelerator.main_process_first():
+        if data_cfg.generate_synthetic and not Path(data_cfg.source).exists():
+            make_synthetic_libero(data_cfg.source)
+        train_set, val_set = load_train_val(data_cfg)
+        stats = _norm_stats(data_cfg, train_set)
+    train_samples = build_samples(train_set, spec, data_cfg, train=True)
+    val_samples = build_samples(val_set, spec, data_cfg) if _has_rows(val_set) else None
+    return train_samples, val_samples, stats
+
+
+def _norm_stats(data_cfg: DataConfig, train_set: Any) -> NormStats:
+    if data_cfg.norm_stats:
+        return NormStats.load(data_cfg.norm_stats)
+    if not hasattr(train_set, "select_columns") or not hasattr(train_set, "__len__"):
+        raise ValueError("data.streaming is on: compute statistics once with `atlas-vla compute-stats SOURCE "
+                         "--output stats.json` and set data.norm_stats to that file")
+    return compute_norm_stats(train_set)
 
 
 def _has_rows(dataset: Any) -> bool:
@@ -83,13 +292,262 @@ def _has_rows(dataset: Any) -> bool:
         return True
 
 
-def _norm_stats(config: TrainConfig, train_set: Any) -> NormStats:
-    if config.data.norm_stats:
-        return NormStats.load(config.data.norm_stats)
-    if not hasattr(train_set, "select_columns") or not hasattr(train_set, "__len__"):
-        raise ValueError("data.streaming is on: compute statistics once with `atlas-vla compute-stats SOURCE "
-                         "--output stats.json` and set data.norm_stats to that file")
-    return compute_norm_stats(train_set)
+def _loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool) -> torch.utils.data.DataLoader:
+    workers = training_cfg.dataloader_num_workers
+    iterable = isinstance(samples, torch.utils.data.IterableDataset)
+    return torch.utils.data.DataLoader(
+        samples, batch_size=training_cfg.train_batch_size, shuffle=shuffle and not iterable,
+        drop_last=shuffle, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+        # its own generator: creating an epoch's iterator must not consume the global RNG,
+        # or a resumed run would draw different random numbers than an uninterrupted one
+        generator=torch.Generator().manual_seed(training_cfg.seed),
+    )
+
+
+def _build_policy_and_optimizer(accelerator: Accelerator, config: TrainConfig, train_samples: Any,
+                                val_samples: Any | None, stats: NormStats, resuming: bool) -> TrainingRun:
+    """Stage 3: the policy (fine-tune weights, feature cache), the loaders, AdamW and the LR schedule, prepared.
+
+    `training.init_from` applies to a new run only: a resumed run's weights come from its checkpoint.
+    """
+    training_cfg = config.training
+    val_loader = _loader(val_samples, training_cfg, shuffle=False) if val_samples is not None else None
+    policy = AtlasPolicy(config.model, stats)
+    references = policy.backbone_references()  # hash the frozen encoders once
+    if training_cfg.init_from and not resuming:
+        policy.load_trainable_weights(training_cfg.init_from)
+        logger.info("initialised the trainable weights from %s", training_cfg.init_from)
+    counts = policy.num_parameters()
+    if training_cfg.cache_frozen_features:
+        train_samples = _cache_frozen_features(accelerator, policy, train_samples, training_cfg)
+    train_loader = _loader(train_samples, training_cfg, shuffle=True)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=training_cfg.learning_rate,
+        betas=(training_cfg.adam_beta1, training_cfg.adam_beta2), eps=training_cfg.adam_epsilon,
+        weight_decay=training_cfg.weight_decay,
+    )
+    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    if accelerator.device.type == "cuda" and training_cfg.mixed_precision == "bf16":
+        accelerator.unwrap_model(policy).cast_frozen(torch.bfloat16)
+    try:
+        batches_per_epoch = len(train_loader)
+    except TypeError:
+        batches_per_epoch = None  # streaming
+    max_steps, num_epochs = _run_length(batches_per_epoch, training_cfg)
+    # a prepared scheduler steps once per process per update: size it in process-steps
+    scheduler = get_scheduler(training_cfg.lr_scheduler, optimizer,
+                              num_warmup_steps=training_cfg.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=max_steps * accelerator.num_processes)
+    scheduler = accelerator.prepare(scheduler)
+
+    def export_hook(models: list, weights: list, folder: str) -> None:
+        """Every checkpoint also holds the exported policy (`policy/`), loadable without training code."""
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(models[0]).save_pretrained(Path(folder) / "policy", references=references)
+
+    accelerator.register_save_state_pre_hook(export_hook)
+    return TrainingRun(config=config, accelerator=accelerator, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                       train_loader=train_loader, val_loader=val_loader, val_samples=val_samples, stats=stats,
+                       references=references, parameter_counts=counts, max_steps=max_steps,
+                       batches_per_epoch=batches_per_epoch, num_epochs=num_epochs)
+
+
+def _cache_frozen_features(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any,
+                           training_cfg: TrainingConfig) -> FeatureCache:
+    """The training samples with their frozen VGGT features computed once, so the backbone never runs in the loop."""
+    policy.to(accelerator.device)
+    cache = FeatureCache.build(train_samples, policy.vision_features, batch_size=training_cfg.train_batch_size,
+                               copies=training_cfg.cached_copies, progress=accelerator.is_local_main_process)
+    logger.info("cached the frozen VGGT features of %d training samples x %d copies (%.2f GB)", len(cache),
+                training_cfg.cached_copies, cache.nbytes / 1e9)
+    return cache
+
+
+def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> tuple[int, int]:
+    """(max_steps, num_epochs): the optimizer updates to run and the epochs they span (a stream: unbounded)."""
+    if training_cfg.max_train_steps is None and batches_per_epoch is None:
+        raise ValueError("data.streaming is on: set training.max_train_steps (a stream has no epoch length)")
+    accumulation = training_cfg.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(batches_per_epoch / accumulation) if batches_per_epoch else None
+    max_steps = training_cfg.max_train_steps or training_cfg.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch) if updates_per_epoch else sys.maxsize
+    return max_steps, num_epochs
+
+
+def _resume(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: CheckpointConfig,
+            output_dir: Path) -> TrainingState:
+    """Stage 4: load the accelerator state from `resume_dir` and return where training stands (step 0 without)."""
+    if resume_dir is None:
+        if checkpoint_cfg.resume_from_checkpoint == "latest":
+            logger.info("no checkpoint in %s yet: starting a new run", output_dir)
+        return TrainingState(global_step=0, epoch=0, batches_in_epoch=0)
+    try:
+        accelerator.load_state(str(resume_dir))
+    except Exception as error:
+        raise ValueError(f"cannot resume from {resume_dir}: {error}") from error
+    state = TrainingState.load(resume_dir)
+    logger.info("resumed from %s at step %d", resume_dir, state.global_step)
+    return state
+
+
+def _start_trackers(run: TrainingRun, fresh: bool) -> None:
+    """Stage 5: save the config and statistics, start the local metric log and the trackers, store the run id.
+
+    A `fresh` (not resumed) run starts its local metric log anew; a resumed one appends to it.
+    """
+    accelerator, config, output_dir, trackers = run.accelerator, run.config, run.output_dir, run.trackers
+    training_cfg = config.training
+    setup = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+             "mixed_precision": training_cfg.mixed_precision,
+             "gradient_accumulation_steps": training_cfg.gradient_accumulation_steps,
+             "micro_batch_size": training_cfg.train_batch_size, "global_batch_size": run.global_batch_size,
+             "max_train_steps": run.max_steps}
+    tracked = {**to_dict(config), "setup": setup, "parameters": run.parameter_counts,
+               "norm_stats_fingerprint": run.stats.fingerprint}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+        run.stats.save(output_dir / "norm_stats.json")
+        if fresh:
+            (output_dir / METRICS_NAME).write_text("")
+    if trackers:
+        wandb_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run.run_id)} if "wandb" in trackers else {}
+        accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=wandb_kwargs)
+        if "wandb" in trackers and accelerator.is_main_process:
+            # inside a sweep wandb ignores the id we pass and uses the agent's: store the id of the run
+            # that really exists (the main process alone writes the id file and the checkpoint state)
+            run.state.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
+    if accelerator.is_main_process:
+        write_text_atomic(output_dir / RUN_ID_FILE, run.run_id + "\n")
+    logger.info("setup: %s; parameters: %s", setup, run.parameter_counts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. the loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def fit(run: TrainingRun) -> Throughput:
+    """Stage 6 of `train`: optimizer updates until `run.max_steps`, and after each what is due.
+
+    Every micro-batch is one forward/backward; every `gradient_accumulation_steps` of them make one
+    optimizer update (`global_step`), after which the train metrics are logged, the policy is
+    validated, evaluated in the simulator and checkpointed, each at its own interval.
+    """
+    config, state, max_steps = run.config, run.state, run.max_steps
+    baseline = (baseline_metrics(run.val_loader, run.stats, config.training.num_validation_batches)
+                if run.val_loader is not None else {})
+    progress = tqdm(total=max_steps, initial=state.global_step, desc="train",
+                    disable=not run.accelerator.is_local_main_process)
+    losses = TrainLosses()
+    validations = 0
+    throughput = Throughput(first_step=state.global_step)
+    run.policy.train()
+    for batch in _train_batches(run):
+        out = update_policy(run, batch, config.training.max_grad_norm)
+        state.batches_in_epoch += 1
+        losses.add(out)
+        if not run.accelerator.sync_gradients:
+            continue  # a micro-batch of an update that is still accumulating gradients
+        state.global_step += 1
+        progress.update(1)
+        step = state.global_step
+        if is_log_step(step, max_steps, config.logging):
+            log_train_metrics(run, losses, throughput, progress)
+        if run.val_loader is not None and is_validation_step(step, max_steps, config.training):
+            validations += 1
+            run_validation(run, baseline, config.training.num_validation_batches)
+            log_validation_media(run, validations, config.logging)
+        if is_sim_eval_step(step, config.eval):
+            run_sim_evaluation(run, config.eval)
+        if is_checkpoint_step(step, max_steps, config.checkpoint):
+            save_training_checkpoint(run, config.checkpoint)
+        if step >= max_steps:
+            break
+    progress.close()
+    return throughput
+
+
+def _train_batches(run: TrainingRun) -> Iterator[Any]:
+    """The training micro-batches from where `run.state` stands until training ends, epoch after epoch.
+
+    A resumed run first skips the batches its epoch had already consumed. Each exhausted epoch
+    advances `run.state` to the next one; the caller stops iterating after the last update.
+    """
+    state = run.state
+    while state.global_step < run.max_steps and state.epoch < run.num_epochs:
+        if hasattr(run.train_loader, "set_epoch"):
+            run.train_loader.set_epoch(state.epoch)
+        if state.batches_in_epoch:
+            yield from run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+        else:
+            yield from run.train_loader
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+
+def update_policy(run: TrainingRun, batch: Mapping[str, Any], max_grad_norm: float | None) -> dict[str, torch.Tensor]:
+    """Forward and backward one micro-batch; returns the policy's losses.
+
+    Under `accelerator.accumulate` the gradients are clipped and the optimizer, the schedule and
+    the zeroing take effect only on the micro-batch that completes an update (`sync_gradients`).
+    """
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.policy):
+        out = run.policy(batch)
+        accelerator.backward(out["loss"])
+        if accelerator.sync_gradients and max_grad_norm:
+            accelerator.clip_grad_norm_(run.policy.parameters(), max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def is_log_step(step: int, max_steps: int, logging_cfg: LoggingConfig) -> bool:
+    """`train/*` metrics every `log_every_steps` updates and after the last one."""
+    return step % logging_cfg.log_every_steps == 0 or step == max_steps
+
+
+def is_validation_step(step: int, max_steps: int, training_cfg: TrainingConfig) -> bool:
+    """Validation every `validate_every_steps` updates and after the last one."""
+    return step % training_cfg.validate_every_steps == 0 or step == max_steps
+
+
+def is_sim_eval_step(step: int, eval_cfg: EvalConfig) -> bool:
+    """Simulator evaluation every `every_steps` updates (not at the end); never when it is unset."""
+    return bool(eval_cfg.every_steps) and step % eval_cfg.every_steps == 0
+
+
+def is_checkpoint_step(step: int, max_steps: int, checkpoint_cfg: CheckpointConfig) -> bool:
+    """A checkpoint every `save_every_steps` updates and after the last one."""
+    return step % checkpoint_cfg.save_every_steps == 0 or step == max_steps
+
+
+def is_video_validation(validation: int, logging_cfg: LoggingConfig) -> bool:
+    """Whether the `validation`-th validation (counted from 1) logs an episode video.
+
+    The 1st does, and then every N-th after it (N = `video_every_validations`): validations
+    1, N+1, 2N+1, ...; N = 0 means never.
+    """
+    every = logging_cfg.video_every_validations
+    return every != 0 and (validation - 1) % every == 0
+
+
+def log_train_metrics(run: TrainingRun, losses: TrainLosses, throughput: Throughput, progress: tqdm) -> None:
+    """Log the `train/*` metrics: losses averaged over the micro-batches since the last log and over processes."""
+    state = run.state
+    step = state.global_step
+    means = run.accelerator.reduce(losses.means(), "mean")
+    logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
+    logs.update({"train/lr": run.scheduler.get_last_lr()[0], "train/step": step,
+                 "train/epoch": state.epoch + state.batches_in_epoch / (run.batches_per_epoch or math.inf),
+                 "train/steps_per_second": throughput.measure(step)})
+    run.record(logs, step)  # custom metrics: add them to `logs` here
+    progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+    losses.reset()
 
 
 def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable, limit: int | None) -> dict[str, float]:
@@ -99,6 +557,34 @@ def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable
         return {}
     means = accelerator.reduce((totals / count).to(accelerator.device), reduction="mean")
     return {f"val/{key}": float(value) for key, value in zip(VAL_METRICS, means)}
+
+
+def run_validation(run: TrainingRun, baseline: Mapping[str, float], num_batches: int | None) -> None:
+    """Log the `val/*` metrics of the policy next to those of the mean-action baseline (`val/baseline_*`)."""
+    step = run.state.global_step
+    val_logs = validate(run.accelerator, run.policy, run.val_loader, num_batches)
+    val_logs.update({f"val/baseline_{k}": v for k, v in baseline.items()})
+    run.record(val_logs, step)
+    logger.info("step %d %s", step, metrics_table(val_logs))
+
+
+def log_validation_media(run: TrainingRun, validation: int, logging_cfg: LoggingConfig) -> None:
+    """W&B images and a table of the first validation samples' actions, and on some validations an episode video.
+
+    Main process and W&B only, and only for an indexable validation split; `validation` counts the
+    validations from 1 (see `is_video_validation`).
+    """
+    samples, accelerator = run.val_samples, run.accelerator
+    indexable = not isinstance(samples, torch.utils.data.IterableDataset)
+    if not (logging_cfg.log_media and indexable and accelerator.is_main_process and "wandb" in run.trackers):
+        return
+    step = run.state.global_step
+    policy = run.unwrapped_policy
+    media = collate([samples[i] for i in range(min(logging_cfg.num_media_samples, len(samples)))])
+    video = (_episode_video(policy, samples, run.output_dir / "media" / f"val_episode_{step}.mp4")
+             if is_video_validation(validation, logging_cfg) else None)
+    log_media(accelerator, step, media[OBS_IMAGES][:, 0], list(media[INSTRUCTION]),
+              policy.predict_action_chunk(media), media[ACTIONS], video)
 
 
 def _episode_video(policy: AtlasPolicy, samples: Any, path: Path, max_frames: int = 120) -> Path | None:
@@ -120,303 +606,79 @@ def _episode_video(policy: AtlasPolicy, samples: Any, path: Path, max_frames: in
     return write_mp4(path, annotate_episode(torch.stack(frames), torch.stack(predicted), torch.stack(true)))
 
 
-def evaluate_in_simulator(policy: AtlasPolicy, config: TrainConfig, references: dict, step: int) -> dict[str, Any]:
-    """Closed-loop LIBERO success rates of the current policy (main process): `eval/*` scalars + videos."""
+def run_sim_evaluation(run: TrainingRun, eval_cfg: EvalConfig) -> None:
+    """Evaluate in the LIBERO simulator on the main process and log `eval/*` and the videos; the other ranks wait.
+
+    A failed evaluation (e.g. every worker died) is logged as an error and skipped: it must not end training.
+    """
+    accelerator, step = run.accelerator, run.state.global_step
+    if accelerator.is_main_process:
+        try:
+            metrics, videos = evaluate_in_simulator(run.unwrapped_policy, eval_cfg, run.output_dir, run.references,
+                                                    step)
+            run.record(metrics, step)
+            log_videos(accelerator, step, videos)
+        except Exception as error:
+            logger.error("step %d: the LIBERO simulator evaluation failed and is skipped, training "
+                         "continues: %s: %s", step, type(error).__name__, error)
+    # the other ranks wait here (2 h process-group timeout); after a failed evaluation too
+    accelerator.wait_for_everyone()
+
+
+def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir: Path, references: dict,
+                          step: int) -> tuple[dict[str, float], dict[str, str]]:
+    """Closed-loop LIBERO success rates of the current policy (main process): the `eval/*` scalars and
+    the episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them."""
     from atlas_vla.eval import libero_sim as sim
 
     sim.require_simulator()
-    cfg = config.eval
-    folder = Path(config.training.output_dir) / "eval" / f"step-{step}"
-    checkpoint = policy.save_pretrained(folder / "policy", references=references)
-    from libero.libero import benchmark
+    folder = Path(output_dir) / "eval" / f"step-{step}"
+    specs = sim.episode_specs(eval_cfg, video_dir=folder / "videos")
+    policy_dir = policy.save_pretrained(folder / "policy", references=references)
+    summary = sim.summarize(sim.evaluate(str(policy_dir), specs, num_workers=eval_cfg.num_workers))
+    sim.save_results(folder / "results.json", eval_cfg.suite, summary, {"step": step})
+    metrics = sim.success_metrics(eval_cfg.suite, summary)
+    logger.info("step %d %s", step, metrics_table(metrics))
+    return metrics, sim.episode_videos(summary)
 
-    tasks = cfg.tasks if cfg.tasks is not None else list(range(benchmark.get_benchmark_dict()[cfg.suite]().n_tasks))
-    max_steps = cfg.max_steps or sim.SUITE_MAX_STEPS[cfg.suite]
-    specs = [sim.EpisodeSpec(cfg.suite, task, state, max_steps, cfg.replan_steps, cfg.camera_size, 0,
-                             str(folder / "videos") if cfg.videos else None, cfg.temporal_ensemble)
-             for task in tasks for state in cfg.initial_states]
-    summary = sim.summarize(sim.evaluate(str(checkpoint), specs, num_workers=cfg.num_workers))
-    sim.save_results(folder / "results.json", cfg.suite, summary, {"step": step})
-    logs: dict[str, Any] = {"eval/success_rate": summary["success_rate"]}
-    logs.update({f"eval/{cfg.suite}/task_{task}": row["success_rate"] for task, row in summary["tasks"].items()})
-    logger.info("step %d %s", step, metrics_table(logs))
-    logs["videos"] = [e["video"] for e in summary["episodes_detail"] if e["video"]]
-    return logs
+
+def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig) -> None:
+    """Save `checkpoints/checkpoint-{step}` with the state a resumed run continues from, and apply retention."""
+    state = run.state
+    saved = TrainingState(state.global_step, state.epoch, state.batches_in_epoch, run.run_id)
+    if state.batches_in_epoch == run.batches_per_epoch:  # this update ended the epoch: resume at the next one
+        saved = TrainingState(state.global_step, state.epoch + 1, 0, run.run_id)
+    save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
+                    {"config.yaml": config_yaml(run.config)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. export
+# ---------------------------------------------------------------------------------------------------
+
+
+def export_policy(run: TrainingRun, throughput: Throughput) -> Path:
+    """Stage 7 of `train`: the final policy in `final/`, `train_summary.json`, and the Hub upload if asked for."""
+    accelerator, output_dir, training_cfg = run.accelerator, run.output_dir, run.config.training
+    checksums = _rank_checksums(accelerator, run.unwrapped_policy)
+    final_dir = output_dir / FINAL_DIR
+    if accelerator.is_main_process:
+        policy = run.unwrapped_policy
+        policy.save_pretrained(final_dir, references=run.references)
+        summary = {"global_step": run.state.global_step, "num_processes": accelerator.num_processes,
+                   "global_batch_size": run.global_batch_size, "rank_weight_checksums": checksums,
+                   "wandb_run_id": run.run_id if "wandb" in run.trackers else None,
+                   "parameters": run.parameter_counts, "seconds": time.perf_counter() - throughput.start,
+                   "train_steps_per_second": throughput.steps_per_second}
+        write_json_atomic(output_dir / SUMMARY_NAME, summary)
+        if training_cfg.push_to_hub:
+            policy.push_to_hub(training_cfg.hub_model_id or output_dir.name)
+        logger.info("exported the policy to %s", final_dir)
+    accelerator.wait_for_everyone()
+    return final_dir
 
 
 def _rank_checksums(accelerator: Accelerator, policy: torch.nn.Module) -> list[float]:
     """One checksum of the trainable weights per rank (they must all agree under DDP)."""
     total = sum(p.detach().double().sum() for p in policy.parameters())
     return [float(v) for v in accelerator.gather(total.reshape(1).to(accelerator.device).float())]
-
-
-def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
-    """Run one training job; returns the folder of the exported policy.
-
-    `wandb_run_id` attaches to an existing W&B run (e.g. the run a sweep agent created). A trial
-    started by a W&B sweep agent (`sweep_trial_run_id`) writes into `<output_dir>/sweep-<run id>`,
-    because all trials of a sweep share one command line and hence one `--output_dir`.
-    """
-    trial_id = sweep_trial_run_id()
-    if trial_id is not None:
-        folder = str(sweep_trial_dir(config.training.output_dir, trial_id))
-        config = replace(config, training=replace(config.training, output_dir=folder))
-        wandb_run_id = wandb_run_id or trial_id
-    cfg_t = config.training
-    output_dir = Path(cfg_t.output_dir)
-    trackers = config.trackers
-    check_tracker_installed(trackers)
-    if config.eval.libero_steps:
-        require_simulator()  # a missing [sim] extra fails now, not at the first evaluation hours later
-
-    # 1. accelerator ------------------------------------------------------------------------------
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg_t.gradient_accumulation_steps,
-        mixed_precision=cfg_t.mixed_precision,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # rank 0 may spend long in validation or media logging: keep the other ranks from timing out
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
-    )
-    _setup_logging(accelerator, config.logging.log_file)
-    if cfg_t.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    set_seed(cfg_t.seed)
-    try:
-        return _run(accelerator, config, wandb_run_id)
-    finally:
-        accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
-
-
-def _run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None) -> Path:
-    """Stages 2-7 of `train`, on a built accelerator."""
-    cfg_t = config.training
-    output_dir = Path(cfg_t.output_dir)
-    trackers = config.trackers
-    resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
-    if config.checkpoint.resume_from_checkpoint is None:
-        check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
-
-    # 2. data ---------------------------------------------------------------------------------------
-    spec = config.model.sample_spec
-    with accelerator.main_process_first():
-        if config.data.generate_synthetic and not Path(config.data.source).exists():
-            make_synthetic_libero(config.data.source)
-        train_set, val_set = load_train_val(config.data)
-        stats = _norm_stats(config, train_set)
-    train_samples = build_samples(train_set, spec, config.data, train=True)
-    val_samples = build_samples(val_set, spec, config.data) if _has_rows(val_set) else None
-    val_loader = _loader(val_samples, config, shuffle=False) if val_samples is not None else None
-
-    # 3. policy, optimizer, schedule ------------------------------------------------------------------
-    policy = AtlasPolicy(config.model, stats)
-    references = policy.backbone_references()  # hash the frozen encoders once
-    if cfg_t.init_from and resume_dir is None:
-        policy.load_trainable_weights(cfg_t.init_from)
-        logger.info("initialised the trainable weights from %s", cfg_t.init_from)
-    counts = policy.num_parameters()
-    if cfg_t.cache_frozen_features:  # the frozen backbone runs once per sample here, never in the loop
-        policy.to(accelerator.device)
-        train_samples = FeatureCache.build(train_samples, policy.vision_features, batch_size=cfg_t.train_batch_size,
-                                           copies=cfg_t.cached_copies, progress=accelerator.is_local_main_process)
-        logger.info("cached the frozen VGGT features of %d training samples x %d copies (%.2f GB)", len(train_samples),
-                    cfg_t.cached_copies, train_samples.nbytes / 1e9)
-    train_loader = _loader(train_samples, config, shuffle=True)
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=cfg_t.learning_rate,
-        betas=(cfg_t.adam_beta1, cfg_t.adam_beta2), eps=cfg_t.adam_epsilon, weight_decay=cfg_t.weight_decay,
-    )
-    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-    if accelerator.device.type == "cuda" and cfg_t.mixed_precision == "bf16":
-        accelerator.unwrap_model(policy).cast_frozen(torch.bfloat16)
-    try:
-        batches_per_epoch = len(train_loader)
-    except TypeError:
-        batches_per_epoch = None  # streaming
-    if cfg_t.max_train_steps is None and batches_per_epoch is None:
-        raise ValueError("data.streaming is on: set training.max_train_steps (a stream has no epoch length)")
-    updates_per_epoch = math.ceil(batches_per_epoch / cfg_t.gradient_accumulation_steps) if batches_per_epoch else None
-    max_steps = cfg_t.max_train_steps or cfg_t.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_steps / updates_per_epoch) if updates_per_epoch else sys.maxsize
-    # a prepared scheduler steps once per process per update: size it in process-steps
-    scheduler = get_scheduler(cfg_t.lr_scheduler, optimizer,
-                              num_warmup_steps=cfg_t.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=max_steps * accelerator.num_processes)
-    scheduler = accelerator.prepare(scheduler)
-
-    def export_hook(models: list, weights: list, folder: str) -> None:
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_pretrained(Path(folder) / "policy", references=references)
-
-    accelerator.register_save_state_pre_hook(export_hook)
-
-    # 4. resume ---------------------------------------------------------------------------------------
-    state = TrainingState(global_step=0, epoch=0, batches_in_epoch=0)
-    if resume_dir is not None:
-        try:
-            accelerator.load_state(str(resume_dir))
-        except Exception as error:
-            raise ValueError(f"cannot resume from {resume_dir}: {error}") from error
-        state = TrainingState.load(resume_dir)
-        logger.info("resumed from %s at step %d", resume_dir, state.global_step)
-    elif config.checkpoint.resume_from_checkpoint == "latest":
-        logger.info("no checkpoint in %s yet: starting a new run", output_dir)
-    run_id = state.wandb_run_id or wandb_run_id or new_run_id()
-    state.wandb_run_id = run_id
-
-    # 5. trackers --------------------------------------------------------------------------------------
-    global_batch = cfg_t.train_batch_size * accelerator.num_processes * cfg_t.gradient_accumulation_steps
-    setup = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-             "mixed_precision": cfg_t.mixed_precision, "gradient_accumulation_steps": cfg_t.gradient_accumulation_steps,
-             "micro_batch_size": cfg_t.train_batch_size, "global_batch_size": global_batch, "max_train_steps": max_steps}
-    tracked = {**to_dict(config), "setup": setup, "parameters": counts, "norm_stats_fingerprint": stats.fingerprint}
-    metrics_file = output_dir / METRICS_NAME
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
-        stats.save(output_dir / "norm_stats.json")
-        if resume_dir is None:  # a new run starts its local metric log anew; a resumed one appends to it
-            metrics_file.write_text("")
-    if trackers:
-        init_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run_id)} if "wandb" in trackers else {}
-        accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=init_kwargs)
-        if "wandb" in trackers and accelerator.is_main_process:
-            # inside a sweep wandb ignores the id we pass and uses the agent's: store the id of the run
-            # that really exists (the main process alone writes the id file and the checkpoint state)
-            run_id = state.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
-    if accelerator.is_main_process:
-        (output_dir / RUN_ID_FILE).write_text(run_id + "\n")
-    logger.info("setup: %s; parameters: %s", setup, counts)
-
-    def record(values: dict[str, Any], step: int) -> None:
-        """Send scalars to the trackers and keep a local copy (`metrics.jsonl`) on the main process."""
-        accelerator.log(values, step=step)
-        if accelerator.is_main_process:
-            with metrics_file.open("a") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
-
-    # 6. loop ------------------------------------------------------------------------------------------
-    baseline = (baseline_metrics(val_loader, stats, cfg_t.num_validation_batches)
-                if val_loader is not None else {})
-    progress = tqdm(total=max_steps, initial=state.global_step, desc="train",
-                    disable=not accelerator.is_local_main_process)
-    validations = 0
-    sums: dict[str, torch.Tensor] = {}
-    micro_batches = 0
-    first_step, steps_per_second = state.global_step, 0.0
-    start = time.perf_counter()
-    policy.train()
-    while state.global_step < max_steps and state.epoch < num_epochs:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(state.epoch)
-        loader = (accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-                  if state.batches_in_epoch else train_loader)
-        for batch in loader:
-            with accelerator.accumulate(policy):
-                out = policy(batch)
-                accelerator.backward(out["loss"])
-                if accelerator.sync_gradients and cfg_t.max_grad_norm:
-                    accelerator.clip_grad_norm_(policy.parameters(), cfg_t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            for key in TRAIN_METRICS:  # undivided micro-batch losses; averaged below
-                sums[key] = sums.get(key, 0) + out[key].detach().float()
-            micro_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            step = state.global_step
-            if step % config.logging.log_every_steps == 0 or step == max_steps:
-                means = accelerator.reduce(torch.stack([sums[k] / micro_batches for k in TRAIN_METRICS]), "mean")
-                logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
-                steps_per_second = (step - first_step) / max(time.perf_counter() - start, 1e-9)
-                logs.update({"train/lr": scheduler.get_last_lr()[0], "train/step": step,
-                             "train/epoch": state.epoch + state.batches_in_epoch / (batches_per_epoch or math.inf),
-                             "train/steps_per_second": steps_per_second})
-                record(logs, step)  # custom metrics: add them to `logs` here
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                sums, micro_batches = {}, 0
-            if val_loader is not None and (step % cfg_t.validation_steps == 0 or step == max_steps):
-                val_logs = validate(accelerator, policy, val_loader, cfg_t.num_validation_batches)
-                val_logs.update({f"val/baseline_{k}": v for k, v in baseline.items()})
-                record(val_logs, step)
-                logger.info("step %d %s", step, metrics_table(val_logs))
-                validations += 1
-                indexable = not isinstance(val_samples, torch.utils.data.IterableDataset)
-                if config.logging.log_media and indexable and accelerator.is_main_process and "wandb" in trackers:
-                    unwrapped = accelerator.unwrap_model(policy)
-                    media = collate([val_samples[i] for i in range(min(config.logging.num_media_samples,
-                                                                          len(val_samples)))])
-                    every = config.logging.video_every_validations
-                    video = (_episode_video(unwrapped, val_samples, output_dir / "media" / f"val_episode_{step}.mp4")
-                             if every and validations % every == 1 % every else None)
-                    log_media(accelerator, step, media[OBS_IMAGES][:, 0], list(media[INSTRUCTION]),
-                              unwrapped.predict_action_chunk(media), media[ACTIONS], video)
-            if config.eval.libero_steps and step % config.eval.libero_steps == 0:
-                if accelerator.is_main_process:
-                    try:
-                        logs = evaluate_in_simulator(accelerator.unwrap_model(policy), config, references, step)
-                        record({k: v for k, v in logs.items() if k != "videos"}, step)
-                        log_videos(accelerator, step, logs["videos"])
-                    except Exception as error:  # a broken evaluation (e.g. every worker died) must not end training
-                        logger.error("step %d: the LIBERO simulator evaluation failed and is skipped, training "
-                                     "continues: %s: %s", step, type(error).__name__, error)
-                # the other ranks wait here (2 h process-group timeout); after a failed evaluation too
-                accelerator.wait_for_everyone()
-            if step % config.checkpoint.checkpointing_steps == 0 or step == max_steps:
-                saved = TrainingState(step, state.epoch, state.batches_in_epoch, run_id)
-                if state.batches_in_epoch == batches_per_epoch:  # this update ended the epoch
-                    saved = TrainingState(step, state.epoch + 1, 0, run_id)
-                save_checkpoint(accelerator, output_dir, saved, config.checkpoint.checkpoints_total_limit,
-                                {"config.yaml": _yaml(config)})
-            if step >= max_steps:
-                break
-        else:  # the epoch's data is exhausted
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    progress.close()
-
-    # 7. export ---------------------------------------------------------------------------------------
-    checksums = _rank_checksums(accelerator, accelerator.unwrap_model(policy))
-    final_dir = output_dir / FINAL_DIR
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(policy)
-        unwrapped.save_pretrained(final_dir, references=references)
-        summary = {"global_step": state.global_step, "num_processes": accelerator.num_processes,
-                   "global_batch_size": global_batch, "rank_weight_checksums": checksums,
-                   "wandb_run_id": run_id if "wandb" in trackers else None, "parameters": counts,
-                   "seconds": time.perf_counter() - start, "train_steps_per_second": steps_per_second}
-        (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
-        if cfg_t.push_to_hub:
-            unwrapped.push_to_hub(cfg_t.hub_model_id or output_dir.name)
-        logger.info("exported the policy to %s", final_dir)
-    accelerator.wait_for_everyone()
-    return final_dir
-
-
-def _yaml(config: TrainConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`train.py` / `atlas-vla-train` / `python -m atlas_vla.train`: parse, validate, train."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage())
-        return 0
-    try:
-        config = config_from_args(argv)
-        train(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        return 2
-    return 0

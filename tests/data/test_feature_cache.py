@@ -9,9 +9,11 @@ from helpers import synthetic_dataset, tiny_policy_config
 
 from atlas_vla.config import load_config
 from atlas_vla.constants import OBS_IMAGES, OBS_VISION_FEATURES
+from atlas_vla.data.config import DataConfig
 from atlas_vla.data.feature_cache import FeatureCache
-from atlas_vla.data.libero import DataConfig, build_samples, collate, load_libero
 from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.data.samples import build_samples, collate
+from atlas_vla.data.sources import load_libero
 from atlas_vla.models.policy import AtlasPolicy
 
 

@@ -12,7 +12,7 @@ import pytest
 from atlas_vla.cli import main as cli
 from atlas_vla.constants import ACTION, AGENT_IMAGE, INSTRUCTION, STATE, WRIST_IMAGE
 from atlas_vla.data.hdf5 import convert_libero_hdf5, noop_mask
-from atlas_vla.data.libero import describe, load_libero
+from atlas_vla.data.sources import describe, load_libero
 
 INSTRUCTION_TEXT = "put the bowl on the plate"
 

@@ -38,20 +38,10 @@ from atlas_vla.constants import (
     TASK_INDEX,
     WRIST_IMAGE,
 )
-from atlas_vla.data.libero import (
-    LAYOUT_LEROBOT_V2,
-    LAYOUT_LEROBOT_V3,
-    LAYOUT_SAVED,
-    DataConfig,
-    LiberoSamples,
-    LiberoSampleStream,
-    collate,
-    describe,
-    detect_layout,
-    load_libero,
-    load_train_val,
-    split_episodes,
-)
+from atlas_vla.data.config import DataConfig
+from atlas_vla.data.samples import collate, LiberoSamples, LiberoSampleStream
+from atlas_vla.data.sources import LAYOUT_LEROBOT_V2, LAYOUT_LEROBOT_V3, LAYOUT_SAVED, describe, detect_layout, load_libero
+from atlas_vla.data.split import load_train_val, split_episodes
 from atlas_vla.data.spec import SampleSpec
 
 TASKS = ["put the bowl on the plate", "open the top drawer"]

@@ -12,7 +12,7 @@ import torch
 
 from atlas_vla.cli import main as cli
 from atlas_vla.constants import ACTION, EPISODE_INDEX, STATE
-from atlas_vla.data.libero import load_libero
+from atlas_vla.data.sources import load_libero
 from atlas_vla.data.normalization import FeatureStats, NormStats, compute_norm_stats, normalize, unnormalize
 
 

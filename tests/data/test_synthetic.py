@@ -9,7 +9,7 @@ import pytest
 
 from atlas_vla.cli import main as cli
 from atlas_vla.constants import ACTION, AGENT_IMAGE, INSTRUCTION, STATE, WRIST_IMAGE
-from atlas_vla.data.libero import describe, load_libero
+from atlas_vla.data.sources import describe, load_libero
 from atlas_vla.data.synthetic import INSTRUCTIONS, make_synthetic_libero
 
 

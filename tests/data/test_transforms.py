@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from atlas_vla.constants import INSTRUCTION, OBS_IMAGES, OBS_STATE
-from atlas_vla.data.libero import LiberoSamples, load_libero
+from atlas_vla.data.samples import LiberoSamples
+from atlas_vla.data.sources import load_libero
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.transforms import (
     image_to_chw,

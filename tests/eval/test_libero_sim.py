@@ -117,8 +117,8 @@ def test_recorded_demo_replays_to_success_from_its_initial_state(sim_demos_dir):
 def test_eval_libero_runs_a_real_rollout_with_a_tiny_policy(tmp_path, sim_demos_dir):
     from helpers import tiny_policy_config
 
-    from atlas_vla.data.libero import load_libero
     from atlas_vla.data.normalization import compute_norm_stats
+    from atlas_vla.data.sources import load_libero
     from atlas_vla.models.policy import AtlasPolicy
 
     stats = compute_norm_stats(load_libero(str(sim_demos_dir), max_episodes=2))

@@ -9,8 +9,10 @@ import torch
 from helpers import synthetic_dataset, tiny_policy_config
 
 from atlas_vla.cli import main as cli
-from atlas_vla.data.libero import DataConfig, LiberoSamples, collate, load_train_val
+from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.data.samples import LiberoSamples, collate
+from atlas_vla.data.split import load_train_val
 from atlas_vla.eval.offline import VAL_METRICS, evaluate_offline, metric_sums
 from atlas_vla.models.policy import AtlasPolicy
 

@@ -32,11 +32,11 @@ def test_l1_l2_smooth_l1_and_masking_by_value():
     pose = [3.0, 0, 0, 0, 0, 0.5]
     expected = {"l1": (2.0 + 0.5) / 6, "l2": (4.0 + 0.25) / 6, "smooth_l1": (1.5 + 0.125) / 6}
     for kind, value in expected.items():
-        head, features = head_with_output(ActionHeadConfig(pose_loss=kind), pose, logit=0.0)
+        head, features = head_with_output(ActionHeadConfig(pose_loss_type=kind), pose, logit=0.0)
         out = head.loss(features, target, valid)
         assert out["pose_loss"].item() == pytest.approx(value)
         assert out["gripper_loss"].item() == pytest.approx(math.log(2))  # bce at logit 0
-    head, features = head_with_output(ActionHeadConfig(gripper_loss="l1"), pose, logit=0.0)
+    head, features = head_with_output(ActionHeadConfig(gripper_loss_type="l1"), pose, logit=0.0)
     assert head.loss(features, target, valid)["gripper_loss"].item() == pytest.approx(1.0)  # |tanh(0) - 1|
 
 
@@ -74,7 +74,7 @@ def test_metrics_by_value():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="pose_loss must be one of"):
-        ActionHeadConfig(pose_loss="huber")
+    with pytest.raises(ValueError, match="pose_loss_type must be one of"):
+        ActionHeadConfig(pose_loss_type="huber")
     with pytest.raises(ValueError, match="flow_matching' needs rotation_format 'axis_angle'"):
         ActionHeadConfig(type="flow_matching", rotation_format="quaternion")

@@ -11,8 +11,9 @@ from helpers import synthetic_dataset, tiny_policy_config
 from safetensors import safe_open
 
 from atlas_vla.cli import main as cli
-from atlas_vla.data.libero import LiberoSamples, collate, load_libero
 from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.data.samples import LiberoSamples, collate
+from atlas_vla.data.sources import load_libero
 from atlas_vla.models.action_head import ActionHeadConfig
 from atlas_vla.models.policy import AtlasPolicy, PolicyConfig
 
@@ -139,12 +140,12 @@ def test_config_validation_and_round_trip():
         tiny_policy_config(image_size=50)
     with pytest.raises(ValueError, match="vggt_layers"):
         tiny_policy_config(vggt_layers=[5])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['hiden_dim'\] in model.fusion"):
+    with pytest.raises(ValueError, match=r"unknown key model.fusion.hiden_dim \(did you mean 'hidden_dim'"):
         PolicyConfig.from_dict({"fusion": {"hiden_dim": 3}})
 
 
 def test_policy_folder_resolution(tmp_path):
-    from atlas_vla.models.policy import resolve_policy_folder
+    from atlas_vla.models.pretrained import resolve_policy_folder
 
     assert resolve_policy_folder(tmp_path) == tmp_path
     for missing in (str(tmp_path / "nope"), "./relative/nope", "not a hub id"):

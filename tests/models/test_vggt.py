@@ -171,7 +171,7 @@ def test_frozen_encode_builds_no_graph_and_feeds_trainable_layers(tiny_model):
 def test_config_round_trip():
     config = tiny_config()
     assert VGGTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    with pytest.raises(ValueError, match="unknown VGGTConfig keys"):
+    with pytest.raises(ValueError, match="unknown key vggt.embed_dimension"):
         VGGTConfig.from_dict({"embed_dimension": 3})
     with pytest.raises(ValueError, match="divisible"):
         VGGTConfig(embed_dim=64, num_heads=5, dino=DinoConfig(embed_dim=64))

@@ -1,0 +1,48 @@
+"""DataConfig: where the LIBERO data of a run comes from and how it is split (a light module: no datasets import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from atlas_vla.constants import CANONICAL_COLUMNS, TASK_INDEX
+
+
+@dataclass
+class DataConfig:
+    """Where the LIBERO data comes from and how it is split; the sample shape is `SampleSpec`."""
+
+    source: str = "physical-intelligence/libero"  # Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder
+    revision: str | None = None  # Hub branch, tag or commit (Hub ids only); None = the default branch
+    split: str = "train"  # source split: a LeRobot `info.json` split (episode range) or a DatasetDict key
+    streaming: bool = False  # stream parquet shards instead of downloading and caching the whole dataset
+    columns: dict[str, str] = field(default_factory=dict)  # canonical column -> source column, overrides detection
+    cache_dir: str | None = None  # Hub download and `datasets` cache; None = the Hugging Face defaults
+    max_episodes: int | None = None  # keep only the first N episodes (by index): smoke tests, quick runs
+    val_fraction: float = 0.05  # share of episodes held out for validation when no explicit lists are given
+    val_episodes: list[int] | None = None  # explicit validation episode indices (overrides val_fraction)
+    train_episodes: list[int] | None = None  # explicit training episode indices; None = all non-validation ones
+    split_seed: int = 0  # seed of the random episode split (same seed, same split)
+    shuffle_buffer_size: int = 1000  # streaming only: samples mixed in a buffer, as rows cannot be indexed
+    norm_stats: str | None = None  # statistics JSON (atlas-vla compute-stats); null = computed from the train split
+    generate_synthetic: bool = False  # offline demo: write the synthetic dataset to `source` if it is not there yet
+    random_shift: int = 0  # training images only: pad by N pixels and crop back at a random offset (DrQ); 0 = off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.max_episodes is not None and (not isinstance(self.max_episodes, int) or self.max_episodes < 1):
+            raise ValueError(f"DataConfig.max_episodes must be a positive integer or None, got {self.max_episodes!r}")
+        if self.shuffle_buffer_size < 0:
+            raise ValueError(f"DataConfig.shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size!r}")
+        if not isinstance(self.random_shift, int) or self.random_shift < 0:
+            raise ValueError(f"DataConfig.random_shift must be a non-negative integer (pixels), got {self.random_shift!r}")
+        check_column_overrides(self.columns)
+
+
+def check_column_overrides(columns: Mapping[str, str]) -> None:
+    """`ValueError` when a column override names a canonical column that does not exist."""
+    allowed = set(CANONICAL_COLUMNS) | {TASK_INDEX}
+    unknown = sorted(set(columns) - allowed)
+    if unknown:
+        raise ValueError(f"columns override has unknown canonical name(s) {unknown}; expected some of {sorted(allowed)}")

@@ -1,0 +1,110 @@
+"""Writing files and folders so that a reader never sees half of one.
+
+Every file atlas-vla writes (JSON results, statistics, configs, videos) and every folder it
+assembles (a saved policy, a converted dataset, a checkpoint) is written under a temporary name
+beside its target, flushed to disk, and only then renamed into place. A crash, a kill or a full
+disk leaves the previous version (or nothing), never a truncated file or a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        _fsync(path)
+    _fsync(folder)
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix) to write; on success it replaces `path`.
+
+    On an error the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically."""
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:
+    """Write `value` as indented JSON to `path` atomically."""
+    return write_text_atomic(path, json.dumps(value, indent=2))
+
+
+def swap_in_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished folder `new` to `target`, replacing any folder there, never leaving a
+    half-written `target`: its files are flushed first, and an old `target` is moved aside before
+    the rename and deleted after it."""
+    new, target = Path(new), Path(target)
+    _fsync_tree(new)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+    _fsync(target.parent)
+    return target
+
+
+class StagedFolder:
+    """A folder assembled at `.path`, beside `target`, and moved to `target` by `commit()`.
+
+    As a context manager it commits when the block succeeds and removes the temporary folder when it
+    raises. `abort()` removes it explicitly (for writers whose lifetime spans several calls).
+    """
+
+    def __init__(self, target: str | os.PathLike) -> None:
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.path.mkdir()
+
+    def commit(self) -> Path:
+        return swap_in_folder(self.path, self.target)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "StagedFolder":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()

@@ -1,0 +1,162 @@
+"""Saved Atlas policies: the folder format, saving, loading (local or Hub) and uploading.
+
+A saved policy is a folder, loadable without any training code:
+
+- `config.json`: the `PolicyConfig`, the frozen encoders' ids and weight hashes (`backbones`), the
+  fingerprint of the normalisation statistics and the atlas-vla version;
+- `model.safetensors`: the trainable weights only (the frozen backbone is referenced, not copied);
+- `norm_stats.json`: the statistics the policy normalises with.
+
+`PretrainedPolicy` gives `AtlasPolicy` its `save_pretrained` / `from_pretrained` /
+`load_trainable_weights` / `push_to_hub`; loading rebuilds the frozen encoders and refuses, with the
+reason, weights or statistics that are not the ones the policy was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from safetensors.torch import load_file, save_file
+
+from atlas_vla.data.normalization import NormStats
+from atlas_vla.files import StagedFolder
+from atlas_vla.hub import local_path_or_hub_id
+from atlas_vla.models.config import PolicyConfig
+from atlas_vla.models.language import LanguageEncoder
+from atlas_vla.models.vggt import VGGTAggregator, build_vggt
+from atlas_vla.schema import from_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+STATS_NAME = "norm_stats.json"
+
+Policy = TypeVar("Policy", bound="PretrainedPolicy")
+
+
+def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder for a saved policy: the folder itself, or a Hub model id downloaded once."""
+    found = local_path_or_hub_id(name_or_path, f"policy folder not found: {Path(name_or_path).expanduser()}")
+    if isinstance(found, Path):
+        if not found.is_dir():
+            raise FileNotFoundError(f"policy folder not found: {found} is a file, expected a folder")
+        return found
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(found, revision=revision))
+
+
+def read_policy_config(folder: Path) -> dict[str, Any]:
+    """`config.json` of a saved policy folder, after checking that the folder holds a whole policy."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, STATS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an Atlas policy: {name} is missing")
+    try:
+        return json.loads((folder / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / CONFIG_NAME}: not valid JSON ({error})") from error
+
+
+class PretrainedPolicy:
+    """Saving and loading for `AtlasPolicy` (a mixin: it uses the policy's config, stats and weights)."""
+
+    config: PolicyConfig
+    norm_stats: NormStats
+
+    def backbone_references(self) -> dict[str, Any]:  # implemented by the policy
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, references: dict[str, Any] | None = None) -> Path:
+        """Write `config.json`, `model.safetensors` (trainable weights only) and `norm_stats.json`.
+
+        The folder is assembled beside the target and swapped in when complete. `references` lets a
+        caller that already knows the backbone hashes skip re-hashing them.
+        """
+        from atlas_vla import __version__
+
+        with StagedFolder(save_directory) as staged:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(staged.path / WEIGHTS_NAME), metadata={"format": "pt"})
+            # the statistics' fingerprint lets loading detect a norm_stats.json swapped in later
+            config = {"policy": self.config.to_dict(), "backbones": references or self.backbone_references(),
+                      "norm_stats_fingerprint": self.norm_stats.fingerprint, "atlas_vla_version": __version__}
+            (staged.path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+            self.norm_stats.save(staged.path / STATS_NAME)
+        return Path(save_directory)
+
+    @classmethod
+    def from_pretrained(cls: type[Policy], name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        norm_stats: NormStats | str | os.PathLike | None = None) -> Policy:
+        """Load a saved policy (folder or Hub model id), rebuilding and checking its frozen encoders.
+
+        Refuses, with the reason, a backbone or text encoder whose weights hash differs from the one
+        recorded at training time, a `norm_stats.json` whose fingerprint differs from the one recorded in
+        `config.json` (folders saved before that was recorded skip this check), and `norm_stats` (if
+        given) that differ from the stored ones.
+        """
+        folder = resolve_policy_folder(name_or_path, revision=revision)
+        saved = read_policy_config(folder)
+        config = from_dict(PolicyConfig, saved["policy"], f"{folder / CONFIG_NAME}: policy")
+        stats = NormStats.load(folder / STATS_NAME)
+        recorded = saved.get("norm_stats_fingerprint")  # absent in folders saved before it was recorded
+        if recorded is not None and recorded != stats.fingerprint:
+            raise ValueError(f"{folder / STATS_NAME} does not match the statistics the policy was trained with: "
+                             f"fingerprint {stats.fingerprint}, expected {recorded} (recorded in "
+                             f"{folder / CONFIG_NAME} key 'norm_stats_fingerprint')")
+        if norm_stats is not None:
+            given = norm_stats if isinstance(norm_stats, NormStats) else NormStats.load(norm_stats)
+            stats.check_matches(given, what=f"the statistics given for {folder}")
+        references = saved.get("backbones", {})
+        # a fine-tuned backbone's weights are in model.safetensors: no need to fetch the pretrained ones
+        vggt = build_vggt(config) if config.freeze_vggt else VGGTAggregator(config.vggt)
+        language = LanguageEncoder(config.language)
+        _check_hash("VGGT backbone", references.get("vggt"), vggt.weights_hash() if config.freeze_vggt else None)
+        _check_hash("text encoder", references.get("language"), language.weights_hash())
+        policy = cls(config, stats, vggt=vggt, language=language)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit the policy config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        return policy.eval()
+
+    def load_trainable_weights(self: Policy, name_or_path: str | os.PathLike, *, revision: str | None = None) -> Policy:
+        """Start from another saved policy's trainable weights (fine-tuning), keeping this policy's
+        statistics. Refuses a policy trained on another backbone or with other shapes."""
+        folder = resolve_policy_folder(name_or_path, revision=revision)
+        if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} is not an Atlas policy: {CONFIG_NAME} or {WEIGHTS_NAME} is missing")
+        saved = json.loads((folder / CONFIG_NAME).read_text()).get("backbones", {})
+        mine = self.backbone_references()
+        for name, what in (("vggt", "VGGT backbone"), ("language", "text encoder")):
+            if name in saved and name in mine:
+                _check_hash(what, saved[name], mine[name]["weights_hash"])
+        state = load_file(str(folder / WEIGHTS_NAME))
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this policy's config: {error}") from error
+        return self
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload Atlas policy") -> str:
+        """Upload the saved policy folder to the Hub (the token is used, never written anywhere)."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "policy")
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        return str(info)
+
+
+def _check_hash(what: str, reference: Mapping[str, Any] | None, actual: str | None) -> None:
+    if reference is None or actual is None:
+        return
+    if reference.get("weights_hash") != actual:
+        raise ValueError(f"the {what} does not match the one this policy was trained with: weights hash {actual} "
+                         f"vs {reference.get('weights_hash')} recorded ({reference})")

@@ -1,0 +1,28 @@
+"""The one rule that tells a Hub id from a local path."""
+
+from __future__ import annotations
+
+import pytest
+
+from atlas_vla.hub import is_hub_id, local_path_or_hub_id
+
+
+@pytest.mark.parametrize("name", ["physical-intelligence/libero", "facebook/VGGT-1B", "org/atlas-libero-v1.5",
+                                  "lerobot/libero_spatial_image"])
+def test_hub_ids(name):
+    assert is_hub_id(name)
+
+
+@pytest.mark.parametrize("name", ["./org/name", "/abs/path", "~/home/x", "not a hub id", "a/b/c", "name",
+                                  "weights/model.safetensors", "runs/config.yaml"])
+def test_not_hub_ids(name):
+    assert not is_hub_id(name)
+
+
+def test_existing_paths_are_local_and_missing_ones_are_named(tmp_path):
+    folder = tmp_path / "org"
+    folder.mkdir()
+    assert local_path_or_hub_id(folder, "missing") == folder
+    assert local_path_or_hub_id("org/name", "missing") == "org/name"
+    with pytest.raises(FileNotFoundError, match="thing not found: x.safetensors"):
+        local_path_or_hub_id("x.safetensors", "thing not found: x.safetensors")
