@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from atlas_vla.config import LIBERO_SUITES, EvalConfig, load_config
 from atlas_vla.data.config import DataConfig
-from atlas_vla.schema import to_dict
+from atlas_vla.schema import print_warnings_as_one_line, to_dict
 
 # Each entry: (name, help, add_arguments, run). Subcommands register below, one section each.
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
@@ -50,10 +50,9 @@ class _RenamedFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _renamed_flag(parser: argparse.ArgumentParser, old: str, new: str) -> None:
-    """Keep `old` working as a deprecated spelling of the already declared flag `new`."""
-    dest = next(a.dest for a in parser._actions if new in a.option_strings)
-    parser.add_argument(old, dest=dest, action=_RenamedFlag, new=new)
+def _renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """Keep `old` working as a deprecated spelling of the flag `new` (`kwargs`: its `type`, `choices`)."""
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_RenamedFlag, new=new, **kwargs)
 
 
 def _add_policy_argument(parser: argparse.ArgumentParser) -> None:
@@ -289,9 +288,9 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="eval_results.json", help="results JSON file")
     parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
     parser.add_argument("--seed", type=int, default=None, help="env.seed of every episode (default 0)")
-    _renamed_flag(parser, "--max-steps", "--max-episode-steps")
-    _renamed_flag(parser, "--temporal-ensemble", "--ensemble-decay")
-    _renamed_flag(parser, "--report_to", "--report-to")
+    _renamed_flag(parser, "--max-steps", "--max-episode-steps", type=int)
+    _renamed_flag(parser, "--temporal-ensemble", "--ensemble-decay", type=float)
+    _renamed_flag(parser, "--report_to", "--report-to", choices=("none", "wandb"))
 
 
 def _eval_config(args: argparse.Namespace) -> EvalConfig:
@@ -357,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atlas-vla` console script."""
+    print_warnings_as_one_line()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "policy", "") is None:

@@ -45,6 +45,12 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def print_warnings_as_one_line() -> None:
+    """For command-line entry points: show a warning (e.g. a deprecated key or flag) as one line,
+    `FutureWarning: ...`, instead of Python's file:line plus source-line format."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain nested dict of a dataclass config (for YAML/JSON and the tracker)."""
     return dataclasses.asdict(config)

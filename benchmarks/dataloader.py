@@ -30,8 +30,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from atlas_vla.constants import ACTION, ACTIONS, ACTIONS_PAD_MASK, AGENT_IMAGE, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES, OBS_STATE, STATE, WRIST_IMAGE
-from atlas_vla.data.samples import collate, LiberoSamples
+from atlas_vla.constants import (
+    ACTION,
+    ACTIONS,
+    ACTIONS_PAD_MASK,
+    AGENT_IMAGE,
+    EPISODE_INDEX,
+    INSTRUCTION,
+    OBS_IMAGES,
+    OBS_STATE,
+    STATE,
+    WRIST_IMAGE,
+)
+from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.sources import load_libero
 from atlas_vla.data.spec import SampleSpec
 

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from atlas_vla.action_layout import ACTION_DIM, GRIPPER, POSE
 from atlas_vla.data.lerobot_writer import LeRobotV2Writer
-from atlas_vla.files import StagedFolder
 from atlas_vla.data.transforms import rotate_180
+from atlas_vla.files import StagedFolder
 
 OutputFormat = Literal["lerobot_v2", "saved_dataset"]
 NOOP_THRESHOLD = 1e-4

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas_vla.action_layout import GRIPPER_CLOSE, GRIPPER_OPEN
 from atlas_vla.data.lerobot_writer import LeRobotV2Writer
 
 INSTRUCTIONS = ("reach the red block and grasp it", "reach the blue block and grasp it")
@@ -58,7 +59,7 @@ def _episode(rng: np.random.Generator, size: int, task: int, max_frames: int):
     while len(actions) < max_frames and closed_for < _HOLD_FRAMES:
         delta = np.clip(_GAIN * (target - effector), -1.0, 1.0)
         close = np.hypot(*(target - effector)) < _REACHED
-        gripper = 1.0 if close else -1.0
+        gripper = GRIPPER_CLOSE if close else GRIPPER_OPEN
         image = _render(size, blocks, effector, closed_for > 0)
         images.append(image)
         wrists.append(_wrist(image, effector))

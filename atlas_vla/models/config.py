@@ -37,7 +37,7 @@ class DinoConfig:
 class VGGTConfig:
     """Aggregator hyper-parameters, named as the official `Aggregator` arguments (defaults: VGGT-1B)."""
 
-    img_size: int = 518
+    img_size: int = 518  # the official argument: the size VGGT was trained at, not the input size (model.image_size)
     patch_size: int = 14
     embed_dim: int = 1024
     depth: int = 24  # number of frame blocks, and of global blocks

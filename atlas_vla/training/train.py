@@ -50,7 +50,7 @@ from atlas_vla.eval.libero_sim import require_simulator
 from atlas_vla.eval.offline import VAL_METRICS, baseline_metrics, metric_sums
 from atlas_vla.files import write_json_atomic, write_text_atomic
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.schema import flatten, to_dict
+from atlas_vla.schema import flatten, print_warnings_as_one_line, to_dict
 from atlas_vla.training.checkpointing import TrainingState, check_fresh_output_dir, resolve_resume, save_checkpoint
 from atlas_vla.training.tracking import (
     RUN_ID_FILE,
@@ -195,6 +195,7 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """`train.py` / `atlas-vla-train` / `python -m atlas_vla.train`: parse, validate, train."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    print_warnings_as_one_line()
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0

@@ -39,10 +39,17 @@ from atlas_vla.constants import (
     WRIST_IMAGE,
 )
 from atlas_vla.data.config import DataConfig
-from atlas_vla.data.samples import collate, LiberoSamples, LiberoSampleStream
-from atlas_vla.data.sources import LAYOUT_LEROBOT_V2, LAYOUT_LEROBOT_V3, LAYOUT_SAVED, describe, detect_layout, load_libero
-from atlas_vla.data.split import load_train_val, split_episodes
+from atlas_vla.data.samples import LiberoSamples, LiberoSampleStream, collate
+from atlas_vla.data.sources import (
+    LAYOUT_LEROBOT_V2,
+    LAYOUT_LEROBOT_V3,
+    LAYOUT_SAVED,
+    describe,
+    detect_layout,
+    load_libero,
+)
 from atlas_vla.data.spec import SampleSpec
+from atlas_vla.data.split import load_train_val, split_episodes
 
 TASKS = ["put the bowl on the plate", "open the top drawer"]
 LENGTHS = [5, 7, 4, 6]  # frames per episode; episode e does task e % 2

@@ -12,8 +12,8 @@ import torch
 
 from atlas_vla.cli import main as cli
 from atlas_vla.constants import ACTION, EPISODE_INDEX, STATE
-from atlas_vla.data.sources import load_libero
 from atlas_vla.data.normalization import FeatureStats, NormStats, compute_norm_stats, normalize, unnormalize
+from atlas_vla.data.sources import load_libero
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,18 @@ def test_compute_stats_command(tmp_path, sim_demos_dir, capsys):
     assert stats.num_frames < 7056  # training split only
     assert stats.fingerprint in capsys.readouterr().out
     assert cli(["compute-stats", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
+
+
+def test_compute_stats_uses_a_runs_data_section(tmp_path, sim_demos_dir, capsys):
+    from atlas_vla.config import TrainConfig, save_config
+    from atlas_vla.data.config import DataConfig
+    from atlas_vla.data.split import load_train_val
+
+    data = DataConfig(source=str(sim_demos_dir), max_episodes=6, val_episodes=[1, 4])
+    run_config = save_config(TrainConfig(data=data), tmp_path / "run" / "config.yaml")
+    out = tmp_path / "stats.json"
+    assert cli(["compute-stats", "--config", str(run_config), "--output", str(out)]) == 0
+    expected = compute_norm_stats(load_train_val(data)[0])  # 4 episodes: max_episodes and the explicit split
+    assert NormStats.load(out).fingerprint == expected.fingerprint
+    assert cli(["compute-stats", "--output", str(out)]) == 2
+    assert "a source (Hub dataset id or folder) or --config RUN.yaml" in capsys.readouterr().err

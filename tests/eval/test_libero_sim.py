@@ -208,3 +208,36 @@ def test_chunk_schedule_open_loop_and_temporal_ensembling():
     assert action[0] == pytest.approx(4.0) and action[6] == -1.0
     with pytest.raises(ValueError, match="ensemble_decay must be >= 0"):
         sim.ChunkSchedule(ensemble_decay=-1.0)
+
+
+@needs_sim
+def test_episode_specs_come_from_one_eval_config(tmp_path):
+    from atlas_vla.cli import _eval_config, build_parser
+    from atlas_vla.config import EvalConfig
+
+    config = EvalConfig(tasks=[0, 2], initial_states=[30, 31], replan_steps=8, camera_size=128)
+    specs = sim.episode_specs(config, video_dir=tmp_path)
+    assert [(s.task_id, s.initial_state) for s in specs] == [(0, 30), (0, 31), (2, 30), (2, 31)]
+    assert {(s.max_steps, s.replan_steps, s.camera_size, s.video_dir, s.ensemble_decay) for s in specs} == {
+        (220, 8, 128, str(tmp_path), None)}
+    assert all(s.video_dir is None for s in sim.episode_specs(config))  # no folder, no videos
+    # eval-libero --config: the run's eval section, then the flags on top
+    args = build_parser().parse_args(["eval-libero", "--policy", "p", "--config", "configs/sim_demos.yaml",
+                                      "--initial-states", "40-41", "--num-workers", "1"])
+    from_run = _eval_config(args)
+    assert (from_run.tasks, from_run.initial_states, from_run.num_workers) == ([0, 1, 2], [40, 41], 1)
+    assert (from_run.camera_size, from_run.replan_steps) == (128, 8)
+    assert [(s.task_id, s.initial_state) for s in sim.episode_specs(from_run)] == [
+        (t, s) for t in (0, 1, 2) for s in (40, 41)]
+
+
+def test_old_flag_spellings_still_work_and_say_so():
+    from atlas_vla.cli import _eval_config, build_parser
+
+    argv = ["eval-libero", "--checkpoint", "p", "--suite", "libero_goal", "--temporal-ensemble", "0.1",
+            "--max-steps", "30", "--report_to", "wandb"]
+    with pytest.warns(FutureWarning, match="--temporal-ensemble is deprecated: use --ensemble-decay"):
+        args = build_parser().parse_args(argv)
+    config = _eval_config(args)
+    assert (args.policy, args.report_to, config.ensemble_decay, config.max_episode_steps) == ("p", "wandb", 0.1, 30)
+    assert (config.suite, config.initial_states, config.num_workers) == ("libero_goal", list(range(50)), 1)

@@ -48,3 +48,15 @@ def test_command_table_json_and_errors(setup, tmp_path, capsys):
     assert cli(["eval-offline", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "none")]) == 2
     assert cli(["eval-offline", "--checkpoint", str(tmp_path), "--data", str(data)]) == 2
     assert "not an Atlas policy" in capsys.readouterr().err
+
+
+def test_the_policy_flag_and_a_runs_data_section(setup, tmp_path, capsys):
+    from atlas_vla.config import TrainConfig, save_config
+
+    data, checkpoint, _, _ = setup
+    split = DataConfig(source=str(data), val_episodes=[0, 5])  # not what --val-fraction would draw
+    run_config = save_config(TrainConfig(data=split), tmp_path / "run" / "config.yaml")
+    assert cli(["eval-offline", "--policy", str(checkpoint), "--config", str(run_config), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == evaluate_offline(str(checkpoint), split)
+    assert printed != evaluate_offline(str(checkpoint), str(data), val_fraction=0.25)
