@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from atlas_vla.config import LIBERO_SUITES, EvalConfig, load_config
 from atlas_vla.data.config import DataConfig
-from atlas_vla.schema import print_warnings_as_one_line, to_dict
+from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
 
 # Each entry: (name, help, add_arguments, run). Subcommands register below, one section each.
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
@@ -46,7 +45,7 @@ class _RenamedFlag(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        warnings.warn(f"{option_string} is deprecated: use {self.new}", FutureWarning, stacklevel=2)
+        warn_renamed(str(option_string), self.new)
         setattr(namespace, self.dest, values)
 
 
@@ -79,7 +78,8 @@ def _data_config(args: argparse.Namespace, source: str | None) -> DataConfig:
     config = load_config(args.config).data if args.config else DataConfig()
     overrides = {"source": source, "revision": args.revision, "val_fraction": args.val_fraction,
                  "split_seed": args.split_seed}
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    # these commands read every frame of the split once, in order: a stream would need its own length
+    return replace(config, streaming=False, **{k: v for k, v in overrides.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +268,8 @@ def _run_eval_offline(args: argparse.Namespace) -> int:
 def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
     _add_policy_argument(parser)
     parser.add_argument("--config", default=None,
-                        help="a run's config (YAML): evaluate with its eval section; the flags below override it")
+                        help="a run's config (YAML): evaluate with its eval section (a config without one gets the "
+                             "eval defaults: 5 initial states, 2 workers); the flags below override it")
     parser.add_argument("--suite", default=None, choices=LIBERO_SUITES, help="required unless --config gives it")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. 0,3 or 0-4 (default: every task of the suite)")
     parser.add_argument("--trials", type=int, default=None,
@@ -298,12 +299,13 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
     from atlas_vla.eval.libero_sim import parse_range
 
     if args.config is None and args.suite is None:
-        raise ValueError("--suite is required (or --config RUN.yaml, whose eval section names one)")
+        raise ValueError("--suite is required without --config RUN.yaml")
     config = load_config(args.config).eval if args.config else EvalConfig(initial_states=list(range(50)), num_workers=1)
     overrides = {"suite": args.suite, "max_episode_steps": args.max_episode_steps, "replan_steps": args.replan_steps,
                  "ensemble_decay": args.ensemble_decay, "camera_size": args.camera_size,
                  "num_workers": args.num_workers, "seed": args.seed,
-                 "tasks": parse_range(args.tasks) if args.tasks else None}
+                 "tasks": parse_range(args.tasks) if args.tasks else None,
+                 "videos": args.video_dir is not None}  # videos exactly when a folder is given
     if args.initial_states:
         overrides["initial_states"] = parse_range(args.initial_states)
     elif args.trials is not None:
@@ -322,7 +324,7 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
         return 2
     config = _eval_config(args)
     specs = sim.episode_specs(config, video_dir=args.video_dir)  # checks tasks and states before any worker starts
-    policy = sim.resolve_checkpoint(args.policy)
+    policy = sim.resolve_policy(args.policy)
 
     def report(result: "sim.EpisodeResult") -> None:
         status = "error" if result.error else ("success" if result.success else "failure")
@@ -356,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atlas-vla` console script."""
-    print_warnings_as_one_line()
+    print_renames_as_one_line()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "policy", "") is None:

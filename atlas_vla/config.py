@@ -1,7 +1,7 @@
 """Training configuration: nested dataclasses, YAML files, dotted command-line overrides.
 
 A run is described by one `TrainConfig` with the sections `model` (`PolicyConfig`), `data`
-(`DataConfig`), `training`, `checkpoint`, `logging` and `wandb`. It is read from a YAML file and
+(`DataConfig`), `training`, `checkpoint`, `logging`, `wandb` and `eval`. It is read from a YAML file and
 then overridden from the command line, either with dotted keys (`--training.learning_rate 1e-4`)
 or with the familiar diffusers-style flags, which are aliases of those keys (`--learning_rate 1e-4`).
 Every value is checked against its field's type; an unknown key or flag fails with the closest valid
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
@@ -24,14 +23,13 @@ import yaml
 from atlas_vla.data.config import DataConfig
 from atlas_vla.files import write_text_atomic
 from atlas_vla.models.config import PolicyConfig
-from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict
+from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
 
-REPORT_TO = ("wandb", "tensorboard", "all", "none")
-# the `transformers.get_scheduler` names (a test checks each is one), listed here so that reading a
-# config never imports transformers (and with it torch)
+# `transformers.get_scheduler` names that every supported transformers has (a test checks them): a
+# config naming one is read without importing transformers (and with it torch); any other name is
+# checked against the installed transformers
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-                 "warmup_stable_decay")
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 
 
 @dataclass
@@ -79,8 +77,12 @@ class TrainingConfig:
             raise ValueError(f"training.learning_rate ({self.learning_rate}) must be > 0 and lr_warmup_steps "
                              f"({self.lr_warmup_steps}) >= 0")
         if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"training.lr_scheduler {self.lr_scheduler!r} is not a transformers scheduler; "
-                             f"expected one of {list(LR_SCHEDULERS)}{suggest(self.lr_scheduler, LR_SCHEDULERS)}")
+            from transformers import SchedulerType
+
+            names = [s.value for s in SchedulerType]
+            if self.lr_scheduler not in names:
+                raise ValueError(f"training.lr_scheduler {self.lr_scheduler!r} is not a transformers scheduler; "
+                                 f"expected one of {names}{suggest(self.lr_scheduler, names)}")
 
 
 @dataclass
@@ -266,7 +268,7 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     """
     renamed = renamed_dotted_keys(TrainConfig)
     if dotted in renamed:
-        warnings.warn(f"--{dotted} is deprecated: use --{renamed[dotted]}", FutureWarning, stacklevel=2)
+        warn_renamed(f"--{dotted}", f"--{renamed[dotted]}")
         dotted = renamed[dotted]
     keys = dotted_keys(TrainConfig)
     if dotted not in keys:

@@ -73,7 +73,11 @@ def swap_in_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         target.rename(old)
-        new.rename(target)
+        try:
+            new.rename(target)
+        except BaseException:
+            old.rename(target)  # put the previous version back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(target)

@@ -5,7 +5,7 @@ arrive as plain nested dicts. `from_dict` turns them into the dataclass that des
 checking every key (an unknown one fails with the closest valid name) and converting every value
 to its field's annotated type the way YAML users expect (`"1e-4"` is a float, `"true"` a bool).
 A dataclass that renamed a key lists it in `RENAMED_KEYS = {"old": "new"}`: the old spelling keeps
-working (files and flags users already have) with a `FutureWarning` naming the new one. This module imports nothing heavy, so reading a config never loads torch or datasets.
+working (files and flags users already have) with a `RenamedWarning` naming the new one. This module imports nothing heavy, so reading a config never loads torch or datasets.
 """
 
 from __future__ import annotations
@@ -16,6 +16,28 @@ import types
 import typing
 import warnings
 from typing import Any, Literal, Mapping, Sequence
+
+
+class RenamedWarning(FutureWarning):
+    """A config key or command-line flag was used under its old name (it still works)."""
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """Tell the user that `old` is now called `new`."""
+    warnings.warn(f"{old} is deprecated: use {new}", RenamedWarning, stacklevel=3)
+
+
+def print_renames_as_one_line() -> None:
+    """For command-line entry points: show a `RenamedWarning` as one line (`RenamedWarning: ...`) instead
+    of Python's file:line + source-line format; every other warning keeps the standard format."""
+    standard = warnings.formatwarning
+
+    def formatwarning(message: Any, category: type, *args: Any, **kwargs: Any) -> str:
+        if issubclass(category, RenamedWarning):
+            return f"{category.__name__}: {message}\n"
+        return standard(message, category, *args, **kwargs)
+
+    warnings.formatwarning = formatwarning
 
 
 def suggest(name: str, candidates: Sequence[str]) -> str:
@@ -37,18 +59,14 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key in renamed:
-            warnings.warn(f"{where}.{key} is deprecated: use {where}.{renamed[key]}", FutureWarning, stacklevel=2)
+            if renamed[key] in values:
+                raise ValueError(f"{where} sets both {key} and {renamed[key]} (its new name): keep only {renamed[key]}")
+            warn_renamed(f"{where}.{key}", f"{where}.{renamed[key]}")
             key = renamed[key]
         if key not in known:
             raise ValueError(f"unknown key {where}.{key}{suggest(key, known)}; valid keys: {known}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
-
-
-def print_warnings_as_one_line() -> None:
-    """For command-line entry points: show a warning (e.g. a deprecated key or flag) as one line,
-    `FutureWarning: ...`, instead of Python's file:line plus source-line format."""
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -18,10 +18,8 @@ import torch
 
 from atlas_vla.constants import ACTIONS, ACTIONS_PAD_MASK, INSTRUCTION, OBS_IMAGES, OBS_STATE
 from atlas_vla.data.normalization import FeatureStats, NormStats
-from atlas_vla.models.fusion import FusionConfig
-from atlas_vla.models.language import LanguageConfig
-from atlas_vla.models.policy import AtlasPolicy, PolicyConfig
-from atlas_vla.models.vggt import DinoConfig, VGGTConfig
+from atlas_vla.models.config import DinoConfig, FusionConfig, LanguageConfig, PolicyConfig, VGGTConfig
+from atlas_vla.models.policy import AtlasPolicy
 
 
 def fake_stats() -> NormStats:

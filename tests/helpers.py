@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atlas_vla.models.fusion import FusionConfig
-from atlas_vla.models.language import LanguageConfig
-from atlas_vla.models.policy import PolicyConfig
-from atlas_vla.models.vggt import DinoConfig, VGGTConfig
+from atlas_vla.models.config import DinoConfig, FusionConfig, LanguageConfig, PolicyConfig, VGGTConfig
 
 
 def tiny_vggt_config() -> VGGTConfig:

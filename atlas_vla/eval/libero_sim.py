@@ -160,7 +160,8 @@ class ChunkSchedule:
     def add(self, step: int, chunk: np.ndarray) -> None:
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or not np.isfinite(chunk).all():
-            raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); expected (H, 7)")
+            raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); "
+                             f"expected (H, {ACTION_DIM})")
         if self.ensemble_decay is None:
             self._plan.extend(chunk[: self.replan_steps or len(chunk)])
         else:
@@ -235,23 +236,23 @@ def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResul
                          time.perf_counter() - start, video=video)
 
 
-def resolve_checkpoint(checkpoint: str) -> str:
-    """A local policy folder for `checkpoint` (a Hub id is downloaded once here, not in every worker)."""
+def resolve_policy(policy: str) -> str:
+    """A local folder for the saved `policy` (a Hub id is downloaded once here, not in every worker)."""
     from atlas_vla.models.pretrained import read_policy_config, resolve_policy_folder
 
-    folder = resolve_policy_folder(checkpoint)
+    folder = resolve_policy_folder(policy)
     read_policy_config(folder)  # a clear error now, not one per worker
     return str(folder)
 
 
-def _worker(checkpoint: str, jobs: Any, results: Any) -> None:
+def _worker(policy_folder: str, jobs: Any, results: Any) -> None:
     """Worker process: load the policy once, then run episodes until the sentinel."""
     import torch
 
     torch.set_num_threads(1)
     from atlas_vla.models.policy import AtlasPolicy
 
-    policy = AtlasPolicy.from_pretrained(checkpoint)
+    policy = AtlasPolicy.from_pretrained(policy_folder)
     envs: dict = {}
     pid = os.getpid()
     parent = mp.parent_process()
@@ -270,11 +271,11 @@ def _worker(checkpoint: str, jobs: Any, results: Any) -> None:
         env.close()
 
 
-def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1, episode_timeout: float = 900.0,
+def evaluate(policy: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1, episode_timeout: float = 900.0,
              on_result: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
     """Run `specs` in `num_workers` spawned worker processes; crashes and hangs become error results."""
     require_simulator()
-    checkpoint = resolve_checkpoint(checkpoint)
+    policy_folder = resolve_policy(policy)
     context = mp.get_context("spawn")
     jobs, results = context.Queue(), context.Queue()
     for spec in specs:
@@ -282,7 +283,7 @@ def evaluate(checkpoint: str, specs: Sequence[EpisodeSpec], *, num_workers: int 
     workers: dict[int, Any] = {}
 
     def start_worker() -> None:
-        process = context.Process(target=_worker, args=(checkpoint, jobs, results), daemon=True)
+        process = context.Process(target=_worker, args=(policy_folder, jobs, results), daemon=True)
         process.start()
         workers[process.pid] = process
         jobs.put(None)  # one sentinel per worker

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -28,7 +29,7 @@ from atlas_vla.hub import local_path_or_hub_id
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.language import LanguageEncoder
 from atlas_vla.models.vggt import VGGTAggregator, build_vggt
-from atlas_vla.schema import from_dict
+from atlas_vla.schema import RenamedWarning, from_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -99,7 +100,9 @@ class PretrainedPolicy:
         """
         folder = resolve_policy_folder(name_or_path, revision=revision)
         saved = read_policy_config(folder)
-        config = from_dict(PolicyConfig, saved["policy"], f"{folder / CONFIG_NAME}: policy")
+        with warnings.catch_warnings():  # a policy saved before a key was renamed is not the user's to edit
+            warnings.simplefilter("ignore", RenamedWarning)
+            config = from_dict(PolicyConfig, saved["policy"], f"{folder / CONFIG_NAME}: policy")
         stats = NormStats.load(folder / STATS_NAME)
         recorded = saved.get("norm_stats_fingerprint")  # absent in folders saved before it was recorded
         if recorded is not None and recorded != stats.fingerprint:
@@ -127,9 +130,7 @@ class PretrainedPolicy:
         """Start from another saved policy's trainable weights (fine-tuning), keeping this policy's
         statistics. Refuses a policy trained on another backbone or with other shapes."""
         folder = resolve_policy_folder(name_or_path, revision=revision)
-        if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not an Atlas policy: {CONFIG_NAME} or {WEIGHTS_NAME} is missing")
-        saved = json.loads((folder / CONFIG_NAME).read_text()).get("backbones", {})
+        saved = read_policy_config(folder).get("backbones", {})
         mine = self.backbone_references()
         for name, what in (("vggt", "VGGT backbone"), ("language", "text encoder")):
             if name in saved and name in mine:

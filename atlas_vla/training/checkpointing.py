@@ -18,6 +18,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from atlas_vla.files import swap_in_folder
+from atlas_vla.schema import from_dict
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "training_state.json"
@@ -42,8 +43,8 @@ class TrainingState:
         if not path.is_file():
             raise ValueError(f"{folder} is not a complete atlas-vla checkpoint: {STATE_NAME} is missing")
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
+            return from_dict(cls, json.loads(path.read_text()), str(path))
+        except (json.JSONDecodeError, ValueError) as error:
             raise ValueError(f"{path} is unreadable: {error}") from error
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -49,8 +49,9 @@ from atlas_vla.data.synthetic import make_synthetic_libero
 from atlas_vla.eval.libero_sim import require_simulator
 from atlas_vla.eval.offline import VAL_METRICS, baseline_metrics, metric_sums
 from atlas_vla.files import write_json_atomic, write_text_atomic
+from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.schema import flatten, print_warnings_as_one_line, to_dict
+from atlas_vla.schema import flatten, print_renames_as_one_line, to_dict
 from atlas_vla.training.checkpointing import TrainingState, check_fresh_output_dir, resolve_resume, save_checkpoint
 from atlas_vla.training.tracking import (
     RUN_ID_FILE,
@@ -183,7 +184,7 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
         require_simulator()  # a missing [sim] extra fails now, not at the first evaluation hours later
 
     # 1. accelerator ------------------------------------------------------------------------------
-    accelerator = _build_accelerator(config)
+    accelerator = _build_accelerator(config.training, config.logging.log_file, config.trackers)
     try:
         run = setup_run(accelerator, config, wandb_run_id)  # 2-5
         throughput = fit(run)  # 6
@@ -195,7 +196,7 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """`train.py` / `atlas-vla-train` / `python -m atlas_vla.train`: parse, validate, train."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    print_warnings_as_one_line()
+    print_renames_as_one_line()
     if any(a in ("-h", "--help") for a in argv):
         print(usage())
         return 0
@@ -213,19 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _build_accelerator(config: TrainConfig) -> Accelerator:
+def _build_accelerator(training_cfg: TrainingConfig, log_file: str | None, trackers: list[str]) -> Accelerator:
     """The accelerator, the process's logging, TF32 and the global seed (set before anything is built)."""
-    training_cfg, output_dir = config.training, Path(config.training.output_dir)
+    output_dir = Path(training_cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_cfg.gradient_accumulation_steps,
         mixed_precision=training_cfg.mixed_precision,
-        log_with=config.trackers or None,
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # rank 0 may spend long in validation or media logging: keep the other ranks from timing out
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
     )
-    _setup_logging(accelerator, config.logging.log_file)
+    _setup_logging(accelerator, log_file)
     if training_cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -253,8 +254,16 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     if config.checkpoint.resume_from_checkpoint is None:
         check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
     train_samples, val_samples, stats = _load_data(accelerator, config.data, config.model.sample_spec)  # 2
-    run = _build_policy_and_optimizer(accelerator, config, train_samples, val_samples, stats,  # 3
-                                      resuming=resume_dir is not None)
+    policy, references, counts = _build_policy(config.model, config.training, stats,  # 3
+                                               resuming=resume_dir is not None)
+    if config.training.cache_frozen_features:
+        train_samples = _cache_frozen_features(accelerator, policy, train_samples, config.training)
+    prepared = _prepare_optimization(accelerator, policy, train_samples, val_samples, config.training, references)
+    run = TrainingRun(config=config, accelerator=accelerator, policy=prepared.policy, optimizer=prepared.optimizer,
+                      scheduler=prepared.scheduler, train_loader=prepared.train_loader,
+                      val_loader=prepared.val_loader, val_samples=val_samples, stats=stats, references=references,
+                      parameter_counts=counts, max_steps=prepared.max_steps,
+                      batches_per_epoch=prepared.batches_per_epoch, num_epochs=prepared.num_epochs)
     run.state = _resume(accelerator, resume_dir, config.checkpoint, output_dir)  # 4
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
     _start_trackers(run, fresh=resume_dir is None)  # 5
@@ -305,22 +314,37 @@ def _loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool) -> torch.
     )
 
 
-def _build_policy_and_optimizer(accelerator: Accelerator, config: TrainConfig, train_samples: Any,
-                                val_samples: Any | None, stats: NormStats, resuming: bool) -> TrainingRun:
-    """Stage 3: the policy (fine-tune weights, feature cache), the loaders, AdamW and the LR schedule, prepared.
+def _build_policy(model_cfg: PolicyConfig, training_cfg: TrainingConfig, stats: NormStats,
+                  resuming: bool) -> tuple[AtlasPolicy, dict[str, Any], dict[str, int]]:
+    """Stage 3a: the policy, the ids and weight hashes of its frozen encoders, and its parameter counts.
 
     `training.init_from` applies to a new run only: a resumed run's weights come from its checkpoint.
     """
-    training_cfg = config.training
-    val_loader = _loader(val_samples, training_cfg, shuffle=False) if val_samples is not None else None
-    policy = AtlasPolicy(config.model, stats)
+    policy = AtlasPolicy(model_cfg, stats)
     references = policy.backbone_references()  # hash the frozen encoders once
     if training_cfg.init_from and not resuming:
         policy.load_trainable_weights(training_cfg.init_from)
         logger.info("initialised the trainable weights from %s", training_cfg.init_from)
-    counts = policy.num_parameters()
-    if training_cfg.cache_frozen_features:
-        train_samples = _cache_frozen_features(accelerator, policy, train_samples, training_cfg)
+    return policy, references, policy.num_parameters()
+
+
+class Prepared(NamedTuple):
+    """What `accelerator.prepare` returned, and the run length derived from the prepared loader."""
+
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any | None
+    max_steps: int
+    batches_per_epoch: int | None
+    num_epochs: int
+
+
+def _prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any, val_samples: Any | None,
+                          training_cfg: TrainingConfig, references: dict[str, Any]) -> Prepared:
+    """Stage 3b: the loaders, AdamW and the LR schedule, prepared; every checkpoint also exports the policy."""
+    val_loader = _loader(val_samples, training_cfg, shuffle=False) if val_samples is not None else None
     train_loader = _loader(train_samples, training_cfg, shuffle=True)
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=training_cfg.learning_rate,
@@ -349,10 +373,7 @@ def _build_policy_and_optimizer(accelerator: Accelerator, config: TrainConfig, t
             accelerator.unwrap_model(models[0]).save_pretrained(Path(folder) / "policy", references=references)
 
     accelerator.register_save_state_pre_hook(export_hook)
-    return TrainingRun(config=config, accelerator=accelerator, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                       train_loader=train_loader, val_loader=val_loader, val_samples=val_samples, stats=stats,
-                       references=references, parameter_counts=counts, max_steps=max_steps,
-                       batches_per_epoch=batches_per_epoch, num_epochs=num_epochs)
+    return Prepared(policy, optimizer, scheduler, train_loader, val_loader, max_steps, batches_per_epoch, num_epochs)
 
 
 def _cache_frozen_features(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any,

@@ -119,3 +119,7 @@ def test_compute_stats_uses_a_runs_data_section(tmp_path, sim_demos_dir, capsys)
     assert NormStats.load(out).fingerprint == expected.fingerprint
     assert cli(["compute-stats", "--output", str(out)]) == 2
     assert "a source (Hub dataset id or folder) or --config RUN.yaml" in capsys.readouterr().err
+    streamed = save_config(TrainConfig(data=DataConfig(source=str(sim_demos_dir), streaming=True, max_episodes=6,
+                                                       val_episodes=[1, 4])), tmp_path / "streamed.yaml")
+    assert cli(["compute-stats", "--config", str(streamed), "--output", str(out)]) == 0  # the same frames, read whole
+    assert NormStats.load(out).fingerprint == expected.fingerprint

@@ -14,8 +14,8 @@ from atlas_vla.cli import main as cli
 from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.sources import load_libero
-from atlas_vla.models.action_head import ActionHeadConfig
-from atlas_vla.models.policy import AtlasPolicy, PolicyConfig
+from atlas_vla.models.config import ActionHeadConfig, PolicyConfig
+from atlas_vla.models.policy import AtlasPolicy
 
 
 @pytest.fixture(scope="module")
