@@ -9,7 +9,7 @@ Training is `accelerate launch train.py --config configs/sim_demos.yaml` on the 
 `../shared/fixtures/libero/sim_demos` (libero_spatial tasks 0-2, initial states 0-19); evaluation is
 `atlas-vla eval-libero --config` with the config's `eval:` section (tasks 0-2, initial states 30-49, the full
 protocol: 10 settling steps, 220 max steps) in parallel simulator workers. Prints the per-task and
-average success rates, the training and evaluation times, and where the videos are; writes them to
+average success rates with their 95% Wilson intervals, the training and evaluation times, and where the videos are; writes them to
 `<output-dir>/closed_loop_summary.json`. Extra arguments after `--` go to train.py.
 """
 
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from atlas_vla.eval.intervals import format_rate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "fixtures" / "libero" / "sim_demos"
@@ -72,8 +74,9 @@ def main() -> int:
 
     results = json.loads((out / "eval_results.json").read_text())
     summary = {
-        "success_rate": results["success_rate"],
-        "tasks": {task: f"{row['successes']}/{row['episodes']}" for task, row in results["tasks"].items()},
+        "success_rate": results["success_rate"], "interval_95": results["interval_95"],
+        "overall": format_rate(results["successes"], results["episodes"]),
+        "tasks": {task: format_rate(row["successes"], row["episodes"]) for task, row in results["tasks"].items()},
         "episodes": results["episodes"], "errors": results["errors"],
         "train_minutes": None if train_seconds is None else round(train_seconds / 60, 2),
         "eval_minutes": round(eval_seconds / 60, 2), "videos": str(out / "videos"),

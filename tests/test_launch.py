@@ -48,3 +48,12 @@ def test_help():
 def test_errors(args, message):
     result = launch("--dry-run", *args)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_num_processes_names_what_gpus_counts_in_cpu_mode():
+    new = launch("--dry-run", "--mode", "cpu", "--num_processes", "2", "--", "--config", "configs/demo.yaml")
+    old = launch("--dry-run", "--mode", "cpu", "--gpus", "2", "--", "--config", "configs/demo.yaml")
+    assert new.returncode == old.returncode == 0 and new.stdout == old.stdout
+    assert "--multi_gpu --num_processes 2" in new.stdout and not new.stderr
+    assert "in cpu mode --gpus counts CPU processes; --num_processes 2 says so" in old.stderr
+    assert "--num_processes must be a positive integer, got 'x'" in launch("--dry-run", "--num_processes", "x").stderr

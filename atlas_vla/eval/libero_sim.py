@@ -32,6 +32,7 @@ import numpy as np
 from atlas_vla.action_layout import ACTION_DIM, GRIPPER, GRIPPER_OPEN, binarize_gripper
 from atlas_vla.config import EvalConfig, check_ensemble_decay
 from atlas_vla.data.transforms import libero_state, rotate_180
+from atlas_vla.eval.intervals import format_rate, wilson_interval
 from atlas_vla.files import write_json_atomic
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
@@ -350,25 +351,24 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     tasks: dict[int, list[EpisodeResult]] = {}
     for result in results:
         tasks.setdefault(result.task_id, []).append(result)
-    per_task = {
-        task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), "episodes": len(rs),
-               "successes": sum(r.success for r in rs), "success_rate": sum(r.success for r in rs) / len(rs),
-               "errors": sum(r.error is not None for r in rs)}
-        for task, rs in sorted(tasks.items())
-    }
-    total = len(results)
-    return {"success_rate": sum(r.success for r in results) / total if total else 0.0, "episodes": total,
-            "errors": sum(r.error is not None for r in results), "tasks": per_task,
-            "episodes_detail": [asdict(r) for r in results]}
+    def rates(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
+        successes = sum(r.success for r in rs)
+        return {"episodes": len(rs), "successes": successes, "success_rate": successes / len(rs) if rs else 0.0,
+                "interval_95": list(wilson_interval(successes, len(rs))), "errors": sum(r.error is not None for r in rs)}
+
+    per_task = {task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), **rates(rs)}
+                for task, rs in sorted(tasks.items())}
+    return {**rates(results), "tasks": per_task, "episodes_detail": [asdict(r) for r in results]}
 
 
 def format_table(suite: str, summary: Mapping[str, Any]) -> str:
-    """The console table of a summary."""
-    lines = [f"{'task':>4}  {'success':>9}  {'rate':>6}  instruction"]
+    """The console table of a summary: per task and overall, successes/episodes, rate and 95% Wilson interval."""
+    lines = [f"{'task':>4}  {'successes, rate [95% interval]':<30}  instruction"]
     for task, row in summary["tasks"].items():
-        lines.append(f"{task:>4}  {row['successes']:>4}/{row['episodes']:<4}  {100 * row['success_rate']:5.1f}%  "
-                     f"{row['instruction']}" + (f"  ({row['errors']} errors)" if row["errors"] else ""))
-    lines.append(f"{suite}: {100 * summary['success_rate']:.1f}% over {summary['episodes']} episodes")
+        lines.append(f"{task:>4}  {format_rate(row['successes'], row['episodes']):<30}  {row['instruction']}"
+                     + (f"  ({row['errors']} errors)" if row["errors"] else ""))
+    lines.append(f"{suite}: {100 * summary['success_rate']:.1f}% over {summary['episodes']} episodes "
+                 f"({format_rate(summary['successes'], summary['episodes'])})")
     return "\n".join(lines)
 
 
