@@ -71,7 +71,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, default=None, help="seed of the episode split (as in training)")
 
 
-def _data_config(args: argparse.Namespace, source: str | None) -> DataConfig:
+def _data_config(args: argparse.Namespace, source: str | list[str] | None) -> DataConfig:
     """The `DataConfig` of `--config` (or the defaults) with `source` and the data flags applied on top."""
     if args.config is None and source is None:
         raise ValueError("name the data: a source (Hub dataset id or folder) or --config RUN.yaml")
@@ -89,7 +89,9 @@ def _data_config(args: argparse.Namespace, source: str | None) -> DataConfig:
 
 @_command("data-info", "Describe a LIBERO source: layout, episodes, frames, tasks, state/action dims, cameras, fps.")
 def _add_data_info(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder")
+    parser.add_argument("source", nargs="+",
+                        help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder; several: each, then their "
+                             "union as one run would train on it")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -100,10 +102,28 @@ def _run_data_info(args: argparse.Namespace) -> int:
 
     from atlas_vla.data.sources import describe
 
-    info = describe(args.source, revision=args.revision)
+    infos = [describe(source, revision=args.revision) for source in args.source]
+    union = None
+    if len(infos) > 1:  # tasks are keyed by instruction text across sources
+        tasks = sorted({task for info in infos for task in info["tasks"]})
+        union = {"sources": [info["source"] for info in infos], "tasks": tasks,
+                 "num_episodes": sum(info["num_episodes"] for info in infos),
+                 "num_frames": sum(info["num_frames"] for info in infos)}
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(infos[0] if union is None else {**union, "per_source": infos}))
         return 0
+    for info in infos:
+        _print_source(info)
+    if union is not None:
+        print(f"\nunion of {len(infos)} sources: {union['num_episodes']} episodes, {union['num_frames']} frames, "
+              f"{len(union['tasks'])} tasks (by instruction)")
+        for index, task in enumerate(union["tasks"]):
+            print(f"  {index:>3}  {task}")
+    return 0
+
+
+def _print_source(info: dict[str, Any]) -> None:
+    """The `data-info` table of one source."""
     ids = info["episode_ids"]
     rows = [
         ("source", info["source"] + (f" @ {info['revision']}" if info["revision"] else "")),
@@ -123,7 +143,6 @@ def _run_data_info(args: argparse.Namespace) -> int:
     print(f"{'tasks':<{width}}  {len(info['tasks'])}")
     for index, task in enumerate(info["tasks"]):
         print(f"{'':<{width}}  {index:>3}  {task}")
-    return 0
 
 
 @_command("convert-libero-hdf5", "Convert raw LIBERO *_demo.hdf5 files to a dataset load_libero reads.")
@@ -152,8 +171,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 @_command("compute-stats", "Compute action/state normalisation statistics of a LIBERO source's training split.")
 def _add_compute_stats(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", nargs="?", default=None,
-                        help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder (default: --config's)")
+    parser.add_argument("source", nargs="*", default=None,
+                        help="Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder; several are one union "
+                             "(default: --config's)")
     parser.add_argument("--output", required=True, help="statistics JSON file to write")
     _add_data_arguments(parser)
 
@@ -163,8 +183,9 @@ def _run_compute_stats(args: argparse.Namespace) -> int:
     from atlas_vla.data.normalization import compute_norm_stats
     from atlas_vla.data.split import load_train_val
 
-    train, _ = load_train_val(_data_config(args, args.source))
-    stats = compute_norm_stats(train)
+    config = _data_config(args, args.source or None)
+    train, _ = load_train_val(config)
+    stats = compute_norm_stats(train, config.sources)
     path = stats.save(args.output)
     print(f"wrote {path}: {stats.num_frames} frames, fingerprint {stats.fingerprint}")
     return 0

@@ -17,6 +17,7 @@ INSTRUCTION = "instruction"  # natural-language task description
 EPISODE_INDEX = "episode_index"
 FRAME_INDEX = "frame_index"
 TASK_INDEX = "task_index"
+SOURCE_INDEX = "source_index"  # with several data sources: which of them a row came from (its index in data.source)
 
 CANONICAL_COLUMNS = (AGENT_IMAGE, WRIST_IMAGE, STATE, ACTION, INSTRUCTION, EPISODE_INDEX, FRAME_INDEX)
 CAMERAS = (AGENT_IMAGE, WRIST_IMAGE)  # the camera order everywhere: agent view first, then wrist

@@ -33,7 +33,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "fixtures" / "libero" / "sim_demos"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "sim_demos.yaml"))
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="the demonstrations (LeRobot v2 folder or Hub id)")
+    parser.add_argument("--data", action="append", default=None,
+                        help="the demonstrations (LeRobot v2 folder or Hub id); repeat it to train on several as one "
+                             f"(default: {DEFAULT_DATA})")
     parser.add_argument("--output-dir", default=str(REPO / "outputs" / "closed_loop_sim"))
     parser.add_argument("--skip-train", action="store_true", help="evaluate <output-dir>/final as it is")
     parser.add_argument("--overwrite", action="store_true", help="delete <output-dir> from an earlier run first")
@@ -43,6 +45,8 @@ def main() -> int:
     args = parser.parse_args()
 
     out = Path(args.output_dir)
+    sources = args.data or [str(DEFAULT_DATA)]
+    data_source = sources[0] if len(sources) == 1 else json.dumps(sources)  # a JSON list is a YAML list
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
 
     train_seconds = None
@@ -54,7 +58,7 @@ def main() -> int:
         # with no GPU and no `accelerate config`, a bare `accelerate launch` runs one process with
         # OMP_NUM_THREADS=1; --cpu gives that process every core
         device = [] if torch.cuda.is_available() else ["--cpu", "--num_processes", "1"]
-        command = ["accelerate", "launch", *device, "train.py", "--config", args.config, "--data.source", args.data,
+        command = ["accelerate", "launch", *device, "train.py", "--config", args.config, "--data.source", data_source,
                    "--output_dir", str(out), *args.train_args]
         print("$", " ".join(command), flush=True)
         start = time.perf_counter()

@@ -12,13 +12,15 @@ from atlas_vla.constants import CANONICAL_COLUMNS, TASK_INDEX
 class DataConfig:
     """Where the LIBERO data comes from and how it is split; the sample shape is `SampleSpec`."""
 
-    source: str = "physical-intelligence/libero"  # Hub dataset id, LeRobot v2/v3 folder, or save_to_disk folder
+    # Hub dataset id, LeRobot v2/v3 folder or save_to_disk folder; a list trains on several at once: one table
+    # whose tasks are keyed by instruction text, each source split by episode on its own
+    source: str | list[str] = "physical-intelligence/libero"
     revision: str | None = None  # Hub branch, tag or commit (Hub ids only); None = the default branch
     split: str = "train"  # source split: a LeRobot `info.json` split (episode range) or a DatasetDict key
     streaming: bool = False  # stream parquet shards instead of downloading and caching the whole dataset
     columns: dict[str, str] = field(default_factory=dict)  # canonical column -> source column, overrides detection
     cache_dir: str | None = None  # Hub download and `datasets` cache; None = the Hugging Face defaults
-    max_episodes: int | None = None  # keep only the first N episodes (by index): smoke tests, quick runs
+    max_episodes: int | None = None  # keep only the first N episodes (by index) of each source: smoke tests, quick runs
     val_fraction: float = 0.05  # share of episodes held out for validation when no explicit lists are given
     val_episodes: list[int] | None = None  # explicit validation episode indices (overrides val_fraction)
     train_episodes: list[int] | None = None  # explicit training episode indices; None = all non-validation ones
@@ -28,7 +30,22 @@ class DataConfig:
     generate_synthetic: bool = False  # offline demo: write the synthetic dataset to `source` if it is not there yet
     random_shift: int = 0  # training images only: pad by N pixels and crop back at a random offset (DrQ); 0 = off
 
+    @property
+    def sources(self) -> list[str]:
+        """`source` as a list (one entry for a single source)."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
     def __post_init__(self) -> None:
+        if isinstance(self.source, list) and len(self.source) == 1:
+            self.source = self.source[0]  # one source is one source, however it was written
+        if not self.sources:
+            raise ValueError("DataConfig.source is an empty list; expected a source or a list of sources")
+        several = {"revision": self.revision, "val_episodes": self.val_episodes,
+                   "train_episodes": self.train_episodes, "generate_synthetic": self.generate_synthetic or None}
+        set_keys = [key for key, value in several.items() if value is not None]
+        if len(self.sources) > 1 and set_keys:
+            raise ValueError(f"DataConfig.{set_keys[0]} applies to a single source, but source lists "
+                             f"{len(self.sources)}: {self.sources}; split several sources with val_fraction")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"DataConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.max_episodes is not None and (not isinstance(self.max_episodes, int) or self.max_episodes < 1):

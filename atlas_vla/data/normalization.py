@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from atlas_vla.action_layout import ACTION_DIM
-from atlas_vla.constants import ACTION, EPISODE_INDEX, STATE, STATE_DIM
+from atlas_vla.constants import ACTION, EPISODE_INDEX, SOURCE_INDEX, STATE, STATE_DIM
 from atlas_vla.files import write_json_atomic
 
 NormalizationMode = Literal["mean_std", "quantile", "none"]
@@ -74,10 +74,13 @@ class NormStats:
     state: FeatureStats
     num_frames: int
     fingerprint: str
+    # with several data sources: per source (in data.source order) its name, frames and fingerprint
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "num_frames": self.num_frames,
-                "action": self.action.to_dict(), "state": self.state.to_dict()}
+        values = {"fingerprint": self.fingerprint, "num_frames": self.num_frames,
+                  "action": self.action.to_dict(), "state": self.state.to_dict()}
+        return {**values, "sources": self.sources} if self.sources else values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "stats") -> "NormStats":
@@ -86,7 +89,7 @@ class NormStats:
             raise ValueError(f"{where}: missing keys {missing}; expected fingerprint, num_frames, action, state")
         stats = cls(FeatureStats.from_dict(values["action"], f"{where}: action"),
                     FeatureStats.from_dict(values["state"], f"{where}: state"),
-                    int(values["num_frames"]), str(values["fingerprint"]))
+                    int(values["num_frames"]), str(values["fingerprint"]), list(values.get("sources", [])))
         if stats.action.dim != ACTION_DIM or stats.state.dim != STATE_DIM:
             raise ValueError(f"{where}: expected {ACTION_DIM}-D action and {STATE_DIM}-D state statistics, "
                              f"got {stats.action.dim}-D and {stats.state.dim}-D")
@@ -129,18 +132,22 @@ def data_fingerprint(actions: np.ndarray, states: np.ndarray, episodes: np.ndarr
     return digest.hexdigest()[:16]
 
 
-def compute_norm_stats(dataset: datasets.Dataset) -> NormStats:
+def compute_norm_stats(dataset: datasets.Dataset, source_names: Sequence[str] | None = None) -> NormStats:
     """Statistics of the action and state columns of `dataset` (canonical columns), vectorised.
 
     Only the numeric columns are read from Arrow (images are never decoded). The fingerprint is a
-    hash of exactly those frames, so the same split gives the same fingerprint on any machine.
+    hash of exactly those frames, so the same split gives the same fingerprint on any machine. A
+    table joined from several sources (with `SOURCE_INDEX`) gets statistics over the union and, per
+    source, the fingerprint of its frames (named by `source_names`, in `data.source` order).
     """
     for column in (ACTION, STATE, EPISODE_INDEX):
         if column not in dataset.column_names:
             raise ValueError(f"cannot compute statistics: column {column!r} missing; found {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError("cannot compute statistics of an empty dataset")
-    table = dataset.select_columns([ACTION, STATE, EPISODE_INDEX]).with_format("numpy")[:]
+    joined = SOURCE_INDEX in dataset.column_names
+    table = dataset.select_columns([ACTION, STATE, EPISODE_INDEX, *([SOURCE_INDEX] if joined else [])]).with_format(
+        "numpy")[:]
     actions = np.asarray(table[ACTION], dtype=np.float32)
     states = np.asarray(table[STATE], dtype=np.float32)
     episodes = np.asarray(table[EPISODE_INDEX])
@@ -151,8 +158,16 @@ def compute_norm_stats(dataset: datasets.Dataset) -> NormStats:
         if not np.isfinite(values).all():
             row = int(np.argwhere(~np.isfinite(values))[0, 0])
             raise ValueError(f"column {name!r} holds a non-finite value at row {row} (episode {int(episodes[row])})")
+    sources = []
+    if joined:
+        origin = np.asarray(table[SOURCE_INDEX])
+        for index in np.unique(origin).tolist():
+            rows = origin == index
+            name = source_names[index] if source_names is not None else str(index)
+            sources.append({"source": name, "num_frames": int(rows.sum()),
+                            "fingerprint": data_fingerprint(actions[rows], states[rows], episodes[rows])})
     return NormStats(FeatureStats.compute(actions), FeatureStats.compute(states), int(len(actions)),
-                     data_fingerprint(actions, states, episodes))
+                     data_fingerprint(actions, states, episodes), sources)
 
 
 def _as_tensors(stats: FeatureStats, like: torch.Tensor, names: Sequence[str]) -> list[torch.Tensor]:

@@ -72,14 +72,31 @@ def _choose_episodes(available: list[int], config: DataConfig) -> tuple[list[int
 def load_train_val(
     config: DataConfig,
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, datasets.Dataset | datasets.IterableDataset]:
-    """Load `config.source` and split it by episode: the one call the training script makes."""
-    dataset, episode_ids = load_libero_with_episodes(
-        config.source,
-        revision=config.revision,
-        streaming=config.streaming,
-        columns=config.columns,
-        split=config.split,
-        max_episodes=config.max_episodes,
-        cache_dir=config.cache_dir,
-    )
-    return split_episodes(dataset, config, episode_ids=episode_ids)
+    """Load `config.source` and split it by episode: the one call the training script makes.
+
+    Several sources (`source` a list) are each loaded and split on their own, checked to record the
+    same kind of frame, and joined into one train and one validation table (`data.mixture`).
+    """
+    if isinstance(config.source, str):
+        dataset, episode_ids = _load(config.source, config)
+        return split_episodes(dataset, config, episode_ids=episode_ids)
+    from atlas_vla.data.mixture import check_compatible, join_sources, source_profile, tag_source
+
+    loaded = [_load(source, config) for source in config.sources]
+    check_compatible(config.sources, [source_profile(source, dataset, columns=config.columns, cache_dir=config.cache_dir)
+                                      for source, (dataset, _) in zip(config.sources, loaded)])
+    trains, vals = [], []
+    episode_offset = 0
+    for index, (dataset, episode_ids) in enumerate(loaded):
+        dataset = tag_source(dataset, index, episode_offset)
+        train, val = split_episodes(dataset, config, episode_ids=[e + episode_offset for e in episode_ids])
+        trains.append(train)
+        vals.append(val)
+        episode_offset += max(episode_ids) + 1
+    return join_sources(trains), join_sources(vals)
+
+
+def _load(source: str, config: DataConfig) -> tuple[datasets.Dataset | datasets.IterableDataset, list[int]]:
+    return load_libero_with_episodes(source, revision=config.revision, streaming=config.streaming,
+                                     columns=config.columns, split=config.split, max_episodes=config.max_episodes,
+                                     cache_dir=config.cache_dir)

@@ -291,7 +291,7 @@ def _norm_stats(data_cfg: DataConfig, train_set: Any) -> NormStats:
     if not hasattr(train_set, "select_columns") or not hasattr(train_set, "__len__"):
         raise ValueError("data.streaming is on: compute statistics once with `atlas-vla compute-stats SOURCE "
                          "--output stats.json` and set data.norm_stats to that file")
-    return compute_norm_stats(train_set)
+    return compute_norm_stats(train_set, data_cfg.sources)
 
 
 def _has_rows(dataset: Any) -> bool:

@@ -1,0 +1,74 @@
+"""Several LIBERO sources trained as one: a check that they are alike, then one table.
+
+LeRobot's `MultiLeRobotDataset` and OpenVLA's dataset mixtures train on several datasets at once;
+here `data.source` may list several (local folders or Hub ids, any layout). Each is loaded and split
+by episode on its own (so its split does not depend on the others), then the parts are joined:
+episode indices are offset so that they stay unique, `SOURCE_INDEX` records where each row came
+from, and tasks are keyed by their instruction text (the same instruction in two sources is one
+task). Sources that disagree on what a frame holds fail before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+
+from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, SOURCE_INDEX, STATE, TASK_INDEX, WRIST_IMAGE
+from atlas_vla.data.sources import describe, numpy_column
+
+Table = datasets.Dataset | datasets.IterableDataset
+
+
+def source_profile(source: str, table: Table, *, columns: dict[str, str] | None = None,
+                   cache_dir: str | None = None) -> dict[str, Any]:
+    """What a frame of `source` holds: state and action dimensions, fps (None if the source does not
+    say) and the camera image shapes (read from its first frame)."""
+    info = describe(source, columns=columns, cache_dir=cache_dir)
+    cameras = table.select_columns([AGENT_IMAGE, WRIST_IMAGE])
+    if isinstance(cameras, datasets.IterableDataset):
+        first = next(iter(cameras.take(1)), None)
+    else:
+        first = cameras[0] if len(cameras) else None
+    shapes = {camera: tuple(np.asarray(first[camera]).shape) if first else None for camera in (AGENT_IMAGE, WRIST_IMAGE)}
+    return {"state_dim": info["state_dim"], "action_dim": info["action_dim"], "fps": info["fps"],
+            f"{AGENT_IMAGE} shape": shapes[AGENT_IMAGE], f"{WRIST_IMAGE} shape": shapes[WRIST_IMAGE]}
+
+
+def check_compatible(sources: Sequence[str], profiles: Sequence[dict[str, Any]]) -> None:
+    """`ValueError` naming both sources and the field when two sources' frames differ (an unknown fps
+    is not compared)."""
+    first, reference = sources[0], profiles[0]
+    for source, profile in zip(sources[1:], profiles[1:]):
+        for field, value in profile.items():
+            expected = reference[field]
+            if value != expected and not (field == "fps" and None in (value, expected)):
+                raise ValueError(f"data.source: {first} and {source} disagree on {field}: {expected} vs {value}; "
+                                 f"sources trained together must record the same kind of frame")
+
+
+def tag_source(table: Table, index: int, episode_offset: int) -> Table:
+    """Source `index`'s canonical table with its episode indices shifted by `episode_offset` (so they stay
+    unique among all sources) and a `SOURCE_INDEX` column. Task indices are dropped: across sources
+    only the instruction text names a task. Call it before selecting episodes: on a table without a
+    row selection the new columns are added without rewriting the others."""
+    if TASK_INDEX in (table.column_names or []):
+        table = table.remove_columns([TASK_INDEX])
+    if isinstance(table, datasets.IterableDataset):
+        return table.map(lambda batch: {EPISODE_INDEX: [e + episode_offset for e in batch[EPISODE_INDEX]],
+                                        SOURCE_INDEX: [index] * len(batch[EPISODE_INDEX])}, batched=True)
+    episodes = numpy_column(table, EPISODE_INDEX).astype(np.int64) + episode_offset
+    table = table.remove_columns([EPISODE_INDEX]).add_column(EPISODE_INDEX, episodes.tolist(),
+                                                              feature=datasets.Value("int64"))
+    return table.add_column(SOURCE_INDEX, [index] * len(table), feature=datasets.Value("int64"))
+
+
+def join_sources(tables: Sequence[Table]) -> Table:
+    """One table from the `tag_source`d tables of several sources. When their layouts stored the state
+    and action differently (fixed- or variable-length lists, float64), both become float32 lists first."""
+    features = [table.features for table in tables]
+    if any(f is not None and f != features[0] for f in features):
+        target = datasets.Sequence(datasets.Value("float32"))
+        tables = [table.cast_column(STATE, target).cast_column(ACTION, target) for table in tables]
+    return datasets.concatenate_datasets(list(tables))

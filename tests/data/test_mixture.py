@@ -1,0 +1,118 @@
+"""Several sources in one run: one table keyed by instruction, per-source split, union statistics,
+and a clear error before anything is written when the sources record different frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atlas_vla.cli import main as cli
+from atlas_vla.config import TrainConfig, save_config
+from atlas_vla.constants import EPISODE_INDEX, INSTRUCTION, SOURCE_INDEX
+from atlas_vla.data.config import DataConfig
+from atlas_vla.data.lerobot_writer import LeRobotV2Writer
+from atlas_vla.data.normalization import NormStats, compute_norm_stats
+from atlas_vla.data.samples import LiberoSamples
+from atlas_vla.data.spec import SampleSpec
+from atlas_vla.data.split import load_train_val
+
+SHARED = "put the bowl on the plate"
+
+
+def write_source(path: Path, instructions: list[str], *, fps: int = 20, size: int = 16, seed: int = 0) -> Path:
+    """A LeRobot v2 folder with one 5-frame episode per instruction, written by the real writer."""
+    rng = np.random.default_rng(seed)
+    writer = LeRobotV2Writer(path, fps=fps)
+    for instruction in instructions:
+        images = rng.integers(0, 255, (5, size, size, 3), dtype=np.uint8)
+        states = rng.normal(size=(5, 8)).astype(np.float32)
+        actions = np.concatenate([rng.normal(size=(5, 6)), np.ones((5, 1))], axis=1).astype(np.float32)
+        writer.add_episode(images, images, states, actions, instruction)
+    return writer.close()
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mixture")
+    a = write_source(root / "a", [SHARED, "open the drawer", "close the drawer", SHARED], seed=1)
+    b = write_source(root / "b", ["turn on the stove", SHARED, "push the plate"], seed=2)
+    return a, b
+
+
+def episodes_of(table) -> list[int]:
+    return sorted(set(np.asarray(table.select_columns([EPISODE_INDEX]).with_format("numpy")[:][EPISODE_INDEX]).tolist()))
+
+
+def test_one_table_keyed_by_instruction_with_a_split_per_source(two_sources):
+    a, b = two_sources
+    config = DataConfig(source=[str(a), str(b)], val_fraction=0.25, split_seed=3)
+    train, val = load_train_val(config)
+    # each source is split exactly as it would be alone; its episodes follow the previous source's
+    alone = [load_train_val(DataConfig(source=str(s), val_fraction=0.25, split_seed=3)) for s in (a, b)]
+    assert episodes_of(train) == episodes_of(alone[0][0]) + [4 + e for e in episodes_of(alone[1][0])]
+    assert episodes_of(val) == episodes_of(alone[0][1]) + [4 + e for e in episodes_of(alone[1][1])]
+    everything, _ = load_train_val(DataConfig(source=[str(a), str(b)], val_fraction=0.0))
+    assert len(everything) == 7 * 5 and set(everything.unique(SOURCE_INDEX)) == {0, 1}
+    assert sorted(everything.unique(INSTRUCTION)) == sorted({SHARED, "open the drawer", "close the drawer",
+                                                             "turn on the stove", "push the plate"})
+    samples = LiberoSamples(everything, SampleSpec(image_size=14, action_horizon=2))
+    shared = {samples[i][EPISODE_INDEX] for i in range(len(samples)) if samples[i][INSTRUCTION] == SHARED}
+    assert shared == {0, 3, 5}  # one task, episodes from both sources
+
+
+def test_statistics_over_the_union_record_every_source(two_sources, tmp_path, capsys):
+    a, b = two_sources
+    config = DataConfig(source=[str(a), str(b)], val_fraction=0.0)
+    union = compute_norm_stats(load_train_val(config)[0], config.sources)
+    assert union.num_frames == 35 and [s["num_frames"] for s in union.sources] == [20, 15]
+    assert [s["source"] for s in union.sources] == [str(a), str(b)]
+    assert union.sources[0]["fingerprint"] == compute_norm_stats(load_train_val(
+        DataConfig(source=str(a), val_fraction=0.0))[0]).fingerprint  # source 0's episodes keep their indices
+    out = tmp_path / "stats.json"
+    assert cli(["compute-stats", str(a), str(b), "--val-fraction", "0", "--output", str(out)]) == 0
+    assert NormStats.load(out).to_dict() == union.to_dict()
+    run = save_config(TrainConfig(data=config), tmp_path / "run.yaml")
+    assert cli(["compute-stats", "--config", str(run), "--output", str(out)]) == 0
+    assert NormStats.load(out).to_dict() == union.to_dict()
+    assert cli(["data-info", str(a), str(b)]) == 0
+    assert "union of 2 sources: 7 episodes, 35 frames, 5 tasks (by instruction)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"fps": 10}, "disagree on fps: 20 vs 10"),
+    ({"size": 24}, "disagree on observation.images.agentview shape: (16, 16, 3) vs (24, 24, 3)"),
+])
+def test_sources_that_record_different_frames_fail_before_training(two_sources, tmp_path, change, message, capsys):
+    a, _ = two_sources
+    other = write_source(tmp_path / "other", [SHARED], **change)
+    with pytest.raises(ValueError, match=rf"data.source: {a} and {other} {message}".replace("(", r"\(").replace(")", r"\)")):
+        load_train_val(DataConfig(source=[str(a), str(other)]))
+    out = tmp_path / "run"
+    from atlas_vla.training.train import main as train_main
+
+    argv = ["--config", "configs/demo.yaml", "--data.source", f"[{a}, {other}]", "--data.generate_synthetic", "false",
+            "--output_dir", str(out)]
+    assert train_main(argv) == 2 and message in capsys.readouterr().err
+    assert not out.exists()  # nothing written
+
+
+def test_single_source_settings_are_refused_with_several():
+    with pytest.raises(ValueError, match="DataConfig.val_episodes applies to a single source"):
+        DataConfig(source=["a/b", "c/d"], val_episodes=[1])
+    assert DataConfig(source=["only/one"]).source == "only/one"
+
+
+def test_a_run_trains_on_several_sources_and_records_them(two_sources, tmp_path):
+    from atlas_vla.training.train import main as train_main
+
+    a, b = two_sources
+    out = tmp_path / "run"
+    argv = ["--config", "configs/demo.yaml", "--data.source", f"[{a}, {b}]", "--data.generate_synthetic", "false",
+            "--data.val_fraction", "0.25", "--output_dir", str(out), "--model.image_size", "28",
+            "--train_batch_size", "4", "--max_train_steps", "2", "--lr_warmup_steps", "1", "--validation_steps", "2",
+            "--logging.log_media", "false"]
+    assert train_main(argv) == 0
+    stats = NormStats.load(out / "final" / "norm_stats.json")
+    assert [s["source"] for s in stats.sources] == [str(a), str(b)]
