@@ -16,6 +16,9 @@ class DataConfig:
     # whose tasks are keyed by instruction text, each source split by episode on its own
     source: str | list[str] = "physical-intelligence/libero"
     revision: str | None = None  # Hub branch, tag or commit (Hub ids only); None = the default branch
+    # several sources: each one's expected share of the training samples (e.g. [1, 3]: a quarter, three
+    # quarters), drawn with replacement, the same in every run with the same seed; null = by their sizes
+    source_weights: list[float] | None = None
     split: str = "train"  # source split: a LeRobot `info.json` split (episode range) or a DatasetDict key
     streaming: bool = False  # stream parquet shards instead of downloading and caching the whole dataset
     columns: dict[str, str] = field(default_factory=dict)  # canonical column -> source column, overrides detection
@@ -46,6 +49,14 @@ class DataConfig:
         if len(self.sources) > 1 and set_keys:
             raise ValueError(f"DataConfig.{set_keys[0]} applies to a single source, but source lists "
                              f"{len(self.sources)}: {self.sources}; split several sources with val_fraction")
+        if self.source_weights is not None:
+            if len(self.source_weights) != len(self.sources) or len(self.sources) < 2:
+                raise ValueError(f"DataConfig.source_weights {self.source_weights} needs one weight per source of "
+                                 f"several; source lists {len(self.sources)}: {self.sources}")
+            if any(not weight > 0 for weight in self.source_weights):
+                raise ValueError(f"DataConfig.source_weights must all be > 0, got {self.source_weights}")
+            if self.streaming:
+                raise ValueError("DataConfig.source_weights draws samples by index: it needs streaming: false")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"DataConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.max_episodes is not None and (not isinstance(self.max_episodes, int) or self.max_episodes < 1):

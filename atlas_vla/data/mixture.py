@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import datasets
 import numpy as np
+import torch
 
 from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, SOURCE_INDEX, STATE, TASK_INDEX, WRIST_IMAGE
 from atlas_vla.data.sources import describe, numpy_column
@@ -72,3 +73,32 @@ def join_sources(tables: Sequence[Table]) -> Table:
         target = datasets.Sequence(datasets.Value("float32"))
         tables = [table.cast_column(STATE, target).cast_column(ACTION, target) for table in tables]
     return datasets.concatenate_datasets(list(tables))
+
+
+class SourceWeightedSampler(torch.utils.data.Sampler[int]):
+    """Training sample indices drawn so that source s makes up `weights[s] / sum(weights)` of them.
+
+    Each epoch draws as many indices as there are samples, with replacement, every sample of a source
+    equally likely. The draw depends only on (`seed`, epoch), so a resumed run (`set_epoch`, then
+    skipping the batches already seen) continues exactly where it stopped.
+    """
+
+    def __init__(self, sample_sources: np.ndarray, weights: Sequence[float], seed: int) -> None:
+        counts = np.bincount(sample_sources, minlength=len(weights))
+        empty = [index for index, count in enumerate(counts) if count == 0]
+        if empty:
+            raise ValueError(f"data.source_weights: source {empty[0]} has no training samples")
+        share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.probabilities = torch.as_tensor(share[sample_sources] / counts[sample_sources])
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        yield from torch.multinomial(self.probabilities, len(self), replacement=True, generator=generator).tolist()

@@ -27,6 +27,7 @@ from atlas_vla.constants import (
     INSTRUCTION,
     OBS_IMAGES,
     OBS_STATE,
+    SOURCE_INDEX,
     STATE,
 )
 from atlas_vla.data.config import DataConfig
@@ -173,6 +174,9 @@ class LiberoSamples(torch.utils.data.Dataset):
         self.random_shift = random_shift  # training augmentation (DataConfig.random_shift); 0 = exact images
         numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION]
         self._frames = _Frames.from_table(dataset.select_columns(numeric).with_format("arrow")[:])
+        # with several sources: the source of each sample (in sample order), for source-weighted sampling
+        self.sample_sources = (np.asarray(dataset.select_columns([SOURCE_INDEX]).with_format("numpy")[:][SOURCE_INDEX])
+                               [self._frames.rows] if SOURCE_INDEX in dataset.column_names else None)
         self._images = dataset.select_columns(list(CAMERAS[: spec.num_cameras])).with_format("arrow")
 
     def without_images(self) -> "LiberoSamples":

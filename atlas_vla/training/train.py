@@ -41,6 +41,7 @@ from atlas_vla.config import (
 from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
 from atlas_vla.data.config import DataConfig
 from atlas_vla.data.feature_cache import FeatureCache
+from atlas_vla.data.mixture import SourceWeightedSampler
 from atlas_vla.data.normalization import NormStats, compute_norm_stats
 from atlas_vla.data.samples import build_samples, collate
 from atlas_vla.data.spec import SampleSpec
@@ -256,9 +257,11 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     train_samples, val_samples, stats = _load_data(accelerator, config.data, config.model.sample_spec)  # 2
     policy, references, counts = _build_policy(config.model, config.training, stats,  # 3
                                                resuming=resume_dir is not None)
+    sampler = _source_sampler(train_samples, config.data, config.training.seed)
     if config.training.cache_frozen_features:
         train_samples = _cache_frozen_features(accelerator, policy, train_samples, config.training)
-    prepared = _prepare_optimization(accelerator, policy, train_samples, val_samples, config.training, references)
+    prepared = _prepare_optimization(accelerator, policy, train_samples, val_samples, config.training, references,
+                                     sampler)
     run = TrainingRun(config=config, accelerator=accelerator, policy=prepared.policy, optimizer=prepared.optimizer,
                       scheduler=prepared.scheduler, train_loader=prepared.train_loader,
                       val_loader=prepared.val_loader, val_samples=val_samples, stats=stats, references=references,
@@ -302,11 +305,13 @@ def _has_rows(dataset: Any) -> bool:
         return True
 
 
-def _loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool) -> torch.utils.data.DataLoader:
+def _loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool,
+            sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
     workers = training_cfg.dataloader_num_workers
     iterable = isinstance(samples, torch.utils.data.IterableDataset)
     return torch.utils.data.DataLoader(
-        samples, batch_size=training_cfg.train_batch_size, shuffle=shuffle and not iterable,
+        samples, batch_size=training_cfg.train_batch_size, shuffle=shuffle and not iterable and sampler is None,
+        sampler=sampler,
         drop_last=shuffle, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
         # its own generator: creating an epoch's iterator must not consume the global RNG,
         # or a resumed run would draw different random numbers than an uninterrupted one
@@ -342,10 +347,13 @@ class Prepared(NamedTuple):
 
 
 def _prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any, val_samples: Any | None,
-                          training_cfg: TrainingConfig, references: dict[str, Any]) -> Prepared:
-    """Stage 3b: the loaders, AdamW and the LR schedule, prepared; every checkpoint also exports the policy."""
+                          training_cfg: TrainingConfig, references: dict[str, Any],
+                          sampler: torch.utils.data.Sampler | None) -> Prepared:
+    """Stage 3b: the loaders, AdamW and the LR schedule, prepared; every checkpoint also exports the policy.
+
+    `sampler` (source-weighted sampling) replaces the shuffled order of the training samples."""
     val_loader = _loader(val_samples, training_cfg, shuffle=False) if val_samples is not None else None
-    train_loader = _loader(train_samples, training_cfg, shuffle=True)
+    train_loader = _loader(train_samples, training_cfg, shuffle=True, sampler=sampler)
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=training_cfg.learning_rate,
         betas=(training_cfg.adam_beta1, training_cfg.adam_beta2), eps=training_cfg.adam_epsilon,
@@ -374,6 +382,13 @@ def _prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_s
 
     accelerator.register_save_state_pre_hook(export_hook)
     return Prepared(policy, optimizer, scheduler, train_loader, val_loader, max_steps, batches_per_epoch, num_epochs)
+
+
+def _source_sampler(samples: Any, data_cfg: DataConfig, seed: int) -> SourceWeightedSampler | None:
+    """The source-weighted sampler `data.source_weights` asks for (None: the usual shuffled order)."""
+    if data_cfg.source_weights is None:
+        return None
+    return SourceWeightedSampler(samples.sample_sources, data_cfg.source_weights, seed)
 
 
 def _cache_frozen_features(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any,

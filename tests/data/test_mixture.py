@@ -112,7 +112,31 @@ def test_a_run_trains_on_several_sources_and_records_them(two_sources, tmp_path)
     argv = ["--config", "configs/demo.yaml", "--data.source", f"[{a}, {b}]", "--data.generate_synthetic", "false",
             "--data.val_fraction", "0.25", "--output_dir", str(out), "--model.image_size", "28",
             "--train_batch_size", "4", "--max_train_steps", "2", "--lr_warmup_steps", "1", "--validation_steps", "2",
-            "--logging.log_media", "false"]
+            "--logging.log_media", "false", "--data.source_weights", "[1, 3]"]
     assert train_main(argv) == 0
     stats = NormStats.load(out / "final" / "norm_stats.json")
     assert [s["source"] for s in stats.sources] == [str(a), str(b)]
+
+
+def test_source_weights_are_respected_in_expectation_and_deterministic(two_sources):
+    from atlas_vla.data.mixture import SourceWeightedSampler
+
+    a, b = two_sources
+    train, _ = load_train_val(DataConfig(source=[str(a), str(b)], val_fraction=0.0, source_weights=[1, 3]))
+    samples = LiberoSamples(train, SampleSpec(image_size=14, action_horizon=2))
+    assert samples.sample_sources.tolist() == [0] * 20 + [1] * 15
+    sampler = SourceWeightedSampler(samples.sample_sources, [1, 3], seed=0)
+    drawn = []
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        drawn.extend(iter(sampler))
+    share = np.mean(samples.sample_sources[drawn] == 1)
+    assert len(drawn) == 200 * 35 and share == pytest.approx(0.75, abs=0.02)  # by size it would be 15/35 = 0.43
+    sampler.set_epoch(7)
+    first = list(sampler)
+    assert list(sampler) == first and first != drawn[:35]  # (seed, epoch) decides the draw
+    with pytest.raises(ValueError, match="needs one weight per source of several"):
+        DataConfig(source=[str(a), str(b)], source_weights=[1.0])
+    with pytest.raises(ValueError, match="must all be > 0"):
+        DataConfig(source=[str(a), str(b)], source_weights=[1.0, 0.0])
+
