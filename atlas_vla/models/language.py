@@ -70,18 +70,18 @@ class LanguageEncoder:
         return weights_hash(self.model)
 
     @torch.inference_mode()
-    def _encode_new(self, instructions: list[str]) -> None:
-        tokens = self.tokenizer(instructions, padding=True, truncation=True, max_length=self.config.max_length,
+    def _encode_new(self, instruction: str) -> None:
+        # one instruction at a time: encoded in a padded group, its features would depend (in the last
+        # float bits) on which other instructions happened to be new in the same batch, so a resumed
+        # run, whose cache starts empty at another batch, would train on slightly different features
+        tokens = self.tokenizer([instruction], truncation=True, max_length=self.config.max_length,
                                 return_tensors="pt").to(self.device)
-        features = self.model(**tokens).last_hidden_state  # (n, L, D)
-        for text, feats, mask in zip(instructions, features, tokens["attention_mask"].bool()):
-            self._cache[text] = feats[mask].float().clone()  # (L_text, D), padding dropped
+        self._cache[instruction] = self.model(**tokens).last_hidden_state[0].float().clone()  # (L_text, D)
 
     def encode(self, instructions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Token features (B, L, D) float32 and a mask (B, L), True on real tokens."""
-        new = sorted({text for text in instructions if text not in self._cache})
-        if new:
-            self._encode_new(new)
+        for text in sorted({text for text in instructions if text not in self._cache}):
+            self._encode_new(text)
         rows = [self._cache[text] for text in instructions]
         length = max(row.shape[0] for row in rows)
         features = torch.zeros(len(rows), length, self.hidden_size, device=self.device)

@@ -140,3 +140,29 @@ def test_source_weights_are_respected_in_expectation_and_deterministic(two_sourc
     with pytest.raises(ValueError, match="must all be > 0"):
         DataConfig(source=[str(a), str(b)], source_weights=[1.0, 0.0])
 
+
+
+@pytest.mark.slow
+def test_a_source_weighted_run_resumes_exactly(two_sources, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from atlas_vla.training.train import main as train_main
+
+    a, b = two_sources
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["--config", "configs/demo.yaml", "--data.source", f"[{a}, {b}]", "--data.generate_synthetic", "false",
+                "--data.val_fraction", "0", "--data.source_weights", "[1, 3]", "--output_dir", str(out),
+                "--model.image_size", "28", "--train_batch_size", "4", "--max_train_steps", "12",
+                "--lr_warmup_steps", "1", "--checkpointing_steps", "4", "--logging.log_media", "false", *extra]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_main(args(straight)) == 0
+    assert train_main(args(resumed)) == 0
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-12")  # a crash after step 8, where the second epoch starts
+    shutil.rmtree(resumed / "final")
+    assert train_main(args(resumed, "--resume_from_checkpoint", "latest")) == 0
+    first, second = (load_file(str(out / "final" / "model.safetensors")) for out in (straight, resumed))
+    assert first.keys() == second.keys() and all(bool((first[k] == second[k]).all()) for k in first)

@@ -33,3 +33,12 @@ def test_features_mask_and_cache(encoder):
 
 def test_weights_hash_is_stable(encoder):
     assert encoder.weights_hash() == LanguageEncoder(LanguageConfig("minilm")).weights_hash()
+
+
+def test_an_instructions_features_do_not_depend_on_its_companions():
+    """A resumed run starts with an empty cache at another batch: the features it caches must be the same bits."""
+    text = "pick up the black bowl"
+    alone, alone_mask = LanguageEncoder(LanguageConfig("minilm")).encode([text])
+    together, together_mask = LanguageEncoder(LanguageConfig("minilm")).encode(
+        [text, "pick up the black bowl next to the ramekin and place it on the plate in the middle"])
+    assert torch.equal(together[0][together_mask[0]], alone[0][alone_mask[0]])  # the same bits
