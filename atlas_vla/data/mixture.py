@@ -6,6 +6,7 @@ by episode on its own (so its split does not depend on the others), then the par
 episode indices are offset so that they stay unique, `SOURCE_INDEX` records where each row came
 from, and tasks are keyed by their instruction text (the same instruction in two sources is one
 task). Sources that disagree on what a frame holds fail before anything is trained or written.
+`SourceWeightedSampler` gives each source a chosen share of the training samples (`data.source_weights`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from atlas_vla.data.sources import describe, numpy_column
 Table = datasets.Dataset | datasets.IterableDataset
 
 
-def source_profile(source: str, table: Table, *, columns: dict[str, str] | None = None,
+def source_profile(source: str, table: Table, *, columns: dict[str, str] | None = None, split: str = "train",
                    cache_dir: str | None = None) -> dict[str, Any]:
     """What a frame of `source` holds: state and action dimensions, fps (None if the source does not
     say) and the camera image shapes (read from its first frame)."""
-    info = describe(source, columns=columns, cache_dir=cache_dir)
+    info = describe(source, columns=columns, split=split, cache_dir=cache_dir)
     cameras = table.select_columns([AGENT_IMAGE, WRIST_IMAGE])
     if isinstance(cameras, datasets.IterableDataset):
         first = next(iter(cameras.take(1)), None)

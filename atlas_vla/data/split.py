@@ -9,6 +9,7 @@ import numpy as np
 
 from atlas_vla.constants import EPISODE_INDEX
 from atlas_vla.data.config import DataConfig
+from atlas_vla.data.mixture import check_compatible, join_sources, source_profile, tag_source
 from atlas_vla.data.sources import (
     load_libero_with_episodes,
     numpy_column,
@@ -80,11 +81,10 @@ def load_train_val(
     if isinstance(config.source, str):
         dataset, episode_ids = _load(config.source, config)
         return split_episodes(dataset, config, episode_ids=episode_ids)
-    from atlas_vla.data.mixture import check_compatible, join_sources, source_profile, tag_source
-
     loaded = [_load(source, config) for source in config.sources]
-    check_compatible(config.sources, [source_profile(source, dataset, columns=config.columns, cache_dir=config.cache_dir)
-                                      for source, (dataset, _) in zip(config.sources, loaded)])
+    profiles = [source_profile(source, dataset, columns=config.columns, split=config.split, cache_dir=config.cache_dir)
+                for source, (dataset, _) in zip(config.sources, loaded)]
+    check_compatible(config.sources, profiles)
     trains, vals = [], []
     episode_offset = 0
     for index, (dataset, episode_ids) in enumerate(loaded):
