@@ -8,6 +8,7 @@ column schema are detected from what is on disk, never guessed: anything unexpec
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,10 @@ class _Source:
     commit: str | None = None  # the Hub commit the snapshot belongs to
     info: dict = field(default_factory=dict)  # LeRobot meta/info.json
     tasks: dict[int, str] = field(default_factory=dict)  # task_index -> instruction
+    origin: Path | None = None  # raw HDF5 files that `root` was converted from
 
     def describe_name(self) -> str:
-        return self.repo_id or str(self.root)
+        return self.repo_id or str(self.origin or self.root)
 
 
 def detect_layout(path: str | Path) -> str:
@@ -204,18 +206,46 @@ def _open_source(source: str, *, revision: str | None, cache_dir: str | None) ->
     found = local_path_or_hub_id(source, f"unknown LIBERO source {source!r}: no such local folder, and not a Hub "
                                          "dataset id of the form 'org/name'")
     repo_id = commit = None
+    origin = None
     if isinstance(found, Path):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub dataset ids only, but {source!r} is a local folder")
         root = found
+        if _is_raw_hdf5(found):
+            root, origin = _converted_hdf5(found, cache_dir), found
     else:
         root, repo_id = _download(found, revision=revision, cache_dir=cache_dir, patterns=["meta/*"]), found
         commit = root.name  # snapshot folders are named by commit hash
-    src = _Source(root=root, layout=detect_layout(root), repo_id=repo_id, commit=commit)
+    src = _Source(root=root, layout=detect_layout(root), repo_id=repo_id, commit=commit, origin=origin)
     if src.layout != LAYOUT_SAVED:
         src.info = _read_json(root / "meta" / "info.json")
         src.tasks = _read_tasks(root, src.layout)
     return src
+
+
+def _is_raw_hdf5(path: Path) -> bool:
+    """A raw LIBERO `*.hdf5` file, or a folder of them that is not itself a dataset folder."""
+    if path.is_file():
+        return path.suffix in (".hdf5", ".h5")
+    dataset_markers = (path / "meta" / "info.json", path / "dataset_info.json", path / "dataset_dict.json")
+    return not any(marker.exists() for marker in dataset_markers) and any(path.glob("*.hdf5"))
+
+
+def _converted_hdf5(path: Path, cache_dir: str | None) -> Path:
+    """Raw LIBERO HDF5 files as a LeRobot v2 folder, converted once with `convert_libero_hdf5`'s defaults
+    (images rotated upright, no no-op filter) into a cache folder keyed by the files' paths, sizes and
+    modification times; `atlas-vla convert-libero-hdf5` gives the other options."""
+    from atlas_vla.data.hdf5 import convert_libero_hdf5, find_hdf5_files
+
+    files = find_hdf5_files([path])
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "atlas_vla_hdf5" / digest.hexdigest()[:16]
+    if not root.exists():
+        convert_libero_hdf5(files, root)
+    return root
 
 
 def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patterns: list[str]) -> Path:

@@ -134,3 +134,25 @@ def test_command_and_errors(raw, tmp_path, capsys):
     (tmp_path / "bad.hdf5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="bad.hdf5: not a readable HDF5 file"):
         convert_libero_hdf5([tmp_path / "bad.hdf5"], tmp_path / "q")
+
+
+def test_raw_hdf5_files_are_a_source_converted_once(tmp_path):
+    from atlas_vla.data.config import DataConfig
+    from atlas_vla.data.split import load_train_val
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_libero_hdf5(raw / "bowl_demo.hdf5")
+    cache = str(tmp_path / "cache")
+    direct = load_libero(str(raw), cache_dir=cache)
+    converted = load_libero(str(convert_libero_hdf5([raw], tmp_path / "converted")))
+    assert direct.to_dict() == converted.to_dict()  # the converter's defaults: upright images, every step
+    [folder] = (tmp_path / "cache" / "atlas_vla_hdf5").iterdir()
+    stamp = folder.stat().st_mtime_ns
+    assert load_libero(str(raw / "bowl_demo.hdf5"), cache_dir=cache).num_rows == direct.num_rows
+    assert describe(str(raw), cache_dir=cache)["source"] == str(raw)
+    assert folder.stat().st_mtime_ns == stamp and len(list(folder.parent.iterdir())) == 1  # the same files: one conversion
+    # a raw HDF5 source mixes with a LeRobot one
+    train, _ = load_train_val(DataConfig(source=[str(tmp_path / "converted"), str(raw)], val_fraction=0.0,
+                                         cache_dir=cache))
+    assert train.num_rows == 2 * direct.num_rows
