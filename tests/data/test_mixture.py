@@ -166,3 +166,17 @@ def test_a_source_weighted_run_resumes_exactly(two_sources, tmp_path):
     assert train_main(args(resumed, "--resume_from_checkpoint", "latest")) == 0
     first, second = (load_file(str(out / "final" / "model.safetensors")) for out in (straight, resumed))
     assert first.keys() == second.keys() and all(bool((first[k] == second[k]).all()) for k in first)
+
+
+def test_the_feature_cache_serves_the_joined_samples(two_sources):
+    from helpers import tiny_policy_config
+
+    from atlas_vla.data.feature_cache import FeatureCache
+    from atlas_vla.models.policy import AtlasPolicy
+
+    a, b = two_sources
+    train, _ = load_train_val(DataConfig(source=[str(a), str(b)], val_fraction=0.0))
+    policy = AtlasPolicy(tiny_policy_config(image_size=14), compute_norm_stats(train))
+    samples = LiberoSamples(train, policy.config.sample_spec)
+    cache = FeatureCache.build(samples, policy.vision_features, batch_size=8, progress=False)
+    assert len(cache) == 35 and [cache[i][INSTRUCTION] for i in (0, 34)] == [samples[0][INSTRUCTION], samples[34][INSTRUCTION]]
