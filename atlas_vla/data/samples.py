@@ -172,11 +172,12 @@ class LiberoSamples(torch.utils.data.Dataset):
         self.spec = spec
         self.images = images  # False: samples without OBS_IMAGES, for training on cached frozen features
         self.random_shift = random_shift  # training augmentation (DataConfig.random_shift); 0 = exact images
-        numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION]
-        self._frames = _Frames.from_table(dataset.select_columns(numeric).with_format("arrow")[:])
-        # with several sources: the source of each sample (in sample order), for source-weighted sampling
-        self.sample_sources = (np.asarray(dataset.select_columns([SOURCE_INDEX]).with_format("numpy")[:][SOURCE_INDEX])
-                               [self._frames.rows] if SOURCE_INDEX in dataset.column_names else None)
+        joined = SOURCE_INDEX in dataset.column_names  # several sources
+        numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION, *([SOURCE_INDEX] if joined else [])]
+        table = dataset.select_columns(numeric).with_format("arrow")[:]
+        self._frames = _Frames.from_table(table)
+        # the source of each sample (in sample order), for source-weighted sampling
+        self.sample_sources = table.column(SOURCE_INDEX).to_numpy()[self._frames.rows] if joined else None
         self._images = dataset.select_columns(list(CAMERAS[: spec.num_cameras])).with_format("arrow")
 
     def without_images(self) -> "LiberoSamples":
