@@ -9,7 +9,8 @@ Training is `accelerate launch train.py --config configs/sim_demos.yaml` on the 
 `../shared/fixtures/libero/sim_demos` (libero_spatial tasks 0-2, initial states 0-19); evaluation is
 `atlas-vla eval-libero --config` with the config's `eval:` section (tasks 0-2, initial states 30-49, the full
 protocol: 10 settling steps, 220 max steps) in parallel simulator workers. Prints the per-task and
-average success rates with their 95% Wilson intervals, the training and evaluation times, and where the videos are; writes them to
+average success rates with their 95% Wilson intervals, the phases the failed episodes ended in (no grasp, grasp
+lost, not placed, timed out holding), the training and evaluation times, and where the videos are; writes them to
 `<output-dir>/closed_loop_summary.json`. Extra arguments after `--` go to train.py.
 """
 
@@ -81,6 +82,8 @@ def main() -> int:
         "success_rate": results["success_rate"], "interval_95": results["interval_95"],
         "overall": format_rate(results["successes"], results["episodes"]),
         "tasks": {task: format_rate(row["successes"], row["episodes"]) for task, row in results["tasks"].items()},
+        "failures": results["failures"],
+        "task_failures": {task: row["failures"] for task, row in results["tasks"].items()},
         "episodes": results["episodes"], "errors": results["errors"],
         "train_minutes": None if train_seconds is None else round(train_seconds / 60, 2),
         "eval_minutes": round(eval_seconds / 60, 2), "videos": str(out / "videos"),

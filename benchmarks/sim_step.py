@@ -59,7 +59,7 @@ def main() -> None:
     if args.policy:  # measure one real episode end to end (the untrained demo policy never succeeds early)
         env = sim.make_env(bddl, size)
         start = time.perf_counter()
-        success, steps = sim.run_episode(env, policy, init_states[0], instruction, max_steps=220, replan_steps=None)
+        success, steps, _ = sim.run_episode(env, policy, init_states[0], instruction, max_steps=220, replan_steps=None)
         episode = time.perf_counter() - start
         env.close()
         print(f"one {steps}-step episode at {size}px, measured: {episode:.1f} s (success {success})")

@@ -32,6 +32,7 @@ import numpy as np
 from atlas_vla.action_layout import ACTION_DIM, GRIPPER, GRIPPER_OPEN, binarize_gripper
 from atlas_vla.config import EvalConfig, check_ensemble_decay
 from atlas_vla.data.transforms import libero_state, rotate_180
+from atlas_vla.eval.failures import FAILURE_REASONS, FailureMonitor
 from atlas_vla.eval.intervals import format_rate, wilson_interval
 from atlas_vla.files import write_json_atomic
 
@@ -99,6 +100,7 @@ class EpisodeResult:
     success: bool
     steps: int  # policy steps executed (after the settling steps)
     seconds: float
+    failure: str | None = None  # the phase a failed episode ended in (failures.FAILURE_REASONS); None otherwise
     error: str | None = None
     video: str | None = None
 
@@ -182,8 +184,9 @@ class ChunkSchedule:
 
 def run_episode(env: Any, policy: Any, init_state: np.ndarray, instruction: str, *, max_steps: int,
                 replan_steps: int | None, seed: int = 0, ensemble_decay: float | None = None,
-                on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int]:
-    """One protocol episode with `policy` (`reset()`, `predict_action(obs) -> (H, 7)`): (success, steps).
+                on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int, str | None]:
+    """One protocol episode with `policy` (`reset()`, `predict_action(obs) -> (H, 7)`): (success, steps,
+    failure reason), the reason one of `failures.FAILURE_REASONS` for a failed episode and None otherwise.
 
     Chunks run open-loop for `replan_steps` actions, or are ensembled every step (`ensemble_decay`;
     see `ChunkSchedule`)."""
@@ -194,16 +197,19 @@ def run_episode(env: Any, policy: Any, init_state: np.ndarray, instruction: str,
         obs, _, _, _ = env.step(list(WAIT_ACTION))
     policy.reset()
     schedule = ChunkSchedule(replan_steps, ensemble_decay)
+    monitor = FailureMonitor(env, obs)
     for step in range(max_steps):
         observation = sim_observation(obs, instruction)
         if on_frame is not None:
             on_frame(observation["agentview_image"])
         if schedule.needs_query(step):
             schedule.add(step, policy.predict_action(observation))
-        obs, _, done, _ = env.step(schedule.action(step).tolist())
+        action = schedule.action(step)
+        obs, _, done, _ = env.step(action.tolist())
         if done:
-            return True, step + 1
-    return False, max_steps
+            return True, step + 1, None
+        monitor.observe(obs, action)
+    return False, max_steps, monitor.reason()
 
 
 def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
@@ -223,7 +229,7 @@ def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResul
         envs.clear()
         envs[key] = make_env(bddl, spec.camera_size)
     frames: list[np.ndarray] = []
-    success, steps = run_episode(envs[key], policy, init_states[spec.initial_state], instruction,
+    success, steps, failure = run_episode(envs[key], policy, init_states[spec.initial_state], instruction,
                                  max_steps=spec.max_steps, replan_steps=spec.replan_steps, seed=spec.seed,
                                  ensemble_decay=spec.ensemble_decay,
                                  on_frame=frames.append if spec.video_dir else None)
@@ -234,7 +240,7 @@ def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResul
         name = f"{spec.suite}_task{spec.task_id}_init{spec.initial_state}_{'success' if success else 'failure'}.mp4"
         video = str(write_mp4(Path(spec.video_dir) / name, np.stack(frames), fps=20))
     return EpisodeResult(spec.suite, spec.task_id, spec.initial_state, instruction, success, steps,
-                         time.perf_counter() - start, video=video)
+                         time.perf_counter() - start, failure=failure, video=video)
 
 
 def resolve_policy(policy: str) -> str:
@@ -347,28 +353,44 @@ def evaluate(policy: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1,
 
 
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
-    """Per-task and overall success rates (errors count as failures and are listed)."""
+    """Per-task and overall success rates (errors count as failures and are listed), and how many failed
+    episodes ended in each phase (`failures`, in `FAILURE_REASONS` order, only the phases that occurred)."""
     tasks: dict[int, list[EpisodeResult]] = {}
     for result in results:
         tasks.setdefault(result.task_id, []).append(result)
     def rates(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
         successes = sum(r.success for r in rs)
         return {"episodes": len(rs), "successes": successes, "success_rate": successes / len(rs) if rs else 0.0,
-                "interval_95": list(wilson_interval(successes, len(rs))), "errors": sum(r.error is not None for r in rs)}
+                "interval_95": list(wilson_interval(successes, len(rs))), "errors": sum(r.error is not None for r in rs),
+                "failures": failure_counts(rs)}
 
     per_task = {task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), **rates(rs)}
                 for task, rs in sorted(tasks.items())}
     return {**rates(results), "tasks": per_task, "episodes_detail": [asdict(r) for r in results]}
 
 
+def failure_counts(results: Sequence[EpisodeResult]) -> dict[str, int]:
+    """{failure phase: episodes} over `results`, in `FAILURE_REASONS` order, phases that occurred only."""
+    counts = {reason: sum(r.failure == reason for r in results) for reason in FAILURE_REASONS}
+    return {reason: count for reason, count in counts.items() if count}
+
+
+def format_failures(counts: Mapping[str, int]) -> str:
+    """'2 no grasp, 1 grasp lost' ('-' when nothing failed for a known reason)."""
+    return ", ".join(f"{count} {reason}" for reason, count in counts.items()) or "-"
+
+
 def format_table(suite: str, summary: Mapping[str, Any]) -> str:
-    """The console table of a summary: per task and overall, successes/episodes, rate and 95% Wilson interval."""
-    lines = [f"{'task':>4}  {'successes, rate [95% interval]':<30}  instruction"]
+    """The console table of a summary: per task and overall, successes/episodes, rate, 95% Wilson interval
+    and the phases the failed episodes ended in."""
+    lines = [f"{'task':>4}  {'successes, rate [95% interval]':<30}  {'failures':<34}  instruction"]
     for task, row in summary["tasks"].items():
-        lines.append(f"{task:>4}  {format_rate(row['successes'], row['episodes']):<30}  {row['instruction']}"
+        lines.append(f"{task:>4}  {format_rate(row['successes'], row['episodes']):<30}  "
+                     f"{format_failures(row['failures']):<34}  {row['instruction']}"
                      + (f"  ({row['errors']} errors)" if row["errors"] else ""))
     lines.append(f"{suite}: {100 * summary['success_rate']:.1f}% over {summary['episodes']} episodes "
-                 f"({format_rate(summary['successes'], summary['episodes'])})")
+                 f"({format_rate(summary['successes'], summary['episodes'])}); failures: "
+                 f"{format_failures(summary['failures'])}")
     return "\n".join(lines)
 
 

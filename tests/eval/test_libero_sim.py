@@ -100,7 +100,7 @@ def test_recorded_demo_replays_to_success_from_its_initial_state(sim_demos_dir):
     env = sim.make_env(bddl, 128)
     try:
         policy = ReplayPolicy(actions)
-        success, steps = sim.run_episode(env, policy, init_states[0], instruction, max_steps=len(actions) + 20,
+        success, steps, failure = sim.run_episode(env, policy, init_states[0], instruction, max_steps=len(actions) + 20,
                                          replan_steps=1)
     finally:
         env.close()
@@ -108,7 +108,7 @@ def test_recorded_demo_replays_to_success_from_its_initial_state(sim_demos_dir):
     np.testing.assert_allclose(first["state"], states[0], atol=2e-3)
     assert np.abs(first["agentview_image"].astype(float) - first_frame).mean() < 6  # JPEG noise only
     assert np.abs(rotate_180(first["agentview_image"]).astype(float) - first_frame).mean() > 20  # orientation matters
-    assert success and steps <= len(actions) + 1
+    assert success and steps <= len(actions) + 1 and failure is None
 
 
 @needs_sim
