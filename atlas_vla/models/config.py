@@ -150,6 +150,9 @@ class PolicyConfig:
     temporal_stride: int = 1  # frames between temporal context frames
     action_horizon: int = 8  # actions predicted per query (OpenVLA-OFT: 8)
     use_state: bool = True  # feed the 8-D proprioceptive state as a token
+    # training only: Gaussian noise on the normalised state, in its standard deviations, so the policy keeps
+    # looking at the cameras instead of copying the state; 0 = off
+    state_noise_std: float = 0.0
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)
     vggt_pretrained: str | None = DEFAULT_VGGT_REPO_ID  # Hub id, folder or file; null = random init (demo/tests)
@@ -169,6 +172,8 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 setattr(self, name, from_dict(cls, value, f"model.{name}"))
+        if not isinstance(self.state_noise_std, (int, float)) or self.state_noise_std < 0:
+            raise ValueError(f"model.state_noise_std must be a non-negative number, got {self.state_noise_std!r}")
         if self.image_size % self.vggt.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of the VGGT patch size "
                              f"({self.vggt.patch_size})")

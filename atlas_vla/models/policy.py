@@ -155,8 +155,12 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         return unnormalize(actions, self.norm_stats.action, self.config.normalization_mode, keep=self._action_keep)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Losses and metrics of a batch (LIBERO units in, metrics in real and normalised units out)."""
-        features = self._features(self.encode_observations(batch))  # (B, H, D)
+        """Losses and metrics of a batch (LIBERO units in, metrics in real and normalised units out); in
+        training mode the normalised state gets `state_noise_std` Gaussian noise."""
+        encoded = self.encode_observations(batch)
+        if self.training and self.config.use_state and self.config.state_noise_std:
+            encoded["state"] = encoded["state"] + self.config.state_noise_std * torch.randn_like(encoded["state"])
+        features = self._features(encoded)  # (B, H, D)
         actions = torch.as_tensor(batch[ACTIONS], device=self.device).float()  # (B, H, 7)
         valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=self.device)
         target = self._to_head_units(actions)

@@ -163,3 +163,25 @@ def test_predict_action_restores_training_mode_after_an_error(stats):
         policy.predict_action({"agentview_image": np.zeros((8, 8)), "wrist_image": np.zeros((8, 8, 3), np.uint8),
                                "state": np.zeros(8), "task_description": "x"})
     assert policy.training
+
+
+def test_state_noise_is_training_only(data, stats):
+    """`state_noise_std` perturbs the state token in training mode; validation and predictions see the real state."""
+    torch.manual_seed(0)
+    quiet = AtlasPolicy(tiny_policy_config(), stats)
+    noisy = AtlasPolicy(tiny_policy_config(state_noise_std=0.5), stats)
+    noisy.load_state_dict(quiet.state_dict())
+    batch = batch_of(data, quiet.config)
+    for policy in (quiet, noisy):
+        policy.eval()
+    assert torch.equal(quiet(batch)["loss"], noisy(batch)["loss"])
+    assert torch.equal(quiet.predict_action_chunk(batch), noisy.predict_action_chunk(batch))
+    for policy in (quiet, noisy):
+        policy.train()
+    assert not torch.equal(quiet(batch)["loss"], noisy(batch)["loss"])
+    torch.manual_seed(1)
+    first = noisy(batch)["loss"]
+    torch.manual_seed(1)
+    assert torch.equal(first, noisy(batch)["loss"])  # the torch generator draws it: seeded runs repeat exactly
+    with pytest.raises(ValueError, match="state_noise_std must be a non-negative number, got -1"):
+        tiny_policy_config(state_noise_std=-1)
