@@ -88,9 +88,26 @@ cmd+=("${train_args[@]}")
 echo "+ ${env_prefix[*]:+${env_prefix[*]} }${cmd[*]}"
 ((dry_run)) && exit 0
 cd "$(dirname "$0")"
+# Train in the background in a process group of its own, forward SIGTERM/SIGINT/SIGUSR1 to all of it,
+# and wait for every process of the group: `accelerate launch` does not forward signals and may die
+# before the trainer it started has saved its checkpoint. The trainer writes to the stop file when a
+# signal stopped it after saving; this script then exits 75 (EX_TEMPFAIL: resume with `latest`).
+stop_file=$(mktemp "${TMPDIR:-/tmp}/atlas-vla-stop.XXXXXX")
+trap 'rm -f "$stop_file"' EXIT
+set -m
 if [[ -n "$log" ]]; then
   mkdir -p "$(dirname "$log")"
-  env "${env_prefix[@]}" "${cmd[@]}" 2>&1 | tee -a "$log"
-  exit "${PIPESTATUS[0]}"
+  env ATLAS_VLA_STOP_FILE="$stop_file" "${env_prefix[@]}" "${cmd[@]}" > >(tee -a "$log") 2>&1 &
+else
+  env ATLAS_VLA_STOP_FILE="$stop_file" "${env_prefix[@]}" "${cmd[@]}" &
 fi
-exec env "${env_prefix[@]}" "${cmd[@]}"
+child=$!
+set +m
+for sig in TERM INT USR1; do trap "kill -s $sig -- -$child 2>/dev/null || true" "$sig"; done
+while :; do
+  wait "$child" && status=0 || status=$?
+  kill -0 "$child" 2>/dev/null || break  # wait also returns when a trapped signal arrives
+done
+while kill -0 -- "-$child" 2>/dev/null; do sleep 0.2; done
+[[ -s "$stop_file" ]] && exit 75
+exit "$status"

@@ -76,6 +76,11 @@ def check(words: list[str]) -> None:
         return
     if words[:3] == ["python", "-m", "pytest"] or words[:2] == ["accelerate", "config"]:
         return
+    if words[0] == "srun":  # a SLURM job step runs the rest of the line
+        check(words[1:])
+        return
+    if words[0] in ("[", "scontrol"):  # the SLURM recipe's requeue line
+        return
     if words[:2] == ["wandb", "sweep"]:
         check_path(words[2])
         return

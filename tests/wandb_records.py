@@ -60,6 +60,8 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
     files: list[str] = field(default_factory=list)
+    preempting: bool = False  # the run was marked as being preempted
+    exit_code: int | None = None  # None: the run never finished (a crash or a kill)
 
 
 def read_run(path: Path) -> OfflineRun:
@@ -87,6 +89,10 @@ def read_run(path: Path) -> OfflineRun:
                     run.history.setdefault(key, []).append((step, float(number)))
         elif kind == "files":
             run.files.extend(f.path for f in record.files.files)
+        elif kind == "preempting":
+            run.preempting = True
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
     return run
 
 

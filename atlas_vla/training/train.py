@@ -53,7 +53,14 @@ from atlas_vla.files import write_json_atomic, write_text_atomic
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.schema import flatten, print_renames_as_one_line, to_dict
-from atlas_vla.training.checkpointing import TrainingState, check_fresh_output_dir, resolve_resume, save_checkpoint
+from atlas_vla.training.checkpointing import (
+    TrainingState,
+    check_fresh_output_dir,
+    checkpoints_dir,
+    resolve_resume,
+    save_checkpoint,
+)
+from atlas_vla.training.preemption import StopRequest, ignore_stop_signals, record_stop, wait_for_test
 from atlas_vla.training.tracking import (
     RUN_ID_FILE,
     annotate_episode,
@@ -98,6 +105,7 @@ class TrainingRun:
     batches_per_epoch: int | None  # micro-batches per process and epoch; None for a stream
     num_epochs: int  # epochs that `max_steps` spans (sys.maxsize for a stream)
     state: TrainingState = field(default_factory=lambda: TrainingState(global_step=0, epoch=0, batches_in_epoch=0))
+    stopped_at: Path | None = None  # the checkpoint saved when a stop signal ended training early
 
     @property
     def output_dir(self) -> Path:
@@ -169,7 +177,8 @@ class Throughput:
 
 
 def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
-    """Run one training job; returns the folder of the exported policy.
+    """Run one training job; returns the folder of the exported policy, or, when a stop signal ended it
+    early (`preemption`), the checkpoint it saved (`--resume_from_checkpoint latest` continues from it).
 
     `wandb_run_id` attaches to an existing W&B run (e.g. the run a sweep agent created). A trial
     started by a W&B sweep agent (`sweep_trial_run_id`) writes into `<output_dir>/sweep-<run id>`,
@@ -187,11 +196,21 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
     # 1. accelerator ------------------------------------------------------------------------------
     accelerator = _build_accelerator(config.training, config.logging.log_file, config.trackers)
     try:
-        run = setup_run(accelerator, config, wandb_run_id)  # 2-5
-        throughput = fit(run)  # 6
-        return export_policy(run, throughput)  # 7
+        with StopRequest() as stop:  # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint
+            return _run_stages(accelerator, config, wandb_run_id, stop)  # 2-7
     finally:
         accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+        # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
+        # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
+        accelerator.free_memory()
+
+
+def _run_stages(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None, stop: StopRequest) -> Path:
+    run = setup_run(accelerator, config, wandb_run_id)  # 2-5
+    throughput = fit(run, stop)  # 6
+    if run.stopped_at is not None:
+        return run.stopped_at
+    return export_policy(run, throughput)  # 7
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,6 +332,7 @@ def _loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool,
         samples, batch_size=training_cfg.train_batch_size, shuffle=shuffle and not iterable and sampler is None,
         sampler=sampler,
         drop_last=shuffle, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,  # a preempted job's process group signal is the trainer's to handle
         # its own generator: creating an epoch's iterator must not consume the global RNG,
         # or a resumed run would draw different random numbers than an uninterrupted one
         generator=torch.Generator().manual_seed(training_cfg.seed),
@@ -466,12 +486,13 @@ def _start_trackers(run: TrainingRun, fresh: bool) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def fit(run: TrainingRun) -> Throughput:
+def fit(run: TrainingRun, stop: StopRequest | None = None) -> Throughput:
     """Stage 6 of `train`: optimizer updates until `run.max_steps`, and after each what is due.
 
     Every micro-batch is one forward/backward; every `gradient_accumulation_steps` of them make one
     optimizer update (`global_step`), after which the train metrics are logged, the policy is
-    validated, evaluated in the simulator and checkpointed, each at its own interval.
+    validated, evaluated in the simulator and checkpointed, each at its own interval. When a rank
+    received a stop signal, every rank stops after the same update with a checkpoint (`stop_training`).
     """
     config, state, max_steps = run.config, run.state, run.max_steps
     baseline = (baseline_metrics(run.val_loader, run.stats, config.training.num_validation_batches)
@@ -499,10 +520,16 @@ def fit(run: TrainingRun) -> Throughput:
             log_validation_media(run, validations, config.logging)
         if is_sim_eval_step(step, config.eval):
             run_sim_evaluation(run, config.eval)
-        if is_checkpoint_step(step, max_steps, config.checkpoint):
+        saved = is_checkpoint_step(step, max_steps, config.checkpoint)
+        if saved:
             save_training_checkpoint(run, config.checkpoint)
         if step >= max_steps:
             break
+        if stop is not None:
+            wait_for_test(step, run.output_dir, stop, run.accelerator.process_index)
+            if stop.agreed(run.accelerator):
+                stop_training(run, stop, saved)
+                break
     progress.close()
     return throughput
 
@@ -679,14 +706,30 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
     return metrics, sim.episode_videos(summary)
 
 
-def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig) -> None:
+def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig) -> Path:
     """Save `checkpoints/checkpoint-{step}` with the state a resumed run continues from, and apply retention."""
     state = run.state
     saved = TrainingState(state.global_step, state.epoch, state.batches_in_epoch, run.run_id)
     if state.batches_in_epoch == run.batches_per_epoch:  # this update ended the epoch: resume at the next one
         saved = TrainingState(state.global_step, state.epoch + 1, 0, run.run_id)
-    save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
-                    {"config.yaml": config_yaml(run.config)})
+    return save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
+                           {"config.yaml": config_yaml(run.config)})
+
+
+def stop_training(run: TrainingRun, stop: StopRequest, saved: bool) -> None:
+    """Every rank, after the update at which they agreed to stop: checkpoint this step (unless `saved`
+    already), mark the W&B run as preempting and tell `launch.sh`; `train` then closes the trackers."""
+    step = run.state.global_step
+    folder = (checkpoints_dir(run.output_dir) / f"checkpoint-{step}" if saved
+              else save_training_checkpoint(run, run.config.checkpoint))
+    run.stopped_at = folder
+    if run.accelerator.is_main_process:
+        if "wandb" in run.trackers:
+            run.accelerator.get_tracker("wandb", unwrap=True).mark_preempting()
+        message = (f"stopped by {stop.describe()} after step {step} of {run.max_steps}; checkpoint saved in {folder}; "
+                   f"continue with --resume_from_checkpoint latest")
+        logger.warning(message)
+        record_stop(message)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Stop training cleanly on SIGTERM, SIGINT or SIGUSR1: cluster preemption, Ctrl-C, SLURM's time-limit warning.
+
+A stop signal only sets a flag. At the next step boundary every rank asks the others through
+Accelerate's cross-process trigger (`set_trigger` / `check_trigger`), so all of them stop after the
+same optimizer update, whichever process the signal reached; the trainer then saves a checkpoint
+of that step, closes the trackers and exits 0. `./launch.sh` turns that stop into exit code
+`PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "resume me") through the file named by `STOP_FILE_ENV`.
+
+One signal often arrives by several routes within milliseconds (the scheduler signals every process,
+the launcher forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within
+`REPEAT_WINDOW_S` of the first are the same request. A later one is a second request: the previous
+handler takes over and acts on it at once (SIGTERM and SIGUSR1 end the process, SIGINT raises
+`KeyboardInterrupt`); a checkpoint being written then is left in its temporary folder, so `latest`
+still names the last complete one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from accelerate import Accelerator
+
+from atlas_vla.files import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_WINDOW_S = 2.0
+PREEMPTED_EXIT_CODE = 75  # launch.sh's exit code after a stop that saved a checkpoint (EX_TEMPFAIL)
+STOP_FILE_ENV = "ATLAS_VLA_STOP_FILE"  # launch.sh: the main process writes the stop's description here
+WAIT_AT_STEP_ENV = "ATLAS_VLA_TEST_WAIT_AT_STEP"  # tests: every rank waits at this step (see `wait_for_test`)
+_PR_SET_PDEATHSIG = 1
+
+
+class StopRequest:
+    """The stop signals of one training run: install the handlers with `with StopRequest() as stop:`."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None  # the first stop signal this process received
+        self._first_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            logger.warning("training runs outside the main thread: SIGTERM/SIGINT/SIGUSR1 will not stop it cleanly")
+            return self
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        _set_parent_death_signal(signal.SIGTERM)  # a launcher killed by a signal does not forward it
+        atexit.unregister(_end_workers_at_exit)
+        atexit.register(_end_workers_at_exit)  # after multiprocessing's own exit handler, so it runs before it
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self._previous:
+            _set_parent_death_signal(0)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self._first_at is None:
+            self._first_at, self.signal_name = now, signal.Signals(signum).name
+            sys.stderr.write(f"\n{self.signal_name} received: stopping after this step and saving a checkpoint "
+                             f"(a second signal after {REPEAT_WINDOW_S:.0f} s stops at once)\n")
+        elif now - self._first_at > REPEAT_WINDOW_S:
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                os.kill(os.getpid(), signum)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank, at the same step, once any rank received a stop signal (a collective: all
+        ranks call it after each optimizer update)."""
+        if self.signal_name is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def describe(self) -> str:
+        return self.signal_name or "a stop signal received by another process"
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """Linux: deliver `signum` to this process when its parent (the launcher) dies; elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """Data-loader workers (`worker_init_fn`): ignore the stop signals. A scheduler signals every process of
+    the job; torch's workers would die of it, and the trainer would then fail on a dead worker instead of
+    saving. Their loaders shut them down; `_end_workers_at_exit` ends any that are left."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _end_workers_at_exit() -> None:
+    """At interpreter exit, before multiprocessing terminates its daemonic children with a SIGTERM that
+    loader workers ignore (and then waits for them forever): let the garbage collector close the loaders
+    still alive (e.g. after an error), which ends their workers, and kill whatever is left."""
+    gc.collect()
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each as a failed worker
+        for child in leftover:
+            child.kill()
+
+
+def record_stop(message: str) -> None:
+    """Tell `launch.sh` (through `STOP_FILE_ENV`) that training stopped on a signal after saving."""
+    path = os.environ.get(STOP_FILE_ENV)
+    if path:
+        write_text_atomic(path, message + "\n")
+
+
+def wait_for_test(step: int, output_dir: Path, stop: StopRequest, rank: int) -> None:
+    """Tests only (`ATLAS_VLA_TEST_WAIT_AT_STEP=N`): at step N write `<output_dir>/.wait-rank-R` holding
+    this process's pid, then wait until this process receives a stop signal or the file is deleted."""
+    if os.environ.get(WAIT_AT_STEP_ENV) != str(step):
+        return
+    marker = output_dir / f".wait-rank-{rank}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while marker.exists() and stop.signal_name is None and time.monotonic() < deadline:
+        time.sleep(0.05)

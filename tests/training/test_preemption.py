@@ -1,0 +1,165 @@
+"""Preemption: SIGTERM, SIGINT and SIGUSR1 stop every rank at the same step with a checkpoint, the W&B run
+is closed (not crashed), no process is left behind, and resuming is bit-identical to an uninterrupted run.
+
+Real `accelerate launch` / `launch.sh` processes; `ATLAS_VLA_TEST_WAIT_AT_STEP` holds every rank at a step
+until the test has sent its signal, so the stop step is chosen by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import synthetic_dataset
+from safetensors.torch import load_file
+from wandb_records import find_run_files, read_run
+
+from atlas_vla.training.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, WAIT_AT_STEP_ENV, StopRequest
+
+REPO = Path(__file__).resolve().parents[2]
+ACCELERATE_1 = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
+LAUNCH_2 = ["./launch.sh", "--mode", "cpu", "--num_processes", "2", "--"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return synthetic_dataset(tmp_path_factory.mktemp("preemption-data"), num_episodes=8)
+
+
+def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/demo.yaml", "--data.source", str(data_dir), "--data.generate_synthetic", "false",
+            "--data.val_fraction", "0.25", "--output_dir", str(output_dir), "--model.image_size", "56",
+            "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "3",
+            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_warmup_steps", "2",
+            "--logging.log_every_steps", "1", "--training.dataloader_num_workers", "1", *extra]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def finish(command: list[str]) -> None:
+    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def stopped_run(command: list[str], out: Path, ranks: int, step: int, send) -> tuple[int, str]:
+    """Start `command` in its own session, hold its ranks at `step`, call `send(launcher_pid, rank_pids)`,
+    release the ranks and return (exit code, output) once it ended."""
+    process = subprocess.Popen(command, cwd=REPO, env=environment(**{WAIT_AT_STEP_ENV: str(step)}),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    markers = [out / f".wait-rank-{rank}" for rank in range(ranks)]
+    try:
+        deadline = time.monotonic() + 300
+        while not all(m.exists() and m.read_text() for m in markers):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the ranks never reached the step"
+            time.sleep(0.1)
+        send(process.pid, [int(m.read_text()) for m in markers])
+        time.sleep(0.5)  # let the signal land before the ranks that did not get it move on
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+        started = time.monotonic()
+        output, _ = process.communicate(timeout=120)
+        assert time.monotonic() - started < 60
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, output
+
+
+def leftover_processes(out: Path) -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in listing.splitlines() if str(out) in line and "ps -eo" not in line]
+
+
+def same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert (first[key] == second[key]).all(), key
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint_and_resume_is_exact(tmp_path, data_dir):
+    """Kubernetes signals the container's first process only: `accelerate launch` dies at once, and the
+    trainer it started learns it from the parent-death signal."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finish([*ACCELERATE_1, *tiny_args(data_dir, straight)])
+    code, output = stopped_run([*ACCELERATE_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
+                               lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))
+    assert code != 0  # the launcher itself was killed by the signal; the trainer went on to save
+    deadline = time.monotonic() + 60
+    while leftover_processes(stopped) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftover_processes(stopped) == []
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert not (stopped / "final").exists()
+    [run_file] = find_run_files(stopped)
+    first = read_run(run_file)
+    assert first.preempting and first.exit_code == 0 and max(s for s, _ in first.history["train/loss"]) == 3
+    finish([*ACCELERATE_1, *tiny_args(data_dir, stopped, "--report_to", "wandb", "--resume_from_checkpoint", "latest")])
+    same_weights(straight / "final", stopped / "final")
+    runs = [read_run(f) for f in find_run_files(stopped)]
+    assert {r.run_id for r in runs} == {first.run_id}
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_of_two_ranks_stops_both_at_that_step_and_launch_sh_says_resume(tmp_path, data_dir):
+    """SLURM's `--signal=USR1@90` warning reaching one rank: both ranks stop after the same update."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finish([*LAUNCH_2, *tiny_args(data_dir, straight)])
+    code, output = stopped_run([*LAUNCH_2, *tiny_args(data_dir, stopped)], stopped, 2, 3,
+                               lambda launcher, ranks: os.kill(ranks[1], signal.SIGUSR1))
+    assert code == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "stopped by a stop signal received by another process after step 3 of 6" in output
+    assert "Traceback" not in output
+    assert leftover_processes(stopped) == []
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    finish([*LAUNCH_2, *tiny_args(data_dir, stopped, "--resume_from_checkpoint", "latest")])
+    same_weights(straight / "final", stopped / "final")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_through_launch_sh(tmp_path, data_dir):
+    """SLURM signals every process of the job: launch.sh, the launcher and the trainer all get SIGTERM."""
+    out = tmp_path / "run"
+    code, output = stopped_run(["./launch.sh", "--mode", "cpu", "--", *tiny_args(data_dir, out)], out, 1, 3,
+                               lambda launcher, ranks: os.killpg(launcher, signal.SIGTERM))
+    assert code == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "stopped by SIGTERM after step 3 of 6" in output
+    assert leftover_processes(out) == []
+    assert (out / "checkpoints" / "checkpoint-3" / "training_state.json").is_file()
+
+
+def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_acts_at_once(monkeypatch):
+    """Real signals to this process: the first sets the flag, a repeat inside `REPEAT_WINDOW_S` (another route
+    of the same signal) is ignored, a later one goes to the handler that was installed before."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        clock = [100.0]
+        monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.signal_name == "SIGUSR1" and received == []
+            clock[0] += REPEAT_WINDOW_S / 2
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert received == []
+            clock[0] += REPEAT_WINDOW_S
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert received == [signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR1) is handler  # restored on leaving
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
