@@ -88,8 +88,8 @@ cmd+=("${train_args[@]}")
 echo "+ ${env_prefix[*]:+${env_prefix[*]} }${cmd[*]}"
 ((dry_run)) && exit 0
 cd "$(dirname "$0")"
-# Train in the background in a process group of its own, forward SIGTERM/SIGINT/SIGUSR1 to all of it,
-# and wait for every process of the group: `accelerate launch` does not forward signals and may die
+# Train in the background in a process group of its own, forward SIGTERM/SIGINT/SIGUSR1 to it, and
+# wait for every process of the group: `accelerate launch` does not forward signals and may die
 # before the trainer it started has saved its checkpoint. The trainer writes to the stop file when a
 # signal stopped it after saving; this script then exits 75 (EX_TEMPFAIL: resume with `latest`).
 stop_file=$(mktemp "${TMPDIR:-/tmp}/atlas-vla-stop.XXXXXX")
@@ -103,7 +103,11 @@ else
 fi
 child=$!
 set +m
-for sig in TERM INT USR1; do trap "kill -s $sig -- -$child 2>/dev/null || true" "$sig"; done
+# to the processes the launcher started (the ranks), so the launcher sees them finish; to the whole group
+# when there are none yet or pkill is missing
+for sig in TERM INT USR1; do
+  trap "pkill -$sig -P $child 2>/dev/null || kill -s $sig -- -$child 2>/dev/null || true" "$sig"
+done
 while :; do
   wait "$child" && status=0 || status=$?
   kill -0 "$child" 2>/dev/null || break  # wait also returns when a trapped signal arrives

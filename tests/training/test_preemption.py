@@ -127,16 +127,25 @@ def test_sigusr1_to_one_of_two_ranks_stops_both_at_that_step_and_launch_sh_says_
     same_weights(straight / "final", stopped / "final")
 
 
+def signal_every_process(launcher: int, ranks: list[int]) -> None:
+    """What SLURM does: every process of the job step gets SIGTERM (launch.sh, the launcher, the ranks)."""
+    os.killpg(launcher, signal.SIGTERM)
+    os.killpg(os.getpgid(ranks[0]), signal.SIGTERM)
+
+
 @pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_through_launch_sh(tmp_path, data_dir):
-    """SLURM signals every process of the job: launch.sh, the launcher and the trainer all get SIGTERM."""
+@pytest.mark.parametrize("processes, send", [(1, signal_every_process),
+                                             (2, lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))],
+                         ids=["slurm-every-process", "kubernetes-first-process"])
+def test_sigterm_through_launch_sh_exits_75_with_the_checkpoint_of_that_step(tmp_path, data_dir, processes, send):
     out = tmp_path / "run"
-    code, output = stopped_run(["./launch.sh", "--mode", "cpu", "--", *tiny_args(data_dir, out)], out, 1, 3,
-                               lambda launcher, ranks: os.killpg(launcher, signal.SIGTERM))
+    command = ["./launch.sh", "--mode", "cpu", "--num_processes", str(processes), "--", *tiny_args(data_dir, out)]
+    code, output = stopped_run(command, out, processes, 3, send)
     assert code == PREEMPTED_EXIT_CODE, output[-3000:]
     assert "stopped by SIGTERM after step 3 of 6" in output
     assert leftover_processes(out) == []
     assert (out / "checkpoints" / "checkpoint-3" / "training_state.json").is_file()
+    assert not (out / "final").exists()
 
 
 def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_acts_at_once(monkeypatch):
