@@ -95,6 +95,15 @@ class NormStats:
                              f"got {stats.action.dim}-D and {stats.state.dim}-D")
         return stats
 
+    def content_hash(self) -> str:
+        """A hash of the statistics themselves (every value, the frame count and the data fingerprint), so a
+        stored copy can be checked against the numbers it holds, not against a fingerprint it also holds."""
+        digest = hashlib.sha256(f"{self.num_frames}:{self.fingerprint}".encode())
+        for feature in (self.action, self.state):
+            for name in _FIELDS:
+                digest.update(np.ascontiguousarray(getattr(feature, name), dtype=np.float64).tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temporary file, then rename)."""
         return write_json_atomic(path, self.to_dict())

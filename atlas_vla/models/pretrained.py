@@ -81,9 +81,11 @@ class PretrainedPolicy:
         with StagedFolder(save_directory) as staged:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(staged.path / WEIGHTS_NAME), metadata={"format": "pt"})
-            # the statistics' fingerprint lets loading detect a norm_stats.json swapped in later
+            # the statistics' fingerprint and content hash let loading detect a norm_stats.json swapped in
+            # or edited later
             config = {"policy": self.config.to_dict(), "backbones": references or self.backbone_references(),
-                      "norm_stats_fingerprint": self.norm_stats.fingerprint, "atlas_vla_version": __version__}
+                      "norm_stats_fingerprint": self.norm_stats.fingerprint,
+                      "norm_stats_hash": self.norm_stats.content_hash(), "atlas_vla_version": __version__}
             (staged.path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
             self.norm_stats.save(staged.path / STATS_NAME)
         return Path(save_directory)
@@ -94,9 +96,9 @@ class PretrainedPolicy:
         """Load a saved policy (folder or Hub model id), rebuilding and checking its frozen encoders.
 
         Refuses, with the reason, a backbone or text encoder whose weights hash differs from the one
-        recorded at training time, a `norm_stats.json` whose fingerprint differs from the one recorded in
-        `config.json` (folders saved before that was recorded skip this check), and `norm_stats` (if
-        given) that differ from the stored ones.
+        recorded at training time, a `norm_stats.json` whose fingerprint or recomputed content hash differs
+        from the one recorded in `config.json` (folders saved before those were recorded skip the check),
+        and `norm_stats` (if given) that differ from the stored ones.
         """
         folder = resolve_policy_folder(name_or_path, revision=revision)
         saved = read_policy_config(folder)
@@ -109,6 +111,11 @@ class PretrainedPolicy:
             raise ValueError(f"{folder / STATS_NAME} does not match the statistics the policy was trained with: "
                              f"fingerprint {stats.fingerprint}, expected {recorded} (recorded in "
                              f"{folder / CONFIG_NAME} key 'norm_stats_fingerprint')")
+        recorded_hash = saved.get("norm_stats_hash")
+        if recorded_hash is not None and recorded_hash != stats.content_hash():
+            raise ValueError(f"{folder / STATS_NAME} was changed after the policy was saved: its values hash to "
+                             f"{stats.content_hash()}, expected {recorded_hash} (recorded in {folder / CONFIG_NAME} "
+                             f"key 'norm_stats_hash'); restore the file the policy was saved with")
         if norm_stats is not None:
             given = norm_stats if isinstance(norm_stats, NormStats) else NormStats.load(norm_stats)
             stats.check_matches(given, what=f"the statistics given for {folder}")

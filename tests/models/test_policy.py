@@ -111,11 +111,23 @@ def test_replaced_stats_file_in_saved_folder_refused(tmp_path, data, stats):
     with pytest.raises(ValueError, match="norm_stats.json does not match") as error:
         AtlasPolicy.from_pretrained(folder)
     assert other.fingerprint in str(error.value) and stats.fingerprint in str(error.value)
-    # a folder saved before the fingerprint was recorded still loads (no fingerprint to compare)
+    # a folder saved before the fingerprint and hash were recorded still loads (nothing to compare)
     saved = json.loads((folder / "config.json").read_text())
-    del saved["norm_stats_fingerprint"]
+    del saved["norm_stats_fingerprint"], saved["norm_stats_hash"]
     (folder / "config.json").write_text(json.dumps(saved))
     assert AtlasPolicy.from_pretrained(folder).norm_stats.fingerprint == other.fingerprint
+
+
+def test_hand_edited_stats_in_a_saved_folder_are_refused_by_predict(tmp_path, stats, observation_file, capsys):
+    """The fingerprint inside norm_stats.json still matches after a hand edit; the recomputed hash does not."""
+    folder = AtlasPolicy(tiny_policy_config(), stats).save_pretrained(tmp_path / "policy")
+    values = json.loads((folder / "norm_stats.json").read_text())
+    values["action"]["std"][0] *= 2
+    (folder / "norm_stats.json").write_text(json.dumps(values))
+    assert cli(["predict", "--policy", str(folder), "--observation", str(observation_file)]) == 2
+    error = capsys.readouterr().err
+    assert "norm_stats.json was changed after the policy was saved" in error and "'norm_stats_hash'" in error
+    assert len([line for line in error.splitlines() if "error" in line]) == 1 and "Traceback" not in error
 
 
 def test_predict_on_real_observation(stats, observation_file, tmp_path, capsys):
