@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from atlas_vla.files import swap_in_folder
@@ -46,6 +47,25 @@ class TrainingState:
             return from_dict(cls, json.loads(path.read_text()), str(path))
         except (json.JSONDecodeError, ValueError) as error:
             raise ValueError(f"{path} is unreadable: {error}") from error
+
+
+def check_random_states_restored(folder: Path, process_index: int) -> None:
+    """Raise `ValueError` unless this process's random state was restored from `folder`.
+
+    `Accelerator.load_state` skips an unreadable `random_states_<rank>.pkl` with an INFO line, and the
+    run would go on with other random numbers: compare the restored torch generator with the file
+    (read the way Accelerate reads it, `weights_only`)."""
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    path = folder / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        saved = load(path, map_location="cpu")["torch_manual_seed"]
+    except Exception as error:
+        raise ValueError(f"cannot resume exactly from {folder}: {path.name} is unreadable "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    if not torch.equal(saved, torch.get_rng_state()):
+        raise ValueError(f"cannot resume exactly from {folder}: the random state in {path.name} was not restored")
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:

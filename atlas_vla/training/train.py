@@ -56,6 +56,7 @@ from atlas_vla.schema import flatten, print_renames_as_one_line, to_dict
 from atlas_vla.training.checkpointing import (
     TrainingState,
     check_fresh_output_dir,
+    check_random_states_restored,
     checkpoints_dir,
     resolve_resume,
     save_checkpoint,
@@ -440,11 +441,12 @@ def _resume(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: C
         if checkpoint_cfg.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet: starting a new run", output_dir)
         return TrainingState(global_step=0, epoch=0, batches_in_epoch=0)
+    state = TrainingState.load(resume_dir)  # a bad file fails before any state is touched
     try:
         accelerator.load_state(str(resume_dir))
     except Exception as error:
         raise ValueError(f"cannot resume from {resume_dir}: {error}") from error
-    state = TrainingState.load(resume_dir)
+    check_random_states_restored(resume_dir, accelerator.process_index)
     logger.info("resumed from %s at step %d", resume_dir, state.global_step)
     return state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -139,6 +140,45 @@ def test_bad_inputs_fail_clearly_and_keep_saved_work(tmp_path, data_dir, capsys)
     assert train_main(tiny_args(data_dir, tmp_path / "c", "--resume_from_checkpoint", str(broken))) == 2
     assert "training_state.json is missing" in capsys.readouterr().err
     assert (broken / "model.safetensors").read_bytes() == b"kept"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir) -> Path:
+    """A finished tiny run (checkpoints 4 and 6) that tests copy before damaging it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train_main(tiny_args(data_dir, out)) == 0
+    return out
+
+
+def damaged_copy(finished_run: Path, tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out, {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def assert_untouched(before: dict[str, bytes]) -> None:
+    for path, content in before.items():
+        assert Path(path).read_bytes() == content, f"{path} changed"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "random_states_0.pkl").write_bytes(b"not a pickle"),
+     "cannot resume exactly from .*checkpoint-6: random_states_0.pkl is unreadable"),
+    (lambda c: (c / "training_state.json").write_text(json.dumps(
+        {**json.loads((c / "training_state.json").read_text()), "global_step": "four"})),
+     r"training_state.json.global_step must be an integer, got 'four'"),
+], ids=["random-states", "wrong-types"])
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path, data_dir, finished_run, capsys,
+                                                                    damage, message):
+    out, _ = damaged_copy(finished_run, tmp_path)
+    damage(out / "checkpoints" / "checkpoint-6")
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert train_main(tiny_args(data_dir, out, "--resume_from_checkpoint", "latest")) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+    assert_untouched(before)
 
 
 def test_eval_libero_steps_without_the_simulator_fails_before_training(tmp_path, data_dir, monkeypatch, capsys):
