@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from atlas_vla.data.normalization import NormStats
@@ -126,11 +127,7 @@ class PretrainedPolicy:
         _check_hash("VGGT backbone", references.get("vggt"), vggt.weights_hash() if config.freeze_vggt else None)
         _check_hash("text encoder", references.get("language"), language.weights_hash())
         policy = cls(config, stats, vggt=vggt, language=language)
-        state = load_file(str(folder / WEIGHTS_NAME))
-        missing, unexpected = policy.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit the policy config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        load_weights(policy, folder / WEIGHTS_NAME, f"the policy config in {folder / CONFIG_NAME}")
         return policy.eval()
 
     def load_trainable_weights(self: Policy, name_or_path: str | os.PathLike, *, revision: str | None = None) -> Policy:
@@ -142,11 +139,7 @@ class PretrainedPolicy:
         for name, what in (("vggt", "VGGT backbone"), ("language", "text encoder")):
             if name in saved and name in mine:
                 _check_hash(what, saved[name], mine[name]["weights_hash"])
-        state = load_file(str(folder / WEIGHTS_NAME))
-        try:
-            self.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this policy's config: {error}") from error
+        load_weights(self, folder / WEIGHTS_NAME, "this policy's config")
         return self
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
@@ -160,6 +153,25 @@ class PretrainedPolicy:
             folder = self.save_pretrained(Path(tmp) / "policy")
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
         return str(info)
+
+
+def load_weights(module: torch.nn.Module, path: Path, fits: str) -> None:
+    """Load the safetensors file `path` into `module` (every key, every shape), or raise one `ValueError`
+    naming the file and what is wrong: unreadable (truncated, corrupt), or keys and shapes that do not fit
+    `fits` (e.g. "the policy config in .../config.json")."""
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    expected = module.state_dict()
+    problems = [f"missing {key}" for key in expected if key not in state]
+    problems += [f"unexpected {key}" for key in state if key not in expected]
+    problems += [f"{key} is {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}"
+                 for key in state if key in expected and state[key].shape != expected[key].shape]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(f"{path} does not fit {fits}: {shown}")
+    module.load_state_dict(state, strict=True)
 
 
 def _check_hash(what: str, reference: Mapping[str, Any] | None, actual: str | None) -> None:

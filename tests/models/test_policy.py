@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -128,6 +129,21 @@ def test_hand_edited_stats_in_a_saved_folder_are_refused_by_predict(tmp_path, st
     error = capsys.readouterr().err
     assert "norm_stats.json was changed after the policy was saved" in error and "'norm_stats_hash'" in error
     assert len([line for line in error.splitlines() if "error" in line]) == 1 and "Traceback" not in error
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+     "model.safetensors is not a readable safetensors file"),
+    (lambda f: (f / "config.json").write_text((f / "config.json").read_text().replace('"hidden_dim": 64', '"hidden_dim": 96')),
+     r"model.safetensors does not fit the policy config in .*config.json: .* is \(\d+(, \d+)*\), expected"),
+], ids=["truncated-weights", "config-shapes"])
+def test_damaged_policy_folders_fail_with_one_line(tmp_path, stats, observation_file, capsys, damage, message):
+    folder = AtlasPolicy(tiny_policy_config(), stats).save_pretrained(tmp_path / "policy")
+    damage(folder)
+    assert cli(["predict", "--policy", str(folder), "--observation", str(observation_file)]) == 2
+    error = capsys.readouterr().err
+    assert re.search(message, error), error
+    assert "Traceback" not in error and len([line for line in error.splitlines() if "error" in line]) == 1
 
 
 def test_predict_on_real_observation(stats, observation_file, tmp_path, capsys):
