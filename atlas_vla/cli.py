@@ -224,6 +224,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
 @_add_predict.runner
 def _run_predict(args: argparse.Namespace) -> int:
     import json
+    import zipfile
     from pathlib import Path
 
     import numpy as np
@@ -234,11 +235,20 @@ def _run_predict(args: argparse.Namespace) -> int:
     path = Path(args.observation)
     if not path.is_file():
         raise FileNotFoundError(f"observation file not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file (a NumPy archive written by np.savez) with the keys "
+                         f"{list(OBSERVATION_KEYS)}")
+    with np.load(path, allow_pickle=False) as data:  # never unpickle a file we were handed
         missing = [key for key in OBSERVATION_KEYS if key not in data.files]
         if missing:
             raise ValueError(f"{path}: missing keys {missing}; expected {list(OBSERVATION_KEYS)}, found {data.files}")
-        observation = {key: data[key] for key in OBSERVATION_KEYS}
+        observation = {}
+        for key in OBSERVATION_KEYS:
+            try:
+                observation[key] = data[key]
+            except ValueError:  # an object array: numpy would only load it by unpickling
+                raise ValueError(f"{path}: key {key!r} holds pickled Python objects, which are never loaded; store "
+                                 f"a plain array (text as np.str_)") from None
     observation["task_description"] = str(observation["task_description"])
     actions = AtlasPolicy.from_pretrained(args.policy).predict_action(observation)
     if args.json:

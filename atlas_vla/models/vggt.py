@@ -12,6 +12,7 @@ DINOv2 patch embedding, then the aggregator that alternates frame and global att
 from __future__ import annotations
 
 import math
+import pickle
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -423,17 +424,23 @@ def _resolve_weights_file(name_or_path: str, revision: str | None) -> Path:
 def _read_aggregator_state(weights_file: Path) -> dict[str, Tensor]:
     """The aggregator tensors of a weights file, without the `aggregator.` prefix."""
     if weights_file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        with safe_open(str(weights_file), framework="pt") as handle:
-            keys = list(handle.keys())
-            if any(k.startswith(_PREFIX) for k in keys):
-                return {k[len(_PREFIX):]: handle.get_tensor(k) for k in keys if k.startswith(_PREFIX)}
-            return {k: handle.get_tensor(k) for k in keys}
-    try:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle with code in it, or not a torch file at all
-        raise ValueError(f"cannot read {weights_file} as a plain state dict (weights_only=True): {error}") from error
+        try:
+            state = load_file(str(weights_file))
+        except Exception as error:  # safetensors' own SafetensorError for a bad header
+            raise ValueError(f"{weights_file} is not a readable safetensors file (truncated or corrupt?): "
+                             f"{error}") from None
+    else:
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never do that here
+            raise ValueError(f"{weights_file} holds pickled Python objects besides tensors, which atlas-vla never "
+                             f"unpickles; convert a copy you trust to safetensors (safetensors.torch.save_file "
+                             f"of its state dict)") from None
+        except Exception as error:  # not a torch file at all
+            raise ValueError(f"cannot read {weights_file} as a torch state dict: {type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}") from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{weights_file} holds a {type(state).__name__}, expected a state dict")
     if any(k.startswith(_PREFIX) for k in state):

@@ -86,6 +86,16 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for p in _checkpoint_folders(output_dir) if (p / STATE_NAME).is_file()]
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Fail with a `ValueError` before any loading when `output_dir` cannot become the run's folder: it is a
+    file, or its nearest existing parent is not a writable folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"training.output_dir {str(output_dir)!r} is a file; expected a folder (or a path to create)")
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"training.output_dir {str(output_dir)!r} cannot be written: {existing} is not a writable folder")
+
+
 def check_fresh_output_dir(output_dir: str | os.PathLike) -> None:
     """Fail with a `ValueError` when a new (non-resumed) run would write into an earlier run's checkpoints.
 

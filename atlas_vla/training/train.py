@@ -35,6 +35,7 @@ from atlas_vla.config import (
     TrainingConfig,
     config_from_args,
     config_yaml,
+    load_yaml,
     save_config,
     usage,
 )
@@ -56,6 +57,7 @@ from atlas_vla.schema import flatten, print_renames_as_one_line, to_dict
 from atlas_vla.training.checkpointing import (
     TrainingState,
     check_fresh_output_dir,
+    check_output_dir,
     check_random_states_restored,
     checkpoints_dir,
     resolve_resume,
@@ -271,6 +273,7 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     the trained weights for the same seed.
     """
     output_dir = Path(config.training.output_dir)
+    check_output_dir(output_dir)
     resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
     if config.checkpoint.resume_from_checkpoint is None:
         check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
@@ -287,7 +290,7 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
                       val_loader=prepared.val_loader, val_samples=val_samples, stats=stats, references=references,
                       parameter_counts=counts, max_steps=prepared.max_steps,
                       batches_per_epoch=prepared.batches_per_epoch, num_epochs=prepared.num_epochs)
-    run.state = _resume(accelerator, resume_dir, config.checkpoint, output_dir)  # 4
+    run.state = _resume(accelerator, resume_dir, config.checkpoint, output_dir, config.model)  # 4
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
     _start_trackers(run, fresh=resume_dir is None)  # 5
     return run
@@ -435,7 +438,7 @@ def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> 
 
 
 def _resume(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: CheckpointConfig,
-            output_dir: Path) -> TrainingState:
+            output_dir: Path, model_cfg: PolicyConfig) -> TrainingState:
     """Stage 4: load the accelerator state from `resume_dir` and return where training stands (step 0 without)."""
     if resume_dir is None:
         if checkpoint_cfg.resume_from_checkpoint == "latest":
@@ -445,10 +448,24 @@ def _resume(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: C
     try:
         accelerator.load_state(str(resume_dir))
     except Exception as error:
-        raise ValueError(f"cannot resume from {resume_dir}: {error}") from error
+        raise ValueError(f"cannot resume from {resume_dir}: "
+                         f"{_model_differences(resume_dir, model_cfg) or str(error).splitlines()[0]}") from None
     check_random_states_restored(resume_dir, accelerator.process_index)
     logger.info("resumed from %s at step %d", resume_dir, state.global_step)
     return state
+
+
+def _model_differences(checkpoint: Path, model_cfg: PolicyConfig) -> str | None:
+    """'it was saved with model.a = x (this config: y), ...' when the checkpoint's `config.yaml` has another
+    model section than this run; None when they agree or the file cannot be read."""
+    try:
+        saved = flatten({"model": load_yaml(checkpoint / "config.yaml").get("model", {})})
+    except (OSError, ValueError):
+        return None
+    mine = flatten({"model": to_dict(model_cfg)})
+    differ = [f"{key} = {saved.get(key)!r} (this config: {mine.get(key)!r})"
+              for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key)]
+    return f"it was saved with {', '.join(differ)}; resume with the same model settings" if differ else None
 
 
 def _start_trackers(run: TrainingRun, fresh: bool) -> None:

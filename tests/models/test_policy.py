@@ -146,6 +146,23 @@ def test_damaged_policy_folders_fail_with_one_line(tmp_path, stats, observation_
     assert "Traceback" not in error and len([line for line in error.splitlines() if "error" in line]) == 1
 
 
+def test_predict_refuses_observation_files_it_would_have_to_unpickle(tmp_path, stats, capsys):
+    import pickle
+
+    folder = AtlasPolicy(tiny_policy_config(), stats).save_pretrained(tmp_path / "policy")
+    not_npz = tmp_path / "observation.pkl"
+    not_npz.write_bytes(pickle.dumps({"state": [0.0] * 8}))
+    assert cli(["predict", "--policy", str(folder), "--observation", str(not_npz)]) == 2
+    error = capsys.readouterr().err
+    assert f"{not_npz} is not an .npz file" in error and "allow_pickle" not in error
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, agentview_image=np.zeros((4, 4, 3), np.uint8), wrist_image=np.zeros((4, 4, 3), np.uint8),
+             state=np.zeros(8), task_description=np.array([{"text": "x"}], dtype=object))
+    assert cli(["predict", "--policy", str(folder), "--observation", str(objects)]) == 2
+    error = capsys.readouterr().err
+    assert "key 'task_description' holds pickled Python objects" in error and "allow_pickle" not in error
+
+
 def test_predict_on_real_observation(stats, observation_file, tmp_path, capsys):
     config = tiny_policy_config(num_temporal_frames=2, temporal_stride=2)
     policy = AtlasPolicy(config, stats)

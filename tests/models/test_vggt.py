@@ -190,3 +190,23 @@ def test_weights_hash_handles_scalar_tensors():
     module = torch.nn.Module()
     module.register_buffer("scale", torch.tensor(2.0))
     assert len(weights_hash(module)) == 16
+
+
+class NotATensor:
+    """Any class: torch.load(weights_only=True) refuses to unpickle it."""
+
+
+def test_unreadable_weight_files_name_the_file_and_never_advise_unpickling(tmp_path, tiny_state):
+    pickled = tmp_path / "pickled" / "model.pt"
+    pickled.parent.mkdir()
+    torch.save({**tiny_state, "extra": NotATensor()}, pickled)
+    with pytest.raises(ValueError) as error:
+        VGGTAggregator.from_pretrained(str(pickled), config=tiny_config())
+    message = str(error.value)
+    assert str(pickled) in message and "never unpickles" in message
+    assert "weights_only=False" not in message and "weights_only` set to `False`" not in message
+    truncated = tmp_path / "truncated.safetensors"
+    save_file(tiny_state, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:64])
+    with pytest.raises(ValueError, match=r"truncated.safetensors is not a readable safetensors file"):
+        VGGTAggregator.from_pretrained(str(truncated), config=tiny_config())

@@ -181,6 +181,25 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path, da
     assert_untouched(before)
 
 
+def test_an_output_dir_that_is_a_file_fails_before_any_loading(tmp_path, data_dir, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    assert train_main(tiny_args(data_dir, taken)) == 2
+    assert f"training.output_dir '{taken}' is a file" in capsys.readouterr().err
+    assert taken.read_text() == "kept"
+
+
+def test_resuming_with_another_model_shape_names_the_differing_fields(tmp_path, data_dir, finished_run, capsys):
+    out, before = damaged_copy(finished_run, tmp_path)
+    args = tiny_args(data_dir, out, "--resume_from_checkpoint", "latest", "--model.fusion.hidden_dim", "96")
+    assert train_main(args) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"cannot resume from .*checkpoint-6: it was saved with model.fusion.hidden_dim = \d+ "
+                     r"\(this config: 96\); resume with the same model settings", error), error
+    assert len(error.strip().splitlines()[-1]) < 400 and "size mismatch" not in error
+    assert_untouched(before)
+
+
 def test_eval_libero_steps_without_the_simulator_fails_before_training(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "libero", None)  # how Python sees a package that is not installed
     out = tmp_path / "run"
