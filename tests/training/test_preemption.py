@@ -93,7 +93,7 @@ def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint_and_r
     trainer it started learns it from the parent-death signal."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     finish([*ACCELERATE_1, *tiny_args(data_dir, straight)])
-    code, output = stopped_run([*ACCELERATE_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
+    code, _ = stopped_run([*ACCELERATE_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
                                lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))
     assert code != 0  # the launcher itself was killed by the signal; the trainer went on to save
     deadline = time.monotonic() + 60
