@@ -125,11 +125,8 @@ def _build_samples(
         # Decode each distinct frame once, even when temporal context repeats it.
         unique, inverse = np.unique(frames.rows[context], return_inverse=True)
         table = take_images(unique)
-        decoded = np.stack(
-            [np.stack([image_to_chw(image, spec.image_size) for image in table.column(camera).to_pylist()])
-             for camera in cameras],
-            axis=1,
-        )  # (U, C, 3, H, W)
+        decoded = np.stack([_decode_column(table, camera, spec.image_size, frames, unique) for camera in cameras],
+                           axis=1)  # (U, C, 3, H, W)
         views = decoded[inverse.reshape(context.shape)]  # (B, T, C, 3, H, W)
         views = views.reshape(len(positions), spec.num_views, *views.shape[-3:])  # (B, S, 3, H, W)
         views = random_shift_images(views, random_shift)
@@ -148,6 +145,21 @@ def _build_samples(
         }
         for b, p in enumerate(positions.tolist())
     ]
+
+
+def _decode_column(table: pa.Table, camera: str, size: int, frames: _Frames, rows: np.ndarray) -> np.ndarray:
+    """The `camera` images of source `rows` as (U, 3, size, size); a frame that does not decode fails with
+    its column, episode, frame and (for an image stored as a file) the file."""
+    images = []
+    for row, image in zip(rows.tolist(), table.column(camera).to_pylist()):
+        try:
+            images.append(image_to_chw(image, size))
+        except ValueError as error:
+            position = int(np.flatnonzero(frames.rows == row)[0])
+            path = image.get("path") if isinstance(image, dict) else None
+            raise ValueError(f"column {camera!r}, episode {int(frames.episode[position])}, frame "
+                             f"{int(frames.frame[position])}{f', file {path}' if path else ''}: {error}") from None
+    return np.stack(images)
 
 
 def _check_canonical(column_names: Sequence[str], where: str) -> None:

@@ -407,6 +407,19 @@ def test_non_finite_state_or_action_named_before_training(v2_dir: Path) -> None:
         LiberoSamples(load_libero(str(v2_dir)), SampleSpec(image_size=16))
 
 
+def test_an_image_that_does_not_decode_is_named(v2_dir: Path) -> None:
+    path = v2_dir / "data" / "chunk-000" / "episode_000002.parquet"
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[3] = {"bytes": b"\x89PNG truncated", "path": None}
+    index = table.schema.get_field_index("image")
+    pq.write_table(table.set_column(index, table.field(index), pa.array(images, table.field(index).type)), path)
+    samples = LiberoSamples(load_libero(str(v2_dir)), SampleSpec(image_size=16))
+    message = rf"column '{AGENT_IMAGE}', episode 2, frame 3: could not decode image bytes"
+    with pytest.raises(ValueError, match=message):
+        samples[LENGTHS[0] + LENGTHS[1] + 3]
+
+
 def test_unknown_sources(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="unknown LIBERO source"):
         load_libero(str(tmp_path / "nowhere"))
