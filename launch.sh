@@ -80,14 +80,20 @@ case "$mode" in
        if ((gpus > 1)); then cmd+=(--multi_gpu --num_processes "$gpus"); else cmd+=(--cpu --num_processes 1); fi ;;
 esac
 cmd+=(--num_machines "$nodes")
-cmd+=(train.py)
-((config_in_args)) || cmd+=(--config "$config")
-((wandb)) && cmd+=(--wandb)
-cmd+=("${train_args[@]}")
+cmd+=(--quiet train.py)  # a trainer error is reported once, by the trainer, not again as a launcher traceback
+script_args=()
+((config_in_args)) || script_args+=(--config "$config")
+((wandb)) && script_args+=(--wandb)
+script_args+=("${train_args[@]}")
+cmd+=("${script_args[@]}")
 
 echo "+ ${env_prefix[*]:+${env_prefix[*]} }${cmd[*]}"
 ((dry_run)) && exit 0
 cd "$(dirname "$0")"
+# a mistyped flag or a bad config value: one error line now, before any process or launcher starts
+help_asked=0
+for arg in "${script_args[@]}"; do [[ "$arg" == -h || "$arg" == --help ]] && help_asked=1; done
+((help_asked)) || python -m atlas_vla.config "${script_args[@]}" || exit 2
 # Train in the background in a process group of its own, forward SIGTERM/SIGINT/SIGUSR1 to it, and
 # wait for every process of the group: `accelerate launch` does not forward signals and may die
 # before the trainer it started has saved its checkpoint. The trainer writes to the stop file when a

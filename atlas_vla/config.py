@@ -13,6 +13,7 @@ nor datasets: the sections are light dataclasses (`atlas_vla.models.config`, `at
 from __future__ import annotations
 
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,6 +346,23 @@ def config_from_args(argv: Sequence[str]) -> TrainConfig:
     return load_config(path, overrides)
 
 
+def check_args(argv: Sequence[str]) -> int:
+    """0 when train.py's flags `argv` give a valid config, else 2 after one error line on stderr.
+
+    `launch.sh` runs this (`python -m atlas_vla.config ARGS`, no torch import) before starting any
+    process, so a mistyped flag is reported once instead of once per rank plus a launcher traceback."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecations are printed once, by the trainer
+        try:
+            config_from_args(argv)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"train.py: error: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def config_yaml(config: TrainConfig) -> str:
     """The resolved config as YAML text (what `config.yaml` of a run and of every checkpoint holds)."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
@@ -365,3 +383,7 @@ def usage() -> str:
         "See configs/train_config.yaml for every key with a comment.\n\n"
         f"Flags (aliases of config keys):\n{flags}\n"
     )
+
+
+if __name__ == "__main__":
+    sys.exit(check_args(sys.argv[1:]))

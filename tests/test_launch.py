@@ -15,14 +15,14 @@ def launch(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,expected", [
-    ([], "+ accelerate launch --num_processes 1 --num_machines 1 train.py --config configs/train_config.yaml"),
+    ([], "+ accelerate launch --num_processes 1 --num_machines 1 --quiet train.py --config configs/train_config.yaml"),
     (["--mode", "multi", "--gpus", "8", "--wandb", "--log", "logs/x.log"],
-     "+ accelerate launch --multi_gpu --num_processes 8 --num_machines 1 train.py --config configs/train_config.yaml --wandb"),
+     "+ accelerate launch --multi_gpu --num_processes 8 --num_machines 1 --quiet train.py --config configs/train_config.yaml --wandb"),
     (["--mode", "cpu", "--gpus", "2", "--", "--config", "configs/demo.yaml", "--seed", "3"],
-     "+ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 train.py --config configs/demo.yaml --seed 3"),
+     "+ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --quiet train.py --config configs/demo.yaml --seed 3"),
     (["--mode", "multi", "--gpus", "4", "--nodes", "2", "--node_rank", "1", "--main_process_ip", "10.1.1.1"],
      "+ accelerate launch --multi_gpu --num_processes 8 --machine_rank 1 --main_process_ip 10.1.1.1 "
-     "--main_process_port 29500 --num_machines 2 train.py --config configs/train_config.yaml"),
+     "--main_process_port 29500 --num_machines 2 --quiet train.py --config configs/train_config.yaml"),
     (["--accelerate_config", "accelerate_configs/fsdp.yaml", "--mode", "multi"],
      "+ accelerate launch --config_file accelerate_configs/fsdp.yaml --multi_gpu --num_processes 8"),
 ])
@@ -57,3 +57,11 @@ def test_num_processes_names_what_gpus_counts_in_cpu_mode():
     assert "--multi_gpu --num_processes 2" in new.stdout and not new.stderr
     assert "in cpu mode --gpus counts CPU processes; --num_processes 2 says so" in old.stderr
     assert "--num_processes must be a positive integer, got 'x'" in launch("--dry-run", "--num_processes", "x").stderr
+
+
+@pytest.mark.parametrize("mode", [["--mode", "cpu"], ["--mode", "cpu", "--num_processes", "2"]])
+def test_a_mistyped_flag_is_one_line_before_anything_starts(mode):
+    result = launch(*mode, "--", "--config", "configs/demo.yaml", "--learning_rat", "1")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert errors == ["train.py: error: unknown option --learning_rat (did you mean '--learning_rate'?)"], result.stderr

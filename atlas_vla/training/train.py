@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -240,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_accelerator(training_cfg: TrainingConfig, log_file: str | None, trackers: list[str]) -> Accelerator:
     """The accelerator, the process's logging, TF32 and the global seed (set before anything is built)."""
     output_dir = Path(training_cfg.output_dir)
+    # checked on the process state, before the Accelerator fixes its precision for the whole process
+    if training_cfg.mixed_precision == "fp16" and PartialState().device.type == "cpu":
+        raise ValueError("training.mixed_precision fp16 needs a GPU; this run is on the CPU, where it would have no "
+                         "effect: use bf16 (CPU autocast) or no")
     accelerator = Accelerator(
         gradient_accumulation_steps=training_cfg.gradient_accumulation_steps,
         mixed_precision=training_cfg.mixed_precision,

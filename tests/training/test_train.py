@@ -128,6 +128,9 @@ def test_bad_inputs_fail_clearly_and_keep_saved_work(tmp_path, data_dir, capsys)
     assert "did you mean 'training.learning_rate'" in capsys.readouterr().err
     assert train_main(["--config", "configs/demo.yaml", "--mixed_precision", "fp8"]) == 2
     assert "training.mixed_precision must be one of" in capsys.readouterr().err
+    assert train_main(tiny_args(data_dir, tmp_path / "fp16", "--mixed_precision", "fp16")) == 2
+    assert "training.mixed_precision fp16 needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "fp16").exists()
     assert train_main(["--config", "configs/nope.yaml"]) == 2
     assert "config file not found: configs/nope.yaml" in capsys.readouterr().err
     missing = tmp_path / "no-such-dataset"
