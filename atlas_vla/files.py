@@ -27,6 +27,22 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes the user's umask asks for. Some writers create files
+    0600 whatever the umask (safetensors does), which would hide a policy from an evaluation job run by
+    another user."""
+    mask = _current_umask()
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         _fsync(path)
@@ -66,9 +82,10 @@ def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:
 
 def swap_in_folder(new: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Move the finished folder `new` to `target`, replacing any folder there, never leaving a
-    half-written `target`: its files are flushed first, and an old `target` is moved aside before
-    the rename and deleted after it."""
+    half-written `target`: its modes follow the umask, its files are flushed first, and an old `target`
+    is moved aside before the rename and deleted after it."""
     new, target = Path(new), Path(target)
+    _apply_umask(new)
     _fsync_tree(new)
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -38,3 +40,19 @@ def test_staged_folder_swaps_in_complete_folders_only(tmp_path):
         (staged.path / "b.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_committed_folders_follow_the_umask_whatever_their_writers_chose(tmp_path, umask, file_mode, folder_mode):
+    previous = os.umask(umask)
+    try:
+        with StagedFolder(tmp_path / "policy") as staged:
+            os.close(os.open(staged.path / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))  # like safetensors
+            (staged.path / "sub").mkdir(mode=0o700)
+            (staged.path / "sub" / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "policy" / "model.safetensors").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "policy" / "sub" / "config.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "policy").stat().st_mode) == folder_mode
+    assert stat.S_IMODE((tmp_path / "policy" / "sub").stat().st_mode) == folder_mode

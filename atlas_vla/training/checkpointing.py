@@ -135,15 +135,28 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | os.PathLike, sta
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank: model, optimizer, scheduler, RNG, sampler
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))  # every rank: model, optimizer, scheduler, RNG, sampler
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state.save(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            swap_in_folder(tmp, final)  # replaces e.g. the step a resumed run started from
+    except OSError as error:  # disk full, permission denied: say where, keep what was saved before
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(error.errno, f"saving checkpoint-{state.global_step} failed: {error.strerror or error} "
+                                   f"({error.filename or tmp}); the checkpoints saved before are intact",
+                      error.filename) from None
     if accelerator.is_main_process:
-        state.save(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        swap_in_folder(tmp, final)  # replaces e.g. the step a resumed run started from
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        apply_retention(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def apply_retention(output_dir: str | os.PathLike, total_limit: int | None) -> None:
+    """Delete all but the newest `total_limit` complete checkpoints (main process only). Also run when a
+    run resumes: a kill right after a checkpoint was renamed into place skipped it."""
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)

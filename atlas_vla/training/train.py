@@ -56,6 +56,7 @@ from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.schema import flatten, print_renames_as_one_line, to_dict
 from atlas_vla.training.checkpointing import (
     TrainingState,
+    apply_retention,
     check_fresh_output_dir,
     check_output_dir,
     check_random_states_restored,
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(argv)
         train(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, or a save the disk refused: one line, nothing lost
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -459,6 +460,16 @@ def _resume(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: C
     return state
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Rewrite `metrics.jsonl` (atomically) without the records of steps after `step`."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
 def _model_differences(checkpoint: Path, model_cfg: PolicyConfig) -> str | None:
     """'it was saved with model.a = x (this config: y), ...' when the checkpoint's `config.yaml` has another
     model section than this run; None when they agree or the file cannot be read."""
@@ -492,6 +503,9 @@ def _start_trackers(run: TrainingRun, fresh: bool) -> None:
         run.stats.save(output_dir / "norm_stats.json")
         if fresh:
             (output_dir / METRICS_NAME).write_text("")
+        else:  # the steps after the checkpoint are run again: their earlier records go
+            _drop_metrics_after(output_dir / METRICS_NAME, run.state.global_step)
+            apply_retention(output_dir, config.checkpoint.checkpoints_total_limit)
     if trackers:
         wandb_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run.run_id)} if "wandb" in trackers else {}
         accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=wandb_kwargs)

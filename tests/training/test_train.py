@@ -203,6 +203,32 @@ def test_resuming_with_another_model_shape_names_the_differing_fields(tmp_path, 
     assert_untouched(before)
 
 
+def test_a_resumed_run_replaces_replayed_metrics_and_applies_retention(tmp_path, data_dir, finished_run):
+    """Killed right after step 6 was logged and its checkpoint renamed, before retention ran: an extra old
+    checkpoint is left, and the resumed run replays nothing it already recorded."""
+    import shutil
+
+    out, _ = damaged_copy(finished_run, tmp_path)
+    shutil.copytree(out / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-2")
+    assert train_main(tiny_args(data_dir, out, "--resume_from_checkpoint", "latest")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    out, _ = damaged_copy(finished_run, tmp_path / "again")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    assert train_main(tiny_args(data_dir, out, "--resume_from_checkpoint", "latest")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_save_the_disk_refuses_names_the_path_and_keeps_earlier_checkpoints(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp-checkpoint-4").write_text("in the way")  # the save of step 4 cannot create its folder
+    assert train_main(tiny_args(data_dir, out)) == 2
+    error = capsys.readouterr().err
+    assert "saving checkpoint-4 failed" in error and ".tmp-checkpoint-4" in error and "intact" in error
+    assert (out / "checkpoints" / "checkpoint-2" / "training_state.json").is_file()
+
+
 def test_eval_libero_steps_without_the_simulator_fails_before_training(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "libero", None)  # how Python sees a package that is not installed
     out = tmp_path / "run"
