@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete <output-dir> from an earlier run first")
     parser.add_argument("--num-workers", type=int, default=None, help="simulator workers (default: the config's)")
     parser.add_argument("--initial-states", default=None, help="override the config's, e.g. 30-49")
+    parser.add_argument("--tasks", default=None, help="override the config's evaluated tasks, e.g. 0,1,2")
     parser.add_argument("train_args", nargs="*", help="after --: more train.py overrides")
     args = parser.parse_args()
 
@@ -71,6 +72,7 @@ def main() -> int:
     command = ["atlas-vla", "eval-libero", "--policy", str(out / "final"), "--config", args.config,
                "--video-dir", str(out / "videos"), "--output", str(out / "eval_results.json")]
     command += ["--initial-states", args.initial_states] if args.initial_states else []
+    command += ["--tasks", args.tasks] if args.tasks else []
     command += ["--num-workers", str(args.num_workers)] if args.num_workers else []
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 
 from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, SOURCE_INDEX, STATE, TASK_INDEX, WRIST_IMAGE
@@ -57,9 +58,18 @@ def tag_source(table: Table, index: int, episode_offset: int) -> Table:
     row selection the new columns are added without rewriting the others."""
     if TASK_INDEX in (table.column_names or []):
         table = table.remove_columns([TASK_INDEX])
-    if isinstance(table, datasets.IterableDataset):
-        return table.map(lambda batch: {EPISODE_INDEX: [e + episode_offset for e in batch[EPISODE_INDEX]],
-                                        SOURCE_INDEX: [index] * len(batch[EPISODE_INDEX])}, batched=True)
+    if isinstance(table, datasets.IterableDataset):  # in Arrow batches: the images are never decoded here
+        features = table.features
+        if features is not None:
+            features = datasets.Features({**features, EPISODE_INDEX: datasets.Value("int64"),
+                                          SOURCE_INDEX: datasets.Value("int64")})
+
+        def tag(batch: pa.Table) -> pa.Table:
+            episodes = pa.array(batch.column(EPISODE_INDEX).to_numpy().astype(np.int64) + episode_offset)
+            batch = batch.set_column(batch.column_names.index(EPISODE_INDEX), EPISODE_INDEX, episodes)
+            return batch.append_column(SOURCE_INDEX, pa.array(np.full(len(batch), index, np.int64)))
+
+        return table.with_format("arrow").map(tag, batched=True, features=features).with_format(None)
     episodes = numpy_column(table, EPISODE_INDEX).astype(np.int64) + episode_offset
     table = table.remove_columns([EPISODE_INDEX]).add_column(EPISODE_INDEX, episodes.tolist(),
                                                               feature=datasets.Value("int64"))

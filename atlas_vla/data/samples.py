@@ -248,7 +248,8 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
         if self._dataset.n_shards >= worker.num_workers:  # episodes never span two parquet files
             return self._dataset.shard(num_shards=worker.num_workers, index=worker.id, contiguous=False)
         count, index = worker.num_workers, worker.id
-        return self._dataset.filter(lambda batch: (np.asarray(batch[EPISODE_INDEX]) % count == index).tolist(), batched=True)
+        return self._dataset.with_format("arrow").filter(  # Arrow batches: no image is decoded to filter
+            lambda batch: pa.array(batch.column(EPISODE_INDEX).to_numpy() % count == index), batched=True)
 
     def _episodes(self) -> Iterator[pa.Table]:
         """Consecutive rows of one episode at a time, as Arrow tables."""

@@ -425,8 +425,9 @@ def select_episodes(
     if episodes is None:
         return dataset
     wanted = np.asarray(sorted(episodes), dtype=np.int64)
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.filter(lambda batch: np.isin(np.asarray(batch[column]), wanted).tolist(), batched=True)
+    if isinstance(dataset, datasets.IterableDataset):  # Arrow batches: the images are not decoded to filter
+        return dataset.with_format("arrow").filter(
+            lambda batch: pa.array(np.isin(batch.column(column).to_numpy(), wanted)), batched=True).with_format(None)
     return dataset.select(np.flatnonzero(np.isin(numpy_column(dataset, column), wanted)))
 
 
@@ -434,9 +435,16 @@ def _to_canonical(
     dataset: datasets.Dataset | datasets.IterableDataset, mapping: dict[str, str], tasks: dict[int, str], *, where: str
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Select + rename the mapped columns, make the cameras `datasets.Image`, join the instructions."""
-    dataset = dataset.select_columns(list(mapping.values())).rename_columns(
-        {source: canonical for canonical, source in mapping.items() if source != canonical}
-    )
+    renames = {source: canonical for canonical, source in mapping.items() if source != canonical}
+    dataset = dataset.select_columns(list(mapping.values()))
+    if isinstance(dataset, datasets.IterableDataset) and renames:  # a stream renames in Arrow, never decoding images
+        features = dataset.features
+        features = datasets.Features({renames.get(k, k): v for k, v in features.items()}) if features else None
+        dataset = dataset.with_format("arrow").map(
+            lambda batch: batch.rename_columns([renames.get(name, name) for name in batch.column_names]),
+            batched=True, features=features).with_format(None)
+    elif renames:
+        dataset = dataset.rename_columns(renames)
     features = dataset.features
     for camera in CAMERAS:
         feature = features[camera] if features is not None else None
@@ -469,7 +477,11 @@ def _join_instructions(
         features = dataset.features
         if features is not None:
             features = datasets.Features({**features, INSTRUCTION: datasets.Value("string")})
-        return dataset.map(lambda batch: {INSTRUCTION: lookup(batch[TASK_INDEX])}, batched=True, features=features)
+
+        def add_instructions(batch: pa.Table) -> pa.Table:  # Arrow in and out: images are never decoded here
+            return batch.append_column(INSTRUCTION, pa.array(lookup(batch.column(TASK_INDEX).to_pylist()), pa.string()))
+
+        return dataset.with_format("arrow").map(add_instructions, batched=True, features=features).with_format(None)
     codes = numpy_column(dataset, TASK_INDEX)
     table = np.asarray(lookup(np.unique(codes).tolist()), dtype=object)
     instructions = table[np.searchsorted(np.unique(codes), codes)]

@@ -418,6 +418,8 @@ def test_an_image_that_does_not_decode_is_named(v2_dir: Path) -> None:
     message = rf"column '{AGENT_IMAGE}', episode 2, frame 3: could not decode image bytes"
     with pytest.raises(ValueError, match=message):
         samples[LENGTHS[0] + LENGTHS[1] + 3]
+    with pytest.raises(ValueError, match=message):
+        list(LiberoSampleStream(load_libero(str(v2_dir), streaming=True), SampleSpec(image_size=16)))
 
 
 def test_unknown_sources(tmp_path: Path) -> None:
