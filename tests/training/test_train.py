@@ -229,6 +229,18 @@ def test_a_save_the_disk_refuses_names_the_path_and_keeps_earlier_checkpoints(tm
     assert (out / "checkpoints" / "checkpoint-2" / "training_state.json").is_file()
 
 
+def test_init_from_a_truncated_policy_names_the_file_before_writing(tmp_path, data_dir, finished_run, capsys):
+    import shutil
+
+    policy = tmp_path / "policy"
+    shutil.copytree(finished_run / "final", policy)
+    weights = policy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert train_main(tiny_args(data_dir, tmp_path / "new", "--training.init_from", str(policy))) == 2
+    assert f"{weights} is not a readable safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_eval_libero_steps_without_the_simulator_fails_before_training(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "libero", None)  # how Python sees a package that is not installed
     out = tmp_path / "run"
