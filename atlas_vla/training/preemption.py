@@ -1,6 +1,7 @@
 """Stop training cleanly on SIGTERM, SIGINT or SIGUSR1: cluster preemption, Ctrl-C, SLURM's time-limit warning.
 
-A stop signal only sets a flag. At the next step boundary every rank asks the others through
+Once the training loop runs, a stop signal only sets a flag (before it, while data loads or features
+are cached, there is nothing to save and the signal acts at once). At the next step boundary every rank asks the others through
 Accelerate's cross-process trigger (`set_trigger` / `check_trigger`), so all of them stop after the
 same optimizer update, whichever process the signal reached; the trainer then saves a checkpoint
 of that step, closes the trackers and exits 0. `./launch.sh` turns that stop into exit code
@@ -49,6 +50,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None  # the first stop signal this process received
+        self.training = False  # set by the loop: before it, there is nothing to save and a signal acts at once
         self._first_at: float | None = None
         self._previous: dict[int, Any] = {}
 
@@ -72,17 +74,23 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
-        if self._first_at is None:
+        if not self.training:  # loading data, caching features: stop now, as without these handlers
+            self._pass_on(signum, frame)
+        elif self._first_at is None:
             self._first_at, self.signal_name = now, signal.Signals(signum).name
             sys.stderr.write(f"\n{self.signal_name} received: stopping after this step and saving a checkpoint "
                              f"(a second signal after {REPEAT_WINDOW_S:.0f} s stops at once)\n")
         elif now - self._first_at > REPEAT_WINDOW_S:
-            previous = self._previous.get(signum, signal.SIG_DFL)
-            signal.signal(signum, previous)
-            if callable(previous):
-                previous(signum, frame)
-            else:
-                os.kill(os.getpid(), signum)
+            self._pass_on(signum, frame)
+
+    def _pass_on(self, signum: int, frame: FrameType | None) -> None:
+        """Act on the signal as the handler installed before this one would (by default: end the process)."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank, at the same step, once any rank received a stop signal (a collective: all

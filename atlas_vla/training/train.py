@@ -540,6 +540,8 @@ def fit(run: TrainingRun, stop: StopRequest | None = None) -> Throughput:
     validations = 0
     throughput = Throughput(first_step=state.global_step)
     run.policy.train()
+    if stop is not None:
+        stop.training = True
     for batch in _train_batches(run):
         out = update_policy(run, batch, config.training.max_grad_norm)
         state.batches_in_epoch += 1

@@ -148,9 +148,10 @@ def test_sigterm_through_launch_sh_exits_75_with_the_checkpoint_of_that_step(tmp
     assert not (out / "final").exists()
 
 
-def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_acts_at_once(monkeypatch):
-    """Real signals to this process: the first sets the flag, a repeat inside `REPEAT_WINDOW_S` (another route
-    of the same signal) is ignored, a later one goes to the handler that was installed before."""
+def test_signals_before_training_act_at_once_and_a_repeat_within_the_window_is_the_same_request(monkeypatch):
+    """Real signals to this process. Before the training loop a signal goes straight to the handler installed
+    before (nothing to save yet). In the loop the first sets the flag, a repeat inside `REPEAT_WINDOW_S`
+    (another route of the same signal) is ignored, a later one goes to the handler installed before."""
     received: list[int] = []
 
     def handler(signum, frame):
@@ -161,6 +162,11 @@ def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_acts_at_
         clock = [100.0]
         monkeypatch.setattr(time, "monotonic", lambda: clock[0])
         with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)  # before the training loop: nothing to save, it acts at once
+            assert received == [signal.SIGUSR1] and stop.signal_name is None
+        received.clear()
+        with StopRequest() as stop:
+            stop.training = True
             os.kill(os.getpid(), signal.SIGUSR1)
             assert stop.signal_name == "SIGUSR1" and received == []
             clock[0] += REPEAT_WINDOW_S / 2
