@@ -411,10 +411,13 @@ def save_results(path: str | Path, suite: str, summary: Mapping[str, Any], setti
     return write_json_atomic(path, {"suite": suite, "settings": dict(settings), **summary})
 
 
-def success_metrics(suite: str, summary: Mapping[str, Any]) -> dict[str, float]:
-    """The logged success rates of a summary: `eval/success_rate` and `eval/<suite>/task_<i>`."""
+def eval_metrics(suite: str, summary: Mapping[str, Any]) -> dict[str, float]:
+    """The logged scalars of a summary: `eval/success_rate`, `eval/<suite>/task_<i>`, and how many episodes
+    failed in each phase, `eval/failures/<phase>` (every phase, 0 included, so the curves are continuous)."""
     metrics = {"eval/success_rate": summary["success_rate"]}
     metrics.update({f"eval/{suite}/task_{task}": row["success_rate"] for task, row in summary["tasks"].items()})
+    metrics.update({f"eval/failures/{reason.replace(' ', '_')}": float(summary["failures"].get(reason, 0))
+                    for reason in FAILURE_REASONS})
     return metrics
 
 
@@ -425,11 +428,11 @@ def episode_videos(summary: Mapping[str, Any]) -> dict[str, str]:
 
 
 def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], project: str = "atlas-vla") -> str:
-    """`success_metrics` and `episode_videos` in a new W&B eval run; returns its id."""
+    """`eval_metrics` and `episode_videos` in a new W&B eval run; returns its id."""
     import wandb
 
     run = wandb.init(project=project, job_type="eval", config=dict(settings))
-    logs: dict[str, Any] = dict(success_metrics(suite, summary))
+    logs: dict[str, Any] = dict(eval_metrics(suite, summary))
     logs.update({key: wandb.Video(path, format="mp4") for key, path in episode_videos(summary).items()})
     run.log(logs)
     run_id = run.id

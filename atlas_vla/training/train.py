@@ -740,7 +740,7 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
     policy_dir = policy.save_pretrained(folder / "policy", references=references)
     summary = sim.summarize(sim.evaluate(str(policy_dir), specs, num_workers=eval_cfg.num_workers))
     sim.save_results(folder / "results.json", eval_cfg.suite, summary, {"step": step})
-    metrics = sim.success_metrics(eval_cfg.suite, summary)
+    metrics = sim.eval_metrics(eval_cfg.suite, summary)
     logger.info("step %d %s", step, metrics_table(metrics))
     return metrics, sim.episode_videos(summary)
 

@@ -112,5 +112,9 @@ def test_summary_counts_failure_phases_per_task_and_overall():
     assert summary["failures"] == {"no grasp": 2, "timed out holding": 1}
     assert summary["tasks"][0]["failures"] == {"no grasp": 1}
     assert summary["tasks"][1]["failures"] == {"no grasp": 1, "timed out holding": 1}
+    metrics = sim.eval_metrics("libero_spatial", summary)
+    assert metrics["eval/success_rate"] == pytest.approx(1 / 5) and metrics["eval/libero_spatial/task_1"] == 0.0
+    assert metrics["eval/failures/no_grasp"] == 2 and metrics["eval/failures/timed_out_holding"] == 1
+    assert metrics["eval/failures/grasp_lost"] == 0 and metrics["eval/failures/not_placed"] == 0
     table = sim.format_table("libero_spatial", summary)
     assert "1 no grasp, 1 timed out holding" in table and "failures: 2 no grasp, 1 timed out holding" in table

@@ -164,7 +164,7 @@ def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
     [run_file] = find_run_files(out)
     history = read_run(run_file).history
     assert [step for step, _ in history["eval/success_rate"]] == [2]
-    assert "eval/libero_spatial/task_0" in history
+    assert "eval/libero_spatial/task_0" in history and "eval/failures/no_grasp" in history
 
 
 @needs_sim
