@@ -62,7 +62,8 @@ class ObjectTracker:
                 self.held, self.last_loss = False, NOT_PLACED
             elif np.linalg.norm(offset - self.grip_offset) > SLIP_M:
                 self.held, self.last_loss = False, GRASP_LOST
-        elif closed and np.linalg.norm(offset) < REACH_M and observation[f"{self.name}_pos"][2] - self.rest_height > LIFT_M:
+        elif (closed and np.linalg.norm(offset) < REACH_M
+              and observation[f"{self.name}_pos"][2] - self.rest_height > LIFT_M):
             self.held = self.ever_held = True
             self.grip_offset = offset
 

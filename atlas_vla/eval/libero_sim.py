@@ -361,7 +361,8 @@ def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     def rates(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
         successes = sum(r.success for r in rs)
         return {"episodes": len(rs), "successes": successes, "success_rate": successes / len(rs) if rs else 0.0,
-                "interval_95": list(wilson_interval(successes, len(rs))), "errors": sum(r.error is not None for r in rs),
+                "interval_95": list(wilson_interval(successes, len(rs))),
+                "errors": sum(r.error is not None for r in rs),
                 "failures": failure_counts(rs)}
 
     per_task = {task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), **rates(rs)}

@@ -93,7 +93,8 @@ def check_output_dir(output_dir: Path) -> None:
         raise ValueError(f"training.output_dir {str(output_dir)!r} is a file; expected a folder (or a path to create)")
     existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"training.output_dir {str(output_dir)!r} cannot be written: {existing} is not a writable folder")
+        raise ValueError(f"training.output_dir {str(output_dir)!r} cannot be written: {existing} is not a "
+                         f"writable folder")
 
 
 def check_fresh_output_dir(output_dir: str | os.PathLike) -> None:

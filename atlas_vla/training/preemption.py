@@ -1,11 +1,12 @@
 """Stop training cleanly on SIGTERM, SIGINT or SIGUSR1: cluster preemption, Ctrl-C, SLURM's time-limit warning.
 
 Once the training loop runs, a stop signal only sets a flag (before it, while data loads or features
-are cached, there is nothing to save and the signal acts at once). At the next step boundary every rank asks the others through
-Accelerate's cross-process trigger (`set_trigger` / `check_trigger`), so all of them stop after the
-same optimizer update, whichever process the signal reached; the trainer then saves a checkpoint
-of that step, closes the trackers and exits 0. `./launch.sh` turns that stop into exit code
-`PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "resume me") through the file named by `STOP_FILE_ENV`.
+are cached, there is nothing to save and the signal acts at once). At the next step boundary every
+rank asks the others through Accelerate's cross-process trigger (`set_trigger` / `check_trigger`),
+so all of them stop after the same optimizer update, whichever process the signal reached; the
+trainer then saves a checkpoint of that step, closes the trackers and exits 0. `./launch.sh` turns
+that stop into exit code `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "resume me") through the file named
+by `STOP_FILE_ENV`.
 
 One signal often arrives by several routes within milliseconds (the scheduler signals every process,
 the launcher forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within
