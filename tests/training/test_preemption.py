@@ -76,8 +76,16 @@ def stopped_run(command: list[str], out: Path, ranks: int, step: int, send) -> t
 
 
 def leftover_processes(out: Path) -> list[str]:
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in listing.splitlines() if str(out) in line and "ps -eo" not in line]
+    """Command lines of the live processes that name `out` (read from /proc: no `ps` needed)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it ended while we looked
+            continue
+        if str(out) in args:
+            found.append(f"{cmdline.parent.name}: {args}")
+    return found
 
 
 def same_weights(a: Path, b: Path) -> None:
