@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from atlas_vla.models.config import DinoConfig, FusionConfig, LanguageConfig, PolicyConfig, VGGTConfig
@@ -27,3 +29,22 @@ def synthetic_dataset(root: Path, num_episodes: int = 8) -> Path:
 
     path = root / f"synthetic-{num_episodes}"
     return path if path.exists() else make_synthetic_libero(path, num_episodes=num_episodes, image_size=64)
+
+
+# `accelerate launch` of train.py as one CPU process, with no `accelerate config` needed
+ACCELERATE_CPU_1 = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
+
+
+def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """train.py flags for a 6-update demo run on `data_dir`: validation at 3 and 6, checkpoints every 2, keep 2."""
+    return ["--config", "configs/demo.yaml", "--data.source", str(data_dir), "--data.generate_synthetic", "false",
+            "--data.val_fraction", "0.25", "--output_dir", str(output_dir), "--model.image_size", "56",
+            "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "3",
+            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_warmup_steps", "2",
+            "--logging.log_every_steps", "1", *extra]
+
+
+def offline_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a training subprocess: W&B offline, no Hub, quiet tokenizers."""
+    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}

@@ -10,20 +10,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import synthetic_dataset
+from helpers import ACCELERATE_CPU_1, offline_environment, synthetic_dataset
 from safetensors.torch import load_file
 from wandb_records import find_run_files, read_run
 
 from atlas_vla.training.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, WAIT_AT_STEP_ENV, StopRequest
 
 REPO = Path(__file__).resolve().parents[2]
-ACCELERATE_1 = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
 LAUNCH_2 = ["./launch.sh", "--mode", "cpu", "--num_processes", "2", "--"]
 
 
@@ -33,26 +31,18 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--config", "configs/demo.yaml", "--data.source", str(data_dir), "--data.generate_synthetic", "false",
-            "--data.val_fraction", "0.25", "--output_dir", str(output_dir), "--model.image_size", "56",
-            "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "3",
-            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_warmup_steps", "2",
-            "--logging.log_every_steps", "1", "--training.dataloader_num_workers", "1", *extra]
-
-
-def environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    return helpers.tiny_args(data_dir, output_dir, "--training.dataloader_num_workers", "1", *extra)
 
 
 def finish(command: list[str]) -> None:
-    result = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=offline_environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def stopped_run(command: list[str], out: Path, ranks: int, step: int, send) -> tuple[int, str]:
     """Start `command` in its own session, hold its ranks at `step`, call `send(launcher_pid, rank_pids)`,
     release the ranks and return (exit code, output) once it ended."""
-    process = subprocess.Popen(command, cwd=REPO, env=environment(**{WAIT_AT_STEP_ENV: str(step)}),
+    process = subprocess.Popen(command, cwd=REPO, env=offline_environment(**{WAIT_AT_STEP_ENV: str(step)}),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     markers = [out / f".wait-rank-{rank}" for rank in range(ranks)]
     try:
@@ -100,8 +90,8 @@ def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint_and_r
     """Kubernetes signals the container's first process only: `accelerate launch` dies at once, and the
     trainer it started learns it from the parent-death signal."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    finish([*ACCELERATE_1, *tiny_args(data_dir, straight)])
-    code, _ = stopped_run([*ACCELERATE_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
+    finish([*ACCELERATE_CPU_1, *tiny_args(data_dir, straight)])
+    code, _ = stopped_run([*ACCELERATE_CPU_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
                                lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))
     assert code != 0  # the launcher itself was killed by the signal; the trainer went on to save
     deadline = time.monotonic() + 60
@@ -113,7 +103,8 @@ def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint_and_r
     [run_file] = find_run_files(stopped)
     first = read_run(run_file)
     assert first.preempting and first.exit_code == 0 and max(s for s, _ in first.history["train/loss"]) == 3
-    finish([*ACCELERATE_1, *tiny_args(data_dir, stopped, "--report_to", "wandb", "--resume_from_checkpoint", "latest")])
+    finish([*ACCELERATE_CPU_1,
+            *tiny_args(data_dir, stopped, "--report_to", "wandb", "--resume_from_checkpoint", "latest")])
     same_weights(straight / "final", stopped / "final")
     runs = [read_run(f) for f in find_run_files(stopped)]
     assert {r.run_id for r in runs} == {first.run_id}

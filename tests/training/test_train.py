@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import synthetic_dataset
+from helpers import ACCELERATE_CPU_1, offline_environment, synthetic_dataset, tiny_args
 from safetensors import safe_open
 from safetensors.torch import load_file
 from wandb_records import find_run_files, read_run
@@ -29,25 +28,15 @@ def data_dir(tmp_path_factory) -> Path:
     return synthetic_dataset(tmp_path_factory.mktemp("train-data"), num_episodes=8)
 
 
-def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["--config", "configs/demo.yaml", "--data.source", str(data_dir), "--data.generate_synthetic", "false",
-            "--data.val_fraction", "0.25", "--output_dir", str(output_dir), "--model.image_size", "56",
-            "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "3",
-            "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--lr_warmup_steps", "2",
-            "--logging.log_every_steps", "1", *extra]
-
-
 def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                   **env}
-    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=offline_environment(**env), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 def accelerate(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *args], **env)
+    return run([*ACCELERATE_CPU_1, *args], **env)
 
 
 @pytest.mark.slow
