@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, SOURCE_INDEX, STATE, TASK_INDEX, WRIST_IMAGE
-from atlas_vla.data.sources import describe, numpy_column
+from atlas_vla.data.sources import describe, map_stream_batches, numpy_column
 
 Table = datasets.Dataset | datasets.IterableDataset
 
@@ -69,7 +69,7 @@ def tag_source(table: Table, index: int, episode_offset: int) -> Table:
             batch = batch.set_column(batch.column_names.index(EPISODE_INDEX), EPISODE_INDEX, episodes)
             return batch.append_column(SOURCE_INDEX, pa.array(np.full(len(batch), index, np.int64)))
 
-        return table.with_format("arrow").map(tag, batched=True, features=features).with_format(None)
+        return map_stream_batches(table, tag, features)
     episodes = numpy_column(table, EPISODE_INDEX).astype(np.int64) + episode_offset
     table = table.remove_columns([EPISODE_INDEX]).add_column(EPISODE_INDEX, episodes.tolist(),
                                                               feature=datasets.Value("int64"))

@@ -31,6 +31,7 @@ from atlas_vla.constants import (
     STATE,
 )
 from atlas_vla.data.config import DataConfig
+from atlas_vla.data.sources import filter_stream_batches
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.transforms import image_to_chw
 from atlas_vla.data.transforms import random_shift as random_shift_images
@@ -248,8 +249,8 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
         if self._dataset.n_shards >= worker.num_workers:  # episodes never span two parquet files
             return self._dataset.shard(num_shards=worker.num_workers, index=worker.id, contiguous=False)
         count, index = worker.num_workers, worker.id
-        return self._dataset.with_format("arrow").filter(  # Arrow batches: no image is decoded to filter
-            lambda batch: pa.array(batch.column(EPISODE_INDEX).to_numpy() % count == index), batched=True)
+        return filter_stream_batches(self._dataset,
+                                     lambda batch: batch.column(EPISODE_INDEX).to_numpy() % count == index)
 
     def _episodes(self) -> Iterator[pa.Table]:
         """Consecutive rows of one episode at a time, as Arrow tables."""

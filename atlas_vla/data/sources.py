@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -426,9 +426,21 @@ def select_episodes(
         return dataset
     wanted = np.asarray(sorted(episodes), dtype=np.int64)
     if isinstance(dataset, datasets.IterableDataset):  # Arrow batches: the images are not decoded to filter
-        return dataset.with_format("arrow").filter(
-            lambda batch: pa.array(np.isin(batch.column(column).to_numpy(), wanted)), batched=True).with_format(None)
+        return filter_stream_batches(dataset, lambda batch: np.isin(batch.column(column).to_numpy(), wanted))
     return dataset.select(np.flatnonzero(np.isin(numpy_column(dataset, column), wanted)))
+
+
+def map_stream_batches(stream: datasets.IterableDataset, function: Callable[[pa.Table], pa.Table],
+                       features: datasets.Features | None) -> datasets.IterableDataset:
+    """`stream.map` on Arrow tables: a step that only touches other columns never decodes (and re-encodes)
+    the stream's images, so they are decoded once, by the sample builder."""
+    return stream.with_format("arrow").map(function, batched=True, features=features).with_format(None)
+
+
+def filter_stream_batches(stream: datasets.IterableDataset,
+                          keep: Callable[[pa.Table], np.ndarray]) -> datasets.IterableDataset:
+    """`stream.filter` on Arrow tables (`keep` gives one bool per row), without decoding any image."""
+    return stream.with_format("arrow").filter(lambda batch: pa.array(keep(batch)), batched=True).with_format(None)
 
 
 def _to_canonical(
@@ -440,9 +452,9 @@ def _to_canonical(
     if isinstance(dataset, datasets.IterableDataset) and renames:  # a stream renames in Arrow, never decoding images
         features = dataset.features
         features = datasets.Features({renames.get(k, k): v for k, v in features.items()}) if features else None
-        dataset = dataset.with_format("arrow").map(
-            lambda batch: batch.rename_columns([renames.get(name, name) for name in batch.column_names]),
-            batched=True, features=features).with_format(None)
+        dataset = map_stream_batches(
+            dataset, lambda batch: batch.rename_columns([renames.get(name, name) for name in batch.column_names]),
+            features)
     elif renames:
         dataset = dataset.rename_columns(renames)
     features = dataset.features
@@ -481,7 +493,7 @@ def _join_instructions(
         def add_instructions(batch: pa.Table) -> pa.Table:  # Arrow in and out: images are never decoded here
             return batch.append_column(INSTRUCTION, pa.array(lookup(batch.column(TASK_INDEX).to_pylist()), pa.string()))
 
-        return dataset.with_format("arrow").map(add_instructions, batched=True, features=features).with_format(None)
+        return map_stream_batches(dataset, add_instructions, features)
     codes = numpy_column(dataset, TASK_INDEX)
     table = np.asarray(lookup(np.unique(codes).tolist()), dtype=object)
     instructions = table[np.searchsorted(np.unique(codes), codes)]
