@@ -9,6 +9,7 @@ one line with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -17,6 +18,7 @@ from typing import Any, Callable, Sequence
 from atlas_vla.config import LIBERO_SUITES, EvalConfig, load_config
 from atlas_vla.data.config import DataConfig
 from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
+from atlas_vla.serving.protocol import API_KEY_ENV
 
 # Each entry: (name, help, add_arguments, run). Subcommands register below, one section each.
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
@@ -315,7 +317,13 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
                              "oldest (ACT; e.g. 0.1); replaces --replan-steps")
     parser.add_argument("--camera-size", type=int, default=None, help="simulator camera resolution (protocol: 256)")
     parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
-    parser.add_argument("--num-workers", type=int, default=None, help="parallel simulator worker processes (default 1)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="parallel simulator worker processes (default 1); without --server they share one policy "
+                             "server started for the evaluation, which batches their queries")
+    parser.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                        help="a running `atlas-vla serve`: the workers query it instead of loading --policy")
+    parser.add_argument("--api-key", default=None,
+                        help=f"the --server's API key (default: the {API_KEY_ENV} environment variable)")
     parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
     parser.add_argument("--output", default="eval_results.json", help="results JSON file")
     parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
@@ -355,7 +363,7 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
         return 2
     config = _eval_config(args)
     specs = sim.episode_specs(config, video_dir=args.video_dir)  # checks tasks and states before any worker starts
-    policy = sim.resolve_policy(args.policy)
+    policy = sim.resolve_policy(args.policy) if args.server is None else None
 
     def report(result: "sim.EpisodeResult") -> None:
         status = "error" if result.error else ("success" if result.success else "failure")
@@ -363,16 +371,62 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
               f"({result.seconds:.1f} s)" + (f": {result.error.splitlines()[0]}" if result.error else ""), flush=True)
 
     start = time.perf_counter()
-    results = sim.evaluate(policy, specs, num_workers=config.num_workers, episode_timeout=args.episode_timeout,
+    results = sim.evaluate(policy, specs, num_workers=config.num_workers, server=args.server,
+                           api_key=args.api_key or os.environ.get(API_KEY_ENV), episode_timeout=args.episode_timeout,
                            on_result=report)
     summary = sim.summarize(results)
-    settings = {**{k: v for k, v in vars(args).items() if not k.startswith("_")}, "eval": to_dict(config),
+    settings = {**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "api_key"},
+                "eval": to_dict(config),
                 "seconds": time.perf_counter() - start}
     print(sim.format_table(config.suite, summary))
     path = sim.save_results(args.output, config.suite, summary, settings)
     print(f"wrote {path}")
     if args.report_to == "wandb":
         print(f"logged to W&B run {sim.log_to_wandb(config.suite, summary, settings)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# serving
+# ----------------------------------------------------------------------------------------------
+
+@_command("serve", "Serve a policy over a websocket (openpi's protocol): robots, simulators and eval workers query it.")
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    _add_policy_argument(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (0: a free one, printed on start)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="requests batched into one forward pass at most (1: no batching)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long a batch waits for more requests after its first one")
+    parser.add_argument("--api-key", default=None,
+                        help=f"refuse connections without 'Authorization: Api-Key KEY' (default: the {API_KEY_ENV} "
+                             "environment variable; prefer it, a flag is visible to other users in `ps`)")
+    parser.add_argument("--device", default=None, help="torch device for the model (default: cuda if available)")
+
+
+@_add_serve.runner
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from atlas_vla.models.policy import AtlasPolicy
+    from atlas_vla.serving.server import PolicyServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    policy = AtlasPolicy.from_pretrained(args.policy).to(device)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    server = PolicyServer(policy, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                          max_wait_ms=args.max_wait_ms, api_key=api_key)
+
+    def ready(port: int) -> None:
+        print(f"atlas-vla serve: {args.policy} on ws://{args.host}:{port} (health: http://{args.host}:{port}/healthz; "
+              f"{'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
+
+    server.run(ready)
     return 0
 
 
@@ -392,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_renames_as_one_line()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "policy", "") is None:
+    if getattr(args, "policy", "") is None and getattr(args, "server", None) is None:
         parser.error(f"{args.command}: the argument --policy is required")
     try:
         return int(args._run(args) or 0)

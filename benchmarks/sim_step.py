@@ -57,9 +57,11 @@ def main() -> None:
     episode = (220 + sim.NUM_WAIT_STEPS) * step_seconds[size] + -(-220 // horizon) * query
     print(f"one 220-step episode at {size}px, estimated from the step and query times: {episode:.1f} s")
     if args.policy:  # measure one real episode end to end (the untrained demo policy never succeeds early)
+        from atlas_vla.runtime import PolicyRuntime
+
         env = sim.make_env(bddl, size)
         start = time.perf_counter()
-        success, steps, _ = sim.run_episode(env, policy, init_states[0], instruction, max_steps=220, replan_steps=None)
+        success, steps, _ = sim.run_episode(env, PolicyRuntime(policy), init_states[0], instruction, max_steps=220)
         episode = time.perf_counter() - start
         env.close()
         print(f"one {steps}-step episode at {size}px, measured: {episode:.1f} s (success {success})")

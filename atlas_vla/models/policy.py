@@ -11,7 +11,6 @@ share one path.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Mapping
 
 import numpy as np
@@ -29,7 +28,6 @@ from atlas_vla.constants import (
     STATE_DIM,
 )
 from atlas_vla.data.normalization import NormStats, normalize, unnormalize
-from atlas_vla.data.transforms import observation_to_sample
 from atlas_vla.models.action_head import action_metrics, build_action_head
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.fusion import Fusion
@@ -50,7 +48,8 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
     """Frozen VGGT + frozen text encoder + trainable fusion and action head.
 
     `forward(batch)` returns `loss`, `pose_loss`, `gripper_loss` and metrics; `predict_action(obs)`
-    returns an (action_horizon, 7) numpy chunk in LIBERO units with the gripper exactly -1 or +1.
+    returns an (action_horizon, 7) numpy chunk in LIBERO units with the gripper exactly -1 or +1 for one
+    observation (`runtime.PolicyRuntime` runs it step by step in an episode).
     Saving and loading (`save_pretrained`, `from_pretrained`, ...) come from `PretrainedPolicy`.
     """
 
@@ -76,7 +75,6 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         # position always normalised; rotation kept raw when the head predicts quaternions; gripper raw
         quaternion = config.head.rotation_format == "quaternion"
         self._action_keep = (GRIPPER,) + (tuple(range(ROTATION.start, ROTATION.stop)) if quaternion else ())
-        self._history: deque[Tensor] = deque(maxlen=1 + (spec.num_temporal_frames - 1) * spec.temporal_stride)
 
     # --- devices -------------------------------------------------------------------------------
 
@@ -179,27 +177,20 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         features = self._features(self.encode_observations(batch))
         return self._from_head_units(self.head.predict(features))
 
-    def reset(self) -> None:
-        """Forget the frame history (call at the start of every episode)."""
-        self._history.clear()
-
     @torch.no_grad()
     def predict_action(self, observation: Mapping[str, Any]) -> np.ndarray:
         """One observation (`agentview_image`, `wrist_image` upright HWC uint8, `state` (8,),
-        `task_description`) -> (action_horizon, 7) float array in LIBERO units."""
+        `task_description`) -> (action_horizon, 7) float array in LIBERO units, the observation taken as
+        the first frame of an episode. A control loop uses `runtime.PolicyRuntime`, which keeps the
+        episode's frames for temporal context and schedules the chunks."""
+        from atlas_vla.runtime import ObservationHistory, batch_inputs
+
         was_training = self.training
         self.eval()
         try:
-            spec = self.config.sample_spec
-            sample = observation_to_sample(observation, spec)
-            views = torch.as_tensor(sample[OBS_IMAGES])  # (num_cameras, 3, H, W)
-            self._history.append(views)
-            while len(self._history) < self._history.maxlen:  # episode start: repeat the first frame
-                self._history.appendleft(self._history[0])
-            past = list(self._history)[::-1][:: spec.temporal_stride][: spec.num_temporal_frames]
-            batch = {OBS_IMAGES: torch.cat(past, dim=0)[None], OBS_STATE: torch.as_tensor(sample[OBS_STATE])[None],
-                     INSTRUCTION: [sample[INSTRUCTION]]}
-            return self.predict_action_chunk(batch)[0].cpu().numpy().astype(np.float64)
+            history = ObservationHistory(self.config.sample_spec)
+            history.add(observation)
+            return self.predict_action_chunk(batch_inputs([history.model_inputs()]))[0].cpu().numpy().astype(np.float64)
         finally:
             self.train(was_training)
 

@@ -19,24 +19,23 @@ import pytest
 from PIL import Image
 
 from atlas_vla.data.transforms import observation_to_sample, rotate_180
+from atlas_vla.runtime import LocalPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 
-class Recorder:
-    """Wraps a policy and keeps every observation it was given and every chunk it returned."""
+class Recorder(LocalPolicy):
+    """The local policy, keeping every observation it was queried with and every chunk it returned."""
 
     def __init__(self, policy) -> None:
-        self.policy, self.observations, self.chunks = policy, [], []
+        super().__init__(policy)
+        self.observations, self.chunks = [], []
 
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def predict_action(self, observation):
+    def predict_chunk(self, observation):
         self.observations.append(observation)
-        self.chunks.append(self.policy.predict_action(observation))
+        self.chunks.append(super().predict_chunk(observation))
         return self.chunks[-1]
 
 
@@ -99,9 +98,7 @@ def test_sim_demos_recipe_trains_and_drives_the_simulator(tmp_path, sim_demos_di
     assert first["task_description"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"
     assert first["task_description"] in policy.frozen.language._cache
     other = {**first, "task_description": "pick up the black bowl next to the ramekin and place it on the plate"}
-    policy.reset()
     mine = policy.predict_action(first)
-    policy.reset()
     assert np.abs(policy.predict_action(other)[:, :6] - mine[:, :6]).max() > 1e-4
 
     # the video: one upright frame per executed step

@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from atlas_vla.action_layout import GRIPPER, GRIPPER_CLOSE, GRIPPER_OPEN, gripper_closed
+from atlas_vla.data.spec import SampleSpec
 from atlas_vla.eval import failures
 from atlas_vla.eval import libero_sim as sim
+from atlas_vla.runtime import PolicyRuntime
 
 HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -21,7 +23,10 @@ pytestmark = [pytest.mark.skipif(not HAS_SIM, reason="the LIBERO simulator ([sim
 
 
 class ScriptedPolicy:
-    """Plays `actions` one per query; `on_step(step)` may reach into the simulator before an action."""
+    """A `ChunkPredictor` that plays `actions` one per query; `on_step(step)` may reach into the simulator
+    before an action."""
+
+    spec = SampleSpec()
 
     def __init__(self, actions: np.ndarray, on_step=None) -> None:
         self.actions, self.on_step, self.t = actions, on_step, 0
@@ -29,7 +34,10 @@ class ScriptedPolicy:
     def reset(self) -> None:
         self.t = 0
 
-    def predict_action(self, observation):
+    def observe(self, observation):
+        raise AssertionError("one action per query: every step queries")
+
+    def predict_chunk(self, observation):
         if self.on_step is not None:
             self.on_step(self.t)
         action = self.actions[min(self.t, len(self.actions) - 1)]
@@ -52,8 +60,8 @@ def demo(sim_demos_dir):
 
 def rollout(demo, actions, max_steps, on_step=None):
     env, _, init_state, instruction, _ = demo
-    return sim.run_episode(env, ScriptedPolicy(actions, on_step), init_state, instruction, max_steps=max_steps,
-                           replan_steps=1)
+    runtime = PolicyRuntime(ScriptedPolicy(actions, on_step), replan_steps=1)
+    return sim.run_episode(env, runtime, init_state, instruction, max_steps=max_steps)
 
 
 def hold_then(actions: np.ndarray, step: int, gripper: float, extra: int = 30) -> np.ndarray:

@@ -20,6 +20,7 @@ from atlas_vla.cli import main as cli
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.transforms import observation_to_sample, rotate_180
 from atlas_vla.eval import libero_sim as sim
+from atlas_vla.runtime import PolicyRuntime
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
@@ -70,7 +71,9 @@ def test_parse_range_and_summary():
 
 
 class ReplayPolicy:
-    """Replays recorded actions one chunk step at a time (the protocol's plumbing, no learning)."""
+    """A `ChunkPredictor` that replays recorded actions, one per query (the protocol's plumbing, no learning)."""
+
+    spec = SampleSpec()
 
     def __init__(self, actions: np.ndarray) -> None:
         self.actions, self.t, self.observations = actions, 0, []
@@ -78,7 +81,10 @@ class ReplayPolicy:
     def reset(self) -> None:
         self.t = 0
 
-    def predict_action(self, observation):
+    def observe(self, observation):
+        raise AssertionError("one action per query: every step queries")
+
+    def predict_chunk(self, observation):
         self.observations.append(observation)
         action = self.actions[min(self.t, len(self.actions) - 1)]
         self.t += 1
@@ -100,8 +106,8 @@ def test_recorded_demo_replays_to_success_from_its_initial_state(sim_demos_dir):
     env = sim.make_env(bddl, 128)
     try:
         policy = ReplayPolicy(actions)
-        success, steps, failure = sim.run_episode(env, policy, init_states[0], instruction, max_steps=len(actions) + 20,
-                                         replan_steps=1)
+        success, steps, failure = sim.run_episode(env, PolicyRuntime(policy, replan_steps=1), init_states[0],
+                                                  instruction, max_steps=len(actions) + 20)
     finally:
         env.close()
     first = policy.observations[0]
@@ -144,6 +150,50 @@ def test_eval_libero_runs_a_real_rollout_with_a_tiny_policy(tmp_path, sim_demos_
 @needs_sim
 @pytest.mark.sim
 @pytest.mark.slow
+def test_eval_through_a_running_server_matches_the_in_process_rollout(tmp_path, sim_demos_dir):
+    """`eval-libero --server` (simulator workers as thin clients of `atlas-vla serve`) runs the same
+    episodes as `run_episode` with the policy in this process: same success, steps and frames."""
+    from helpers import tiny_policy_config
+
+    from atlas_vla.data.normalization import compute_norm_stats
+    from atlas_vla.data.sources import load_libero
+    from atlas_vla.models.policy import AtlasPolicy
+    from atlas_vla.runtime import LocalPolicy
+    from atlas_vla.serving.server import serve_in_background
+
+    stats = compute_norm_stats(load_libero(str(sim_demos_dir), max_episodes=2))
+    policy = AtlasPolicy(tiny_policy_config(num_temporal_frames=2), stats).eval()
+    output = tmp_path / "results.json"
+    with serve_in_background(policy, port=0, api_key="test-key") as server:
+        assert cli(["eval-libero", "--server", f"ws://127.0.0.1:{server.port}", "--api-key", "test-key", "--suite",
+                    "libero_spatial", "--tasks", "0", "--initial-states", "30,31", "--max-episode-steps", "12",
+                    "--replan-steps", "3", "--camera-size", "128", "--num-workers", "2",
+                    "--video-dir", str(tmp_path / "served"), "--output", str(output)]) == 0
+    served = json.loads(output.read_text())["episodes_detail"]
+    assert "test-key" not in output.read_text()
+    import imageio.v2 as imageio
+
+    envs: dict = {}
+    try:
+        for episode in served:
+            spec = sim.EpisodeSpec("libero_spatial", 0, episode["initial_state"], max_steps=12, replan_steps=3,
+                                   camera_size=128, video_dir=str(tmp_path / "local"))
+            local = sim.evaluate_episode(spec, LocalPolicy(policy), envs)
+            assert episode["error"] is None and local.error is None
+            assert (episode["success"], episode["steps"], episode["failure"]) == (local.success, local.steps,
+                                                                                 local.failure)
+            # two workers' queries may share a batch (float-level differences): the same trajectory, frame by frame
+            remote_frames = np.stack(imageio.mimread(episode["video"], memtest=False)).astype(float)
+            local_frames = np.stack(imageio.mimread(local.video, memtest=False)).astype(float)
+            assert remote_frames.shape == local_frames.shape and np.abs(remote_frames - local_frames).mean() < 1.0
+    finally:
+        for env in envs.values():
+            env.close()
+
+
+@needs_sim
+@pytest.mark.sim
+@pytest.mark.slow
 def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
     from helpers import synthetic_dataset
     from wandb_records import find_run_files, read_run
@@ -176,38 +226,6 @@ def test_bad_tasks_states_and_checkpoints_fail_before_any_worker(tmp_path, capsy
     assert "initial states 0..49, got [60]" in capsys.readouterr().err
     assert cli(["eval-libero", "--suite", "libero_spatial", "--tasks", "12", "--checkpoint", str(tmp_path)]) == 2
     assert "has tasks 0..9, got task 12" in capsys.readouterr().err
-
-
-def test_chunk_schedule_open_loop_and_temporal_ensembling():
-    """Open loop runs `replan_steps` actions per query; ensembling averages every chunk that covers a
-    step (oldest weighted most) and snaps the gripper back to -1/+1, so an earlier chunk's planned
-    close is honoured even while newer chunks still hesitate."""
-    def chunk(value: float, gripper: list[float]) -> np.ndarray:
-        actions = np.zeros((len(gripper), 7))
-        actions[:, 0] = value
-        actions[:, 6] = gripper
-        return actions
-
-    open_loop = sim.ChunkSchedule(replan_steps=2)
-    assert open_loop.needs_query(0)
-    open_loop.add(0, chunk(1.0, [-1, -1, -1, 1]))
-    assert [open_loop.action(t)[0] for t in (0, 1)] == [1.0, 1.0] and open_loop.needs_query(2)
-    with pytest.raises(ValueError, match=r"expected \(H, 7\)"):
-        open_loop.add(2, np.zeros((4, 6)))
-
-    ensemble = sim.ChunkSchedule(ensemble_decay=np.log(2.0))  # weights 1, 1/2, 1/4 ... from the oldest
-    ensemble.add(0, chunk(0.0, [-1, -1, 1]))
-    assert ensemble.needs_query(1)
-    np.testing.assert_allclose(ensemble.action(0), [0, 0, 0, 0, 0, 0, -1])
-    ensemble.add(1, chunk(3.0, [-1, -1, -1]))
-    ensemble.add(2, chunk(6.0, [-1, -1, -1]))
-    action = ensemble.action(2)  # chunks from steps 0, 1, 2 cover step 2: (0 * 1 + 3 * 0.5 + 6 * 0.25) / 1.75
-    assert action[0] == pytest.approx(3.0 / 1.75)
-    assert action[6] == 1.0  # the oldest chunk's close (weight 1) outweighs the two newer -1s (0.5 + 0.25)
-    action = ensemble.action(3)  # the step-0 chunk no longer covers step 3: (3 * 1 + 6 * 0.5) / 1.5
-    assert action[0] == pytest.approx(4.0) and action[6] == -1.0
-    with pytest.raises(ValueError, match="ensemble_decay must be >= 0"):
-        sim.ChunkSchedule(ensemble_decay=-1.0)
 
 
 @needs_sim
