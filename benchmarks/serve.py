@@ -160,9 +160,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", action="append", required=True, help="a saved policy (repeat for several)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--requests", type=int, default=40, help="timed requests per client")
+    parser.add_argument("--requests", type=int, default=100, help="timed requests per client")
     parser.add_argument("--image-size", type=int, default=128, help="camera images sent by the clients")
     parser.add_argument("--eval", action="store_true", help="also time simulator evaluation (needs the [sim] extra)")
+    parser.add_argument("--eval-only", action="store_true", help="time simulator evaluation only")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--episodes", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=60)
@@ -170,8 +171,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPU cores")
     for policy in args.policy:
-        bench_server(policy, args.clients, args.requests, args.image_size)
-        if args.eval:
+        if not args.eval_only:
+            bench_server(policy, args.clients, args.requests, args.image_size)
+        if args.eval or args.eval_only:
             bench_eval(policy, args.workers, args.episodes, args.max_steps, args.camera_size)
 
 

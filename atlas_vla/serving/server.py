@@ -4,7 +4,8 @@ One `AtlasPolicy` serves every client. Each connection is one control loop with 
 `ObservationHistory` (temporal context), so a client sends `reset: true` with an episode's first
 observation, or opens one connection per episode. Requests waiting at the same moment, from any
 number of connections, are batched into one forward pass: the batch closes at `max_batch_size`
-requests or `max_wait_ms` after its first request. A bad request gets a text reply naming what was
+requests, once every open connection has a request in it (a lone client never waits), or
+`max_wait_ms` after its first request. A bad request gets a text reply naming what was
 wrong and the connection carries on; no request, malformed message or disconnect affects another
 client. `GET /healthz` answers 200 while the server runs. With an API key, websocket connections
 without openpi's `Authorization: Api-Key <key>` header are refused (401). Observation contents are
@@ -65,6 +66,7 @@ class PolicyServer:
         self._expected_authorization = f"Api-Key {api_key}".encode() if api_key else None
         self._metadata = pack(server_metadata(policy))
         self._queue: asyncio.Queue[_Pending] | None = None
+        self._open_connections = 0
 
     # --- HTTP: health and authentication ----------------------------------------------------------
 
@@ -87,6 +89,7 @@ class PolicyServer:
         peer = connection.remote_address
         logger.info("client %s connected", peer)
         history = ObservationHistory(self.spec)
+        self._open_connections += 1
         try:
             await connection.send(self._metadata)
             async for message in connection:
@@ -95,6 +98,7 @@ class PolicyServer:
         except ConnectionClosed:
             pass
         finally:
+            self._open_connections -= 1
             logger.info("client %s disconnected", peer)
 
     async def _answer(self, message: bytes | str, history: ObservationHistory) -> bytes | str:
@@ -132,7 +136,9 @@ class PolicyServer:
         loop = asyncio.get_running_loop()
         batch = [await self._queue.get()]
         deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+        # a client waits for its reply before its next request, so once every open connection has a request
+        # in the batch no other can come: waiting longer would only add latency (e.g. to a lone client)
+        while len(batch) < min(self.max_batch_size, max(self._open_connections, 1)):
             try:
                 left = deadline - loop.time()
                 batch.append(self._queue.get_nowait() if left <= 0 else await asyncio.wait_for(self._queue.get(), left))
