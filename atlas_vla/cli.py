@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
-from atlas_vla.config import LIBERO_SUITES, EvalConfig, load_config
+from atlas_vla.config import EvalConfig, load_config
 from atlas_vla.data.config import DataConfig
 from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
 from atlas_vla.serving.protocol import API_KEY_ENV
@@ -303,7 +303,13 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="a run's config (YAML): evaluate with its eval section (a config without one gets the "
                              "eval defaults: 5 initial states, 2 workers); the flags below override it")
-    parser.add_argument("--suite", default=None, choices=LIBERO_SUITES, help="required unless --config gives it")
+    parser.add_argument("--suite", default=None,
+                        help="any suite the installed simulator can run: libero_spatial, libero_object, libero_goal, "
+                             "libero_10, libero_90, or a LIBERO-PRO variant such as libero_spatial_swap (required "
+                             "unless --config gives it)")
+    parser.add_argument("--perturbations", default=None, metavar="swap,object,lan,task",
+                        help="also run these LIBERO-PRO variants of --suite on the same tasks and initial states, "
+                             "and print one table (rows: suites; columns: tasks and average)")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. 0,3 or 0-4 (default: every task of the suite)")
     parser.add_argument("--trials", type=int, default=None,
                         help="episodes per task: initial states 0..trials-1 (default 50, or --config's states)")
@@ -344,6 +350,8 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
                  "ensemble_decay": args.ensemble_decay, "camera_size": args.camera_size,
                  "num_workers": args.num_workers, "seed": args.seed,
                  "tasks": parse_range(args.tasks) if args.tasks else None,
+                 "perturbations": [p.strip() for p in args.perturbations.split(",") if p.strip()]
+                 if args.perturbations else None,
                  "videos": args.video_dir is not None}  # videos exactly when a folder is given
     if args.initial_states:
         overrides["initial_states"] = parse_range(args.initial_states)
@@ -378,7 +386,10 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
     settings = {**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "api_key"},
                 "eval": to_dict(config),
                 "seconds": time.perf_counter() - start}
-    print(sim.format_table(config.suite, summary))
+    for suite, suite_summary in summary["suites"].items():
+        print(sim.format_table(suite, suite_summary))
+    if len(summary["suites"]) > 1:
+        print(sim.format_comparison(list(summary["suites"].items())))
     path = sim.save_results(args.output, config.suite, summary, settings)
     print(f"wrote {path}")
     if args.report_to == "wandb":
@@ -427,6 +438,24 @@ def _run_serve(args: argparse.Namespace) -> int:
               f"{'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
 
     server.run(ready)
+    return 0
+
+
+@_command("eval-report", "Compare eval-libero results files: one row per file and suite, a column per task.")
+def _add_eval_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", help="eval_results.json files (e.g. two checkpoints, base vs perturbed)")
+
+
+@_add_eval_report.runner
+def _run_eval_report(args: argparse.Namespace) -> int:
+    from atlas_vla.eval import libero_sim as sim
+
+    rows = []
+    for path in args.results:
+        results = sim.load_results(path)
+        label = path if len(args.results) > 1 else ""
+        rows += [(f"{label} {suite}".strip(), summary) for suite, summary in results["suites"].items()]
+    print(sim.format_comparison(rows))
     return 0
 
 

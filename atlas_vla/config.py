@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import yaml
 
 from atlas_vla.data.config import DataConfig
+from atlas_vla.eval.suites import perturbed_suites
 from atlas_vla.files import write_text_atomic
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
@@ -140,10 +140,6 @@ def check_ensemble_decay(decay: float | None, name: str = "ensemble_decay") -> N
         raise ValueError(f"{name} must be >= 0 or null, got {decay}")
 
 
-LiberoSuite = Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]
-LIBERO_SUITES: tuple[str, ...] = typing.get_args(LiberoSuite)
-
-
 @dataclass
 class EvalConfig:
     """Closed-loop LIBERO evaluation (the [sim] extra): which episodes, and how the policy's chunks run.
@@ -155,7 +151,8 @@ class EvalConfig:
     """
 
     every_steps: int | None = None  # during training: evaluate every N optimizer updates; null = never
-    suite: LiberoSuite = "libero_spatial"
+    suite: str = "libero_spatial"  # any suite the installed simulator can run (LIBERO-PRO variants included)
+    perturbations: list[str] = field(default_factory=list)  # also run suite_<p> for p in swap, object, lan, task
     tasks: list[int] | None = None  # null = every task of the suite
     initial_states: list[int] = field(default_factory=lambda: list(range(5)))  # official initial states per task
     max_episode_steps: int | None = None  # policy steps per episode; null = the suite's protocol value
@@ -175,6 +172,10 @@ class EvalConfig:
             if value is not None and value < 1:
                 raise ValueError(f"eval.{name} must be >= 1 or null, got {value}")
         check_ensemble_decay(self.ensemble_decay, "eval.ensemble_decay")
+        if not self.suite.startswith("libero_"):
+            raise ValueError(f"eval.suite must name a LIBERO suite (libero_spatial, libero_spatial_swap, ...), "
+                             f"got {self.suite!r}")
+        perturbed_suites(self.suite, self.perturbations)  # a clear error for an unknown perturbation
         for name in ("camera_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")

