@@ -303,6 +303,20 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="a run's config (YAML): evaluate with its eval section (a config without one gets the "
                              "eval defaults: 5 initial states, 2 workers); the flags below override it")
+    _add_episode_flags(parser)
+    parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
+    parser.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                        help="a running `atlas-vla serve`: the workers query it instead of loading --policy")
+    parser.add_argument("--api-key", default=None,
+                        help=f"the --server's API key (default: the {API_KEY_ENV} environment variable)")
+    parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
+    parser.add_argument("--output", default="eval_results.json", help="results JSON file")
+    parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
+    _renamed_flag(parser, "--report_to", "--report-to", choices=("none", "wandb"))
+
+
+def _add_episode_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose an evaluation's episodes and how chunks run (they override an `eval:` section)."""
     parser.add_argument("--suite", default=None,
                         help="any suite the installed simulator can run: libero_spatial, libero_object, libero_goal, "
                              "libero_10, libero_90, or a LIBERO-PRO variant such as libero_spatial_swap (required "
@@ -322,21 +336,12 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
                         help="query every step and average overlapping chunks, weights exp(-DECAY * i) from the "
                              "oldest (ACT; e.g. 0.1); replaces --replan-steps")
     parser.add_argument("--camera-size", type=int, default=None, help="simulator camera resolution (protocol: 256)")
-    parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="parallel simulator worker processes (default 1); without --server they share one policy "
                              "server started for the evaluation, which batches their queries")
-    parser.add_argument("--server", default=None, metavar="ws://HOST:PORT",
-                        help="a running `atlas-vla serve`: the workers query it instead of loading --policy")
-    parser.add_argument("--api-key", default=None,
-                        help=f"the --server's API key (default: the {API_KEY_ENV} environment variable)")
-    parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
-    parser.add_argument("--output", default="eval_results.json", help="results JSON file")
-    parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
     parser.add_argument("--seed", type=int, default=None, help="env.seed of every episode (default 0)")
     _renamed_flag(parser, "--max-steps", "--max-episode-steps", type=int)
     _renamed_flag(parser, "--temporal-ensemble", "--ensemble-decay", type=float)
-    _renamed_flag(parser, "--report_to", "--report-to", choices=("none", "wandb"))
 
 
 def _eval_config(args: argparse.Namespace) -> EvalConfig:
@@ -352,7 +357,8 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
                  "tasks": parse_range(args.tasks) if args.tasks else None,
                  "perturbations": [p.strip() for p in args.perturbations.split(",") if p.strip()]
                  if args.perturbations else None,
-                 "videos": args.video_dir is not None}  # videos exactly when a folder is given
+                 # eval-libero: videos exactly when a folder is given; eval-watch: as the run's config says
+                 "videos": args.video_dir is not None if hasattr(args, "video_dir") else None}
     if args.initial_states:
         overrides["initial_states"] = parse_range(args.initial_states)
     elif args.trials is not None:
@@ -438,6 +444,42 @@ def _run_serve(args: argparse.Namespace) -> int:
               f"{'API key required' if api_key else 'no API key'}); Ctrl-C stops", flush=True)
 
     server.run(ready)
+    return 0
+
+
+@_command("eval-watch", "Evaluate every checkpoint of a training run in the simulator as it appears (a separate job).")
+def _add_eval_watch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output_dir", help="the training run's output folder (its config.yaml gives the eval section)")
+    _add_episode_flags(parser)
+    parser.add_argument("--once", action="store_true", help="evaluate the checkpoints there now, then exit")
+    parser.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look for new checkpoints")
+    parser.add_argument("--report-to", choices=("none", "wandb"), default=None,
+                        help="log to W&B beside the training run (default: wandb when the run logs to W&B)")
+
+
+@_add_eval_watch.runner
+def _run_eval_watch(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from atlas_vla.eval.libero_sim import require_simulator
+    from atlas_vla.eval.watch import EvalWatcher
+
+    require_simulator()  # a ValueError naming the extra: main prints it and exits with 2
+    output_dir = Path(args.output_dir)
+    args.config = output_dir / "config.yaml"
+    if not args.config.is_file() and args.once:
+        raise FileNotFoundError(f"{args.config} not found: {output_dir} is not a training run's output folder "
+                                f"(training writes config.yaml there first)")
+    if not args.config.is_file():  # started beside a training run that has not written its folder yet
+        print(f"atlas-vla eval-watch: waiting for {args.config}", flush=True)
+        while not args.config.is_file():
+            time.sleep(args.poll_seconds)
+    report_to = args.report_to or ("wandb" if "wandb" in load_config(args.config).trackers else "none")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    watcher = EvalWatcher(output_dir, _eval_config(args), report_to=report_to, poll_seconds=args.poll_seconds)
+    evaluated = watcher.run(once=args.once)
+    print(f"atlas-vla eval-watch: evaluated {evaluated} checkpoint(s) of {output_dir}")
     return 0
 
 

@@ -127,6 +127,7 @@ class WandbConfig:
     project: str = "atlas-vla"
     entity: str | None = None  # null = your default entity
     name: str | None = None  # null = generated from the output folder and the time
+    group: str | None = None  # null = the run's id; `atlas-vla eval-watch` logs its eval run into this group
     tags: list[str] = field(default_factory=list)
     notes: str | None = None
     save_code: bool = True  # upload the training code with the run
@@ -147,7 +148,8 @@ class EvalConfig:
     `atlas-vla eval-libero --config RUN.yaml` evaluates with this section (its flags override it).
     During training (`every_steps`, off by default) it runs on the main process while the other
     ranks wait at a barrier (the process-group timeout is raised to 2 h for that); for long
-    evaluations run `atlas-vla eval-libero` on the saved checkpoints from a separate job instead.
+    evaluations run `atlas-vla eval-watch OUTPUT_DIR` beside training instead (it evaluates every
+    checkpoint as it appears, and training never waits).
     """
 
     every_steps: int | None = None  # during training: evaluate every N optimizer updates; null = never

@@ -124,7 +124,7 @@ def test_python_blocks_import_what_exists():
 
 def test_every_subcommand_and_flag_is_documented():
     for command in ("data-info", "convert-libero-hdf5", "compute-stats", "make-synthetic-libero", "predict",
-                    "eval-offline", "eval-libero", "eval-report", "serve"):
+                    "eval-offline", "eval-libero", "eval-report", "eval-watch", "serve"):
         assert command in README, command
     for flag in ("--report_to", "--resume_from_checkpoint", "--checkpoints_total_limit", "--mixed_precision",
                  "--gradient_accumulation_steps", "--eval_libero_steps", "--push_to_hub"):

@@ -36,7 +36,7 @@ from atlas_vla.config import EvalConfig
 from atlas_vla.data.transforms import libero_state, rotate_180
 from atlas_vla.eval.failures import FAILURE_REASONS, FailureMonitor
 from atlas_vla.eval.intervals import format_rate, wilson_interval
-from atlas_vla.eval.suites import check_runnable, max_episode_steps, perturbed_suites, runnable_suites
+from atlas_vla.eval.suites import base_suite, check_runnable, max_episode_steps, perturbed_suites, runnable_suites
 from atlas_vla.files import write_json_atomic
 from atlas_vla.runtime import ChunkPredictor, PolicyRuntime
 
@@ -138,7 +138,22 @@ def task_info(suite: str, task_id: int) -> tuple[str, str, np.ndarray]:
         raise ValueError(f"{suite} has tasks 0..{tasks.n_tasks - 1}, got task {task_id}")
     task = tasks.get_task(task_id)
     bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-    return task.language, bddl, np.asarray(tasks.get_task_init_states(task_id))
+    return _instruction(suite, task_id, task.language, bddl), bddl, np.asarray(tasks.get_task_init_states(task_id))
+
+
+def _instruction(suite: str, task_id: int, language: str, bddl: str) -> str:
+    """The instruction an episode gives the policy: the task's `language` (what the LIBERO datasets hold),
+    unless `suite` is a variant whose BDDL file says something else than its base suite's (LIBERO-PRO's
+    `_lan` paraphrases and `_task` new tasks are written there); then the variant's own words."""
+    from libero.libero import benchmark
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    base = base_suite(suite)
+    if base is None or base == suite:
+        return language
+    base_bddl = benchmark.get_benchmark_dict()[base]().get_task_bddl_file_path(task_id)
+    variant_words = get_problem_info(bddl)["language_instruction"]
+    return language if variant_words == get_problem_info(base_bddl)["language_instruction"] else variant_words
 
 
 def make_env(bddl_file: str, camera_size: int):

@@ -60,6 +60,11 @@ def run_name(config: WandbConfig, output_dir: str | os.PathLike) -> str:
     return config.name or f"{Path(output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def run_group(config: WandbConfig, run_id: str) -> str:
+    """The W&B group of a training run: the configured one, else the run's id (its eval run joins it)."""
+    return config.group or run_id
+
+
 def wandb_init_kwargs(config: WandbConfig, output_dir: str | os.PathLike, run_id: str) -> dict[str, Any]:
     """`init_kwargs["wandb"]` for `accelerator.init_trackers`: no secrets, files under `output_dir`."""
     import wandb
@@ -67,6 +72,7 @@ def wandb_init_kwargs(config: WandbConfig, output_dir: str | os.PathLike, run_id
     kwargs: dict[str, Any] = {
         "id": run_id,
         "name": run_name(config, output_dir),
+        "group": run_group(config, run_id),
         "resume": config.resume,
         "tags": list(config.tags),
         "notes": config.notes,
