@@ -30,7 +30,6 @@ from atlas_vla.schema import to_dict
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME = "eval_results.json"
-SUMMARY_NAME = "train_summary.json"  # written by training after final/ (training/train.py)
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,9 @@ class Snapshot:
 
     @property
     def is_final(self) -> bool:
-        return self.folder.name == "final"
+        from atlas_vla.training.train import FINAL_DIR
+
+        return self.folder.name == FINAL_DIR
 
 
 def snapshots(output_dir: Path) -> list[Snapshot]:
@@ -52,17 +53,18 @@ def snapshots(output_dir: Path) -> list[Snapshot]:
     import json
 
     from atlas_vla.training.checkpointing import list_checkpoints
+    from atlas_vla.training.train import FINAL_DIR, SUMMARY_NAME
 
     found = [Snapshot(int(folder.name.split("-")[1]), folder, folder / "policy")
              for folder in list_checkpoints(output_dir)]
     summary = output_dir / SUMMARY_NAME
-    if (output_dir / "final").is_dir() and summary.is_file():
+    if (output_dir / FINAL_DIR).is_dir() and summary.is_file():
         try:
             step = int(json.loads(summary.read_text())["global_step"])
         except (OSError, ValueError, KeyError):
             step = None  # being written: the next pass reads it
         if step is not None:
-            found.append(Snapshot(step, output_dir / "final", output_dir / "final"))
+            found.append(Snapshot(step, output_dir / FINAL_DIR, output_dir / FINAL_DIR))
     return found
 
 
@@ -145,8 +147,8 @@ class EvalWatcher:
         else:
             logger.warning("step %d: %s was removed during its evaluation; its results are logged, not written",
                            snapshot.step, snapshot.folder)
-        write_json_atomic(self.output_dir / "eval_watch" / f"step-{snapshot.step}" / RESULTS_NAME,
-                          {"schema": sim.RESULTS_SCHEMA, "suite": self.config.suite, "settings": settings, **summary})
+        sim.save_results(self.output_dir / "eval_watch" / f"step-{snapshot.step}" / RESULTS_NAME, self.config.suite,
+                         summary, settings)
         if self.report_to == "wandb":
             self._log(snapshot.step, summary)
         self._done.add(snapshot.step)
