@@ -192,6 +192,29 @@ def _run_compute_stats(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {stats.num_frames} frames, fingerprint {stats.fingerprint}")
     return 0
 
+
+@_command("cache-features", "Build a run's frozen-feature store (the VGGT pass training.feature_store reuses) "
+                            "without training; under accelerate launch every process encodes its share.")
+def _add_cache_features(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run's YAML config (or a run's OUTPUT_DIR/config.yaml)")
+    parser.add_argument("--output", default=None,
+                        help="the store's folder (default: the config's training.feature_store, else auto: "
+                             "<output_dir>/../feature_stores/<key>)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="train.py overrides after --, e.g. -- --data.source PATH --training.cached_copies 4")
+
+
+@_add_cache_features.runner
+def _run_cache_features(args: argparse.Namespace) -> int:
+    from atlas_vla.config import config_from_args
+    from atlas_vla.training.train import cache_features
+
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    path = cache_features(config_from_args(["--config", args.config, *overrides]), args.output)
+    print(f"feature store ready: {path}")
+    return 0
+
+
 @_command("make-synthetic-libero", "Write the small, learnable LIBERO-format dataset of the demo and the tests.")
 def _add_make_synthetic(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="folder to write (LeRobot v2 layout)")

@@ -55,9 +55,10 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
     dataloader_num_workers: int = 2
-    cache_frozen_features: bool = False  # run the frozen VGGT once per training sample and train on its stored
-    # outputs (no backbone in the step; memory: samples x layers x views x tokens x 2*embed_dim x 2 bytes)
-    cached_copies: int = 1  # with data.random_shift: differently shifted copies cached per sample, one drawn per use
+    feature_store: str | None = None  # a folder, or "auto" (<output_dir>/../feature_stores/<key>): run the frozen
+    # VGGT once per training sample into a store on disk and train on it (no backbone in the step); null = live
+    cached_copies: int = 1  # with data.random_shift: differently shifted copies stored per sample, one drawn per use
+    cache_frozen_features: bool = False  # deprecated: true means feature_store: auto
     validate_every_steps: int = 500  # run validation every N optimizer updates (and at the end)
     num_validation_batches: int | None = 20  # batches per validation; null = the whole validation split
     report_to: Literal["wandb", "tensorboard", "all", "none"] | None = None  # null = W&B if wandb.enabled
@@ -67,6 +68,11 @@ class TrainingConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"validation_steps": "validate_every_steps"}
 
     def __post_init__(self) -> None:
+        if self.cache_frozen_features:
+            warn_renamed("training.cache_frozen_features: true", "training.feature_store: auto")
+            self.feature_store, self.cache_frozen_features = self.feature_store or "auto", False
+        if self.feature_store is not None and (not isinstance(self.feature_store, str) or not self.feature_store):
+            raise ValueError(f"training.feature_store must be a folder, auto or null, got {self.feature_store!r}")
         positive = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "validate_every_steps",
                     "cached_copies")
         for name in positive:
@@ -196,14 +202,14 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.training.cache_frozen_features and (self.data.streaming or not self.model.freeze_vggt):
-            raise ValueError(f"training.cache_frozen_features: true needs data.streaming: false (got "
+        store = self.training.feature_store
+        if store and (self.data.streaming or not self.model.freeze_vggt):
+            raise ValueError(f"training.feature_store: {store} needs data.streaming: false (got "
                              f"{self.data.streaming}) and model.freeze_vggt: true (got {self.model.freeze_vggt})")
-        if self.training.cached_copies > 1 and not (self.training.cache_frozen_features and self.data.random_shift):
+        if self.training.cached_copies > 1 and not (store and self.data.random_shift):
             raise ValueError(f"training.cached_copies: {self.training.cached_copies} stores differently shifted copies "
-                             f"of each sample: it needs training.cache_frozen_features: true (got "
-                             f"{self.training.cache_frozen_features}) and data.random_shift > 0 (got "
-                             f"{self.data.random_shift}); otherwise every copy is the same")
+                             f"of each sample: it needs training.feature_store (got {store}) and data.random_shift "
+                             f"> 0 (got {self.data.random_shift}); otherwise every copy is the same")
 
     @property
     def trackers(self) -> list[str]:

@@ -30,8 +30,9 @@ STATE_DIM = 8  # the action's layout (7-D) lives in `atlas_vla.action_layout`
 OBS_IMAGES = "observation.images"
 OBS_STATE = STATE  # float32 (B, 8), current frame only
 # INSTRUCTION doubles as the batch key: a list of B strings.
-# float (B, L, S, P, 2C): the frozen VGGT outputs of the policy's `vggt_layers`, precomputed once by
-# `FeatureCache` (training.cache_frozen_features); a batch carries these instead of OBS_IMAGES.
+# float (B, L, S, T, 2C): the frozen VGGT tokens the fusion reads from each of the policy's `vggt_layers`
+# (`AtlasPolicy.vision_features`), precomputed once by a feature store (training.feature_store); a batch
+# carries these instead of OBS_IMAGES.
 OBS_VISION_FEATURES = "observation.vision_features"
 ACTIONS = "actions"  # float32 (B, action_horizon, 7): actions t .. t+action_horizon-1
 ACTIONS_PAD_MASK = "actions_is_pad"  # bool (B, action_horizon): True where the chunk runs past the episode end

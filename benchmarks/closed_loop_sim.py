@@ -1,13 +1,14 @@
 """Closed-loop learning check: train one instruction-conditioned Atlas policy on real LIBERO simulator
 demonstrations, then measure its success in the simulator on initial states it never saw.
 
-    MUJOCO_GL=egl python benchmarks/closed_loop_sim.py                 # train (<= 30 min on 2 CPU cores) + evaluate
+    MUJOCO_GL=egl python benchmarks/closed_loop_sim.py                 # train (<= 60 min on 2 CPU cores) + evaluate
     MUJOCO_GL=egl python benchmarks/closed_loop_sim.py --skip-train    # evaluate the policy already trained there
     MUJOCO_GL=egl python benchmarks/closed_loop_sim.py --overwrite     # train again from scratch in the same folder
 
-Training is `accelerate launch train.py --config configs/sim_demos.yaml` on the 60 demonstrations in
-`../shared/fixtures/libero/sim_demos` (libero_spatial tasks 0-2, initial states 0-19); evaluation is
-`atlas-vla eval-libero --config` with the config's `eval:` section (tasks 0-2, initial states 30-49, the full
+Training is `accelerate launch train.py --config configs/sim_demos.yaml` on the 100 demonstrations in
+`../shared/fixtures/libero/sim_demos` and `sim_demos_more` (libero_spatial tasks 0, 1, 2, 3 and 7, initial
+states 0-19; `--data` chooses others); evaluation is `atlas-vla eval-libero --config` with the config's `eval:`
+section (tasks 0, 1, 2, 3 and 7, initial states 30-49, the full
 protocol: 10 settling steps, 220 max steps) in parallel simulator workers. Prints the per-task and
 average success rates with their 95% Wilson intervals, the phases the failed episodes ended in (no grasp, grasp
 lost, not placed, timed out holding), the training and evaluation times, and where the videos are; writes them to
@@ -28,7 +29,7 @@ from pathlib import Path
 from atlas_vla.eval.intervals import format_rate
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "fixtures" / "libero" / "sim_demos"
+DEFAULT_DATA = [REPO.parent / "shared" / "fixtures" / "libero" / name for name in ("sim_demos", "sim_demos_more")]
 
 
 def main() -> int:
@@ -36,7 +37,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "sim_demos.yaml"))
     parser.add_argument("--data", action="append", default=None,
                         help="the demonstrations (LeRobot v2 folder or Hub id); repeat it to train on several as one "
-                             f"(default: {DEFAULT_DATA})")
+                             f"(default: {' and '.join(map(str, DEFAULT_DATA))})")
     parser.add_argument("--output-dir", default=str(REPO / "outputs" / "closed_loop_sim"))
     parser.add_argument("--skip-train", action="store_true", help="evaluate <output-dir>/final as it is")
     parser.add_argument("--overwrite", action="store_true", help="delete <output-dir> from an earlier run first")
@@ -47,7 +48,7 @@ def main() -> int:
     args = parser.parse_args()
 
     out = Path(args.output_dir)
-    sources = args.data or [str(DEFAULT_DATA)]
+    sources = args.data or [str(path) for path in DEFAULT_DATA]
     data_source = sources[0] if len(sources) == 1 else json.dumps(sources)  # a JSON list is a YAML list
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
 

@@ -62,6 +62,11 @@ def check(words: list[str]) -> None:
             if match:
                 assert set(match.group(1).split(",")) <= known, word
         return
+    if words[:2] == ["accelerate", "launch"] and "-m" in words:  # a module run by every process
+        module = words.index("-m") + 1
+        assert words[module] == "atlas_vla.cli", f"README launches an unknown module: {' '.join(words)}"
+        check(["atlas-vla", *words[module + 1:]])
+        return
     if words[:2] == ["accelerate", "launch"]:
         index = words.index("train.py")
         check_path("train.py")
@@ -124,7 +129,7 @@ def test_python_blocks_import_what_exists():
 
 def test_every_subcommand_and_flag_is_documented():
     for command in ("data-info", "convert-libero-hdf5", "compute-stats", "make-synthetic-libero", "predict",
-                    "eval-offline", "eval-libero", "eval-report", "eval-watch", "serve"):
+                    "eval-offline", "eval-libero", "eval-report", "eval-watch", "serve", "cache-features"):
         assert command in README, command
     for flag in ("--report_to", "--resume_from_checkpoint", "--checkpoints_total_limit", "--mixed_precision",
                  "--gradient_accumulation_steps", "--eval_libero_steps", "--push_to_hub"):

@@ -8,7 +8,9 @@ bytes, an action chunk with its padding mask, temporal context; `collate` batche
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import datasets
@@ -163,6 +165,19 @@ def _decode_column(table: pa.Table, camera: str, size: int, frames: _Frames, row
     return np.stack(images)
 
 
+def _image_bytes(image: Any) -> bytes:
+    """What identifies one stored image for `LiberoSamples.fingerprint`: its encoded bytes, or the path and
+    bytes of its file, or (decoded pixels) the array's bytes."""
+    if isinstance(image, Mapping):
+        if image.get("bytes") is not None:
+            return image["bytes"]
+        path = image.get("path") or ""
+        return path.encode() + (Path(path).read_bytes() if path and Path(path).is_file() else b"")
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    return np.ascontiguousarray(np.asarray(image)).tobytes()
+
+
 def _check_canonical(column_names: Sequence[str], where: str) -> None:
     missing = [c for c in CANONICAL_COLUMNS if c not in column_names]
     if missing:
@@ -198,6 +213,22 @@ class LiberoSamples(torch.utils.data.Dataset):
         samples = copy.copy(self)
         samples.images = False
         return samples
+
+    def fingerprint(self, batch_size: int = 1024) -> str:
+        """A content hash (32 hex chars) of every sample's inputs, in sample order: episode, frame, state,
+        action, instruction, and the stored bytes of each camera image (or, for an image kept as a file,
+        its path and the file's bytes). Two sample sets with the same fingerprint give the same samples."""
+        frames = self._frames
+        digest = hashlib.blake2b(digest_size=16)
+        for array in (frames.episode, frames.frame, frames.state, frames.action, frames.instruction_code):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update("\0".join(frames.instructions).encode())
+        for start in range(0, len(frames.rows), batch_size):
+            table = self._images[frames.rows[start:start + batch_size].tolist()]
+            for camera in table.column_names:
+                for image in table.column(camera).to_pylist():
+                    digest.update(_image_bytes(image))
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self._frames.rows)

@@ -48,25 +48,30 @@ class Fusion(nn.Module):
         for param in (self.view_embed, self.token_embed, self.type_embed, self.queries):
             nn.init.normal_(param, std=0.02)
 
-    def _vision_tokens(self, layers: list[Tensor], patch_start_idx: int) -> Tensor:
+    def select_tokens(self, tokens: Tensor, patch_start_idx: int) -> Tensor:
+        """One VGGT layer's tokens (B, S, P, 2C) -> the tokens the fusion reads (B, S, tokens_per_view, 2C):
+        each frame's camera token, then its patch grid, average-pooled to spatial_pool x spatial_pool when
+        set; register tokens are dropped. Parameter-free, so a feature store can apply it before storing."""
+        B, S, _, C2 = tokens.shape
+        camera = tokens[:, :, :1]
+        patches = tokens[:, :, patch_start_idx:]
+        if self.config.spatial_pool:
+            h, w = self.patch_grid
+            grid = patches.reshape(B * S, h, w, C2).permute(0, 3, 1, 2)
+            grid = F.adaptive_avg_pool2d(grid, self.config.spatial_pool)
+            patches = grid.flatten(2).transpose(1, 2).reshape(B, S, -1, C2)
+        return torch.cat((camera, patches), dim=2)
+
+    def _vision_tokens(self, layers: list[Tensor]) -> Tensor:
         fused = 0
-        for proj, tokens in zip(self.vision_proj, layers):
-            # tokens (B, S, P, C2): keep the camera token, drop registers, optionally pool the patch grid
-            B, S, _, C2 = tokens.shape
-            camera = tokens[:, :, :1]
-            patches = tokens[:, :, patch_start_idx:]
-            if self.config.spatial_pool:
-                h, w = self.patch_grid
-                grid = patches.reshape(B * S, h, w, C2).permute(0, 3, 1, 2)
-                grid = F.adaptive_avg_pool2d(grid, self.config.spatial_pool)
-                patches = grid.flatten(2).transpose(1, 2).reshape(B, S, -1, C2)
-            fused = fused + proj(torch.cat((camera, patches), dim=2).float())  # (B, S, T, D)
+        for proj, tokens in zip(self.vision_proj, layers):  # selected tokens (B, S, T, 2C) of each layer
+            fused = fused + proj(tokens.float())  # (B, S, T, D)
         fused = fused + self.view_embed + self.token_embed
         return fused.flatten(1, 2)  # (B, S*T, D)
 
-    def forward(self, vision_layers: list[Tensor], patch_start_idx: int, language: Tensor, language_mask: Tensor,
-                state: Tensor) -> Tensor:
-        vision = self._vision_tokens(vision_layers, patch_start_idx) + self.type_embed[0]
+    def forward(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor, state: Tensor) -> Tensor:
+        """`vision_layers`: each selected layer's tokens as `select_tokens` returns them."""
+        vision = self._vision_tokens(vision_layers) + self.type_embed[0]
         text = self.language_proj(language) + self.type_embed[1]  # (B, L, D)
         state_token = (self.state_proj(state) + self.type_embed[2]).unsqueeze(1)  # (B, 1, D)
         context = torch.cat((vision, text, state_token), dim=1)

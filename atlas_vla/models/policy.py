@@ -111,22 +111,27 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
     # --- forward -------------------------------------------------------------------------------
 
     def vision_features(self, images: Tensor) -> Tensor:
-        """uint8 images (B, S, 3, H, W) -> the frozen VGGT outputs of `vggt_layers` stacked as
-        (B, L, S, P, 2C): what `FeatureCache` stores and what a batch may carry instead of images."""
+        """uint8 images (B, S, 3, H, W) -> the frozen VGGT's `vggt_layers` outputs as the fusion reads them
+        (`Fusion.select_tokens`), stacked as (B, L, S, T, 2C): what a feature store holds and what a batch
+        may carry under `OBS_VISION_FEATURES` instead of images."""
         if not self.config.freeze_vggt:
             raise ValueError("vision features can only be precomputed for a frozen backbone (model.freeze_vggt: true)")
         return torch.stack(self._frozen_layers(images), dim=1)
 
+    def vision_feature_shape(self) -> tuple[int, int, int, int]:
+        """The shape (L, S, T, 2C) of one sample's `vision_features`, known without running the backbone."""
+        return (len(self.config.vggt_layers), self.config.sample_spec.num_views, self.fusion.tokens_per_view,
+                2 * self.config.vggt.embed_dim)
+
     def _frozen_layers(self, images: Tensor) -> list[Tensor]:
-        """The frozen VGGT's `vggt_layers` outputs (B, S, P, 2C) for uint8 images (B, S, 3, H, W)."""
+        """The frozen VGGT's selected tokens (B, S, T, 2C) of each of `vggt_layers` for uint8 images (B, S, 3, H, W)."""
         images = images.to(self.device, non_blocking=True).float() / 255.0
-        layers, _ = self.frozen.vggt.encode(images, self.config.vggt_layers)
-        return layers
+        layers, patch_start_idx = self.frozen.vggt.encode(images, self.config.vggt_layers)
+        return [self.fusion.select_tokens(layer, patch_start_idx) for layer in layers]
 
     def encode_observations(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Frozen features of a batch: VGGT layers (run now, or precomputed under `OBS_VISION_FEATURES`),
-        instruction tokens, normalised state."""
-        patch_start_idx = self.config.vggt.patch_start_idx
+        """Frozen features of a batch: the selected VGGT tokens of each layer (run now, or precomputed under
+        `OBS_VISION_FEATURES`), instruction tokens, normalised state."""
         if OBS_VISION_FEATURES in batch:
             layers = list(batch[OBS_VISION_FEATURES].to(self.device, non_blocking=True).unbind(1))
         elif self.config.freeze_vggt:  # the live path: no stacking, the layers go straight to the fusion
@@ -134,17 +139,17 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         else:
             images = batch[OBS_IMAGES].to(self.device, non_blocking=True).float() / 255.0  # (B, S, 3, H, W)
             layers, patch_start_idx = self.vggt(images, self.config.vggt_layers)
+            layers = [self.fusion.select_tokens(layer, patch_start_idx) for layer in layers]
         language, language_mask = self.frozen.language.encode(list(batch[INSTRUCTION]))
         state = torch.as_tensor(batch[OBS_STATE], device=self.device).float()
         state = normalize(state, self.norm_stats.state, self.config.normalization_mode)
         if not self.config.use_state:
             state = torch.zeros_like(state)
-        return {"layers": layers, "patch_start_idx": patch_start_idx, "language": language,
-                "language_mask": language_mask, "state": state}
+        return {"layers": layers, "language": language, "language_mask": language_mask, "state": state}
 
     def _features(self, encoded: Mapping[str, Any]) -> Tensor:
-        return self.fusion([layer.float() for layer in encoded["layers"]], encoded["patch_start_idx"],
-                           encoded["language"], encoded["language_mask"], encoded["state"])
+        return self.fusion([layer.float() for layer in encoded["layers"]], encoded["language"],
+                           encoded["language_mask"], encoded["state"])
 
     def _to_head_units(self, actions: Tensor) -> Tensor:
         return normalize(actions, self.norm_stats.action, self.config.normalization_mode, keep=self._action_keep)

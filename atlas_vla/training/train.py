@@ -11,9 +11,11 @@ names and of the LR schedule, on any number of processes and with any gradient a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +25,13 @@ from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -41,7 +49,7 @@ from atlas_vla.config import (
 )
 from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
 from atlas_vla.data.config import DataConfig
-from atlas_vla.data.feature_cache import FeatureCache
+from atlas_vla.data.feature_store import FeatureStore, StoredFeatureSamples, StoreKey, build_store, is_complete
 from atlas_vla.data.mixture import SourceWeightedSampler
 from atlas_vla.data.normalization import NormStats, compute_norm_stats
 from atlas_vla.data.samples import build_samples, collate
@@ -233,6 +241,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cache_features(config: TrainConfig, path: str | os.PathLike | None = None) -> Path:
+    """`atlas-vla cache-features`: build (or find, when its key matches) the feature store of `config`'s training
+    samples without training, at `path` or where `training.feature_store` (default `auto`) puts it. Under
+    `accelerate launch` every process encodes its share of the shards."""
+    training_cfg = replace(config.training, feature_store=config.training.feature_store or "auto")
+    config = replace(config, training=training_cfg)  # validates: a stream or a trainable backbone is refused
+    accelerator = _build_accelerator(training_cfg, None, [])
+    train_samples, _, stats = _load_data(accelerator, config.data, config.model.sample_spec)
+    policy = AtlasPolicy(config.model, stats)
+    store = prepare_feature_store(accelerator, policy, train_samples, training_cfg, Path(path) if path else None)
+    accelerator.end_training()
+    return store.path
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1-5. setup
 # ---------------------------------------------------------------------------------------------------
@@ -286,8 +308,9 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     policy, references, counts = _build_policy(config.model, config.training, stats,  # 3
                                                resuming=resume_dir is not None)
     sampler = _source_sampler(train_samples, config.data, config.training.seed)
-    if config.training.cache_frozen_features:
-        train_samples = _cache_frozen_features(accelerator, policy, train_samples, config.training)
+    if config.training.feature_store:
+        store = prepare_feature_store(accelerator, policy, train_samples, config.training)
+        train_samples = StoredFeatureSamples(train_samples, store, seed=config.training.seed)
     prepared = _prepare_optimization(accelerator, policy, train_samples, val_samples, config.training, references,
                                      sampler)
     run = TrainingRun(config=config, accelerator=accelerator, policy=prepared.policy, optimizer=prepared.optimizer,
@@ -340,7 +363,9 @@ def _loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool,
     return torch.utils.data.DataLoader(
         samples, batch_size=training_cfg.train_batch_size, shuffle=shuffle and not iterable and sampler is None,
         sampler=sampler,
-        drop_last=shuffle, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+        drop_last=shuffle, num_workers=workers, collate_fn=collate,
+        # stored features are drawn per epoch (`StoredFeatureSamples.set_epoch`): workers must see each new epoch
+        persistent_workers=workers > 0 and not isinstance(samples, StoredFeatureSamples),
         worker_init_fn=ignore_stop_signals,  # a preempted job's process group signal is the trainer's to handle
         # its own generator: creating an epoch's iterator must not consume the global RNG,
         # or a resumed run would draw different random numbers than an uninterrupted one
@@ -420,15 +445,49 @@ def _source_sampler(samples: Any, data_cfg: DataConfig, seed: int) -> SourceWeig
     return SourceWeightedSampler(samples.sample_sources, data_cfg.source_weights, seed)
 
 
-def _cache_frozen_features(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any,
-                           training_cfg: TrainingConfig) -> FeatureCache:
-    """The training samples with their frozen VGGT features computed once, so the backbone never runs in the loop."""
-    policy.to(accelerator.device)
-    cache = FeatureCache.build(train_samples, policy.vision_features, batch_size=training_cfg.train_batch_size,
-                               copies=training_cfg.cached_copies, progress=accelerator.is_local_main_process)
-    logger.info("cached the frozen VGGT features of %d training samples x %d copies (%.2f GB)", len(cache),
-                training_cfg.cached_copies, cache.nbytes / 1e9)
-    return cache
+def feature_store_path(training_cfg: TrainingConfig, key: StoreKey) -> Path:
+    """Where `training.feature_store` puts the store for `key`: the folder given, or with `auto`
+    `<output_dir>/../feature_stores/<key digest>`, which runs, seeds and sweep trials of one parent share."""
+    if training_cfg.feature_store == "auto":
+        return Path(training_cfg.output_dir).resolve().parent / "feature_stores" / key.digest()
+    return Path(training_cfg.feature_store)
+
+
+def prepare_feature_store(accelerator: Accelerator, policy: AtlasPolicy, train_samples: Any,
+                          training_cfg: TrainingConfig, path: Path | None = None) -> FeatureStore:
+    """The feature store of these training samples (at `path`, else `feature_store_path`): reused when its key
+    matches, refused with the differing fields when not, built by every process of the run when absent.
+
+    A file lock on `<store>.lock` makes a second run that wants the same store wait for the build, then reuse it."""
+    key = StoreKey.for_policy(policy, train_samples, copies=training_cfg.cached_copies,
+                              device_type=accelerator.device.type)
+    path = path or feature_store_path(training_cfg, key)
+    lock = None
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f".{path.name}.lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    try:
+        needs_build = [not is_complete(path)]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(needs_build)
+        if needs_build[0]:
+            policy.to(accelerator.device)
+            logger.info("building the feature store %s (%d samples x %d copies)", path, len(train_samples),
+                        key.copies)
+            store = build_store(path, train_samples, policy.vision_features, key, policy.vision_feature_shape(),
+                                process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+                                wait_for_everyone=accelerator.wait_for_everyone,
+                                progress=accelerator.is_local_main_process)
+        else:
+            store = FeatureStore(path)
+    finally:
+        if lock is not None:
+            lock.close()
+    store.check_key(key)
+    logger.info("training on the feature store %s: %d samples x %d copies (%.2f GB)", path, store.num_samples,
+                store.copies, store.nbytes / 1e9)
+    return store
 
 
 def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> tuple[int, int]:
@@ -583,6 +642,8 @@ def _train_batches(run: TrainingRun) -> Iterator[Any]:
     while state.global_step < run.max_steps and state.epoch < run.num_epochs:
         if hasattr(run.train_loader, "set_epoch"):
             run.train_loader.set_epoch(state.epoch)
+        if hasattr(run.train_loader.dataset, "set_epoch"):  # Accelerate skips it when the sampler has one
+            run.train_loader.dataset.set_epoch(state.epoch)
         if state.batches_in_epoch:
             yield from run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
         else:

@@ -168,15 +168,20 @@ def test_a_source_weighted_run_resumes_exactly(two_sources, tmp_path):
     assert first.keys() == second.keys() and all(bool((first[k] == second[k]).all()) for k in first)
 
 
-def test_the_feature_cache_serves_the_joined_samples(two_sources):
+def test_a_feature_store_serves_the_joined_samples(two_sources, tmp_path):
     from helpers import tiny_policy_config
 
-    from atlas_vla.data.feature_cache import FeatureCache
+    from atlas_vla.data.feature_store import StoredFeatureSamples, StoreKey, build_store
     from atlas_vla.models.policy import AtlasPolicy
 
     a, b = two_sources
     train, _ = load_train_val(DataConfig(source=[str(a), str(b)], val_fraction=0.0))
     policy = AtlasPolicy(tiny_policy_config(image_size=14), compute_norm_stats(train))
     samples = LiberoSamples(train, policy.config.sample_spec)
-    cache = FeatureCache.build(samples, policy.vision_features, batch_size=8, progress=False)
-    assert len(cache) == 35 and [cache[i][INSTRUCTION] for i in (0, 34)] == [samples[0][INSTRUCTION], samples[34][INSTRUCTION]]
+    key = StoreKey.for_policy(policy, samples, copies=1, device_type="cpu")
+    store = build_store(tmp_path / "store", samples, policy.vision_features, key, policy.vision_feature_shape(),
+                        batch_size=8, progress=False)
+    stored = StoredFeatureSamples(samples, store)
+    assert len(stored) == 35 and [stored[i][INSTRUCTION] for i in (0, 34)] == [samples[0][INSTRUCTION],
+                                                                              samples[34][INSTRUCTION]]
+    assert stored.sample_sources.tolist() == samples.sample_sources.tolist()

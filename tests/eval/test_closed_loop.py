@@ -55,7 +55,9 @@ def test_sim_demos_recipe_trains_and_drives_the_simulator(tmp_path, sim_demos_di
          "--training.num_validation_batches", "1", "--dataloader_num_workers", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "cached the frozen VGGT features of" in result.stdout + result.stderr
+    assert "building the feature store" in result.stdout + result.stderr
+    [store] = [path for path in (tmp_path / "feature_stores").iterdir() if path.is_dir()]  # auto: beside the run
+    assert (store / "store.json").is_file()
     policy = AtlasPolicy.from_pretrained(out / "final")
     horizon = policy.config.action_horizon
     config_eval = load_config(REPO / "configs" / "sim_demos.yaml").eval
@@ -88,11 +90,16 @@ def test_sim_demos_recipe_trains_and_drives_the_simulator(tmp_path, sim_demos_di
     wrist = np.asarray(Image.open(io.BytesIO(table["wrist_image"][0].as_py()["bytes"])).convert("RGB")).astype(float)
     assert np.abs(first["wrist_image"] - wrist).mean() < np.abs(rotate_180(first["wrist_image"]) - wrist).mean()
     np.testing.assert_allclose(first["state"], np.stack(table["state"].to_pylist())[0], atol=2e-3)
-    sample = observation_to_sample(first, policy.config.sample_spec)  # what the model is given: the agent view
-    assert not policy.config.use_wrist_camera
-    assert tuple(sample["observation.images"].shape) == (1, 3, policy.config.image_size, policy.config.image_size)
-    np.testing.assert_array_equal(sample["observation.images"][0].numpy(), observation_to_sample(
-        {**first, "wrist_image": np.zeros_like(first["wrist_image"])}, policy.config.sample_spec)["observation.images"][0])
+    # what the model is given: the agent view, then the wrist camera, each resized and never shifted
+    sample = observation_to_sample(first, policy.config.sample_spec)
+    assert policy.config.use_wrist_camera
+    images = sample["observation.images"].numpy()
+    assert images.shape == (2, 3, policy.config.image_size, policy.config.image_size)
+    np.testing.assert_array_equal(images, observation_to_sample(first, policy.config.sample_spec)["observation.images"])
+    no_wrist = observation_to_sample({**first, "wrist_image": np.zeros_like(first["wrist_image"])},
+                                     policy.config.sample_spec)["observation.images"].numpy()
+    np.testing.assert_array_equal(images[0], no_wrist[0])
+    assert np.abs(images[1].astype(float) - no_wrist[1]).mean() > 20
 
     # the instruction reaches the model: it was encoded, and another instruction changes the actions
     assert first["task_description"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"

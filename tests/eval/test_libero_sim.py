@@ -314,10 +314,10 @@ def test_episode_specs_come_from_one_eval_config(tmp_path):
     args = build_parser().parse_args(["eval-libero", "--policy", "p", "--config", "configs/sim_demos.yaml",
                                       "--initial-states", "40-41", "--num-workers", "1"])
     from_run = _eval_config(args)
-    assert (from_run.tasks, from_run.initial_states, from_run.num_workers) == ([0, 1, 2], [40, 41], 1)
+    assert (from_run.tasks, from_run.initial_states, from_run.num_workers) == ([0, 1, 2, 3, 7], [40, 41], 1)
     assert (from_run.camera_size, from_run.replan_steps) == (128, 8)
     assert [(s.task_id, s.initial_state) for s in sim.episode_specs(from_run)] == [
-        (t, s) for t in (0, 1, 2) for s in (40, 41)]
+        (t, s) for t in (0, 1, 2, 3, 7) for s in (40, 41)]
 
 
 def test_old_flag_spellings_still_work_and_say_so():

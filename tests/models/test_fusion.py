@@ -14,8 +14,9 @@ def build(pool=None) -> Fusion:
                   action_horizon=5).eval()
 
 
-def inputs():
-    layers = [torch.randn(3, 2, 5 + 16, 16) for _ in range(2)]  # (B, S, P, 2C), patch_start_idx 5
+def inputs(fusion: Fusion):
+    # each layer's VGGT tokens (B, S, P, 2C) with patch_start_idx 5, as the fusion reads them
+    layers = [fusion.select_tokens(torch.randn(3, 2, 5 + 16, 16), 5) for _ in range(2)]
     language = torch.randn(3, 6, 8)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, 3:] = False
@@ -23,22 +24,30 @@ def inputs():
 
 
 def test_shapes_and_pooling():
-    layers, language, mask, state = inputs()
-    assert build()(layers, 5, language, mask, state).shape == (3, 5, 32)
+    fusion = build()
+    layers, language, mask, state = inputs(fusion)
+    assert layers[0].shape == (3, 2, 17, 16)  # camera token + 16 patches, registers dropped
+    assert fusion(layers, language, mask, state).shape == (3, 5, 32)
     pooled = build(pool=2)
     assert pooled.tokens_per_view == 5
-    assert pooled(layers, 5, language, mask, state).shape == (3, 5, 32)
+    tokens = torch.randn(3, 2, 5 + 16, 16)
+    selected = pooled.select_tokens(tokens, 5)
+    assert selected.shape == (3, 2, 5, 16)
+    torch.testing.assert_close(selected[:, :, 0], tokens[:, :, 0])  # the camera token, kept as it is
+    grid = tokens[:, :, 5:].reshape(3, 2, 4, 4, 16)
+    torch.testing.assert_close(selected[:, :, 1], grid[:, :, :2, :2].mean(dim=(2, 3)))  # top-left 2 x 2 patches
+    assert pooled([selected, selected], language, mask, state).shape == (3, 5, 32)
 
 
 def test_instruction_and_padding_semantics():
     fusion = build()
-    layers, language, mask, state = inputs()
-    out = fusion(layers, 5, language, mask, state)
+    layers, language, mask, state = inputs(fusion)
+    out = fusion(layers, language, mask, state)
     # another instruction (not a shifted one: the input LayerNorm removes a constant shift)
     changed = language.clone()
     changed[1] = language[2]
-    difference = (fusion(layers, 5, changed, mask, state)[1] - out[1]).abs().max().item()
+    difference = (fusion(layers, changed, mask, state)[1] - out[1]).abs().max().item()
     assert difference > 1e-2 * out[1].abs().max().item()  # language matters, far beyond float noise
     padded = language.clone()
     padded[0, 3:] = 100.0  # masked tokens must not matter
-    torch.testing.assert_close(fusion(layers, 5, padded, mask, state)[0], out[0])
+    torch.testing.assert_close(fusion(layers, padded, mask, state)[0], out[0])
