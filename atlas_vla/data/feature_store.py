@@ -55,7 +55,6 @@ SHARD_BYTES = 512 * 2**20  # a shard's target size: small enough that a killed b
 # backbone's outputs, and a key must mean the same bytes whatever run (and training batch size) built it
 BUILD_BATCH_SIZE = 32
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_NUMPY = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass(frozen=True)
@@ -242,9 +241,7 @@ class FeatureStore:
                         self._offsets[shard] + position * self.sample_bytes)
         if len(data) != self.sample_bytes:
             raise ValueError(f"feature store {self.path}: {_shard_name(shard)} ended early reading sample {index}")
-        if self._dtype == "bfloat16":
-            return torch.frombuffer(bytearray(data), dtype=torch.bfloat16).reshape(self.shape)
-        return torch.from_numpy(np.frombuffer(data, dtype=_NUMPY[self._dtype]).copy()).reshape(self.shape)
+        return torch.frombuffer(bytearray(data), dtype=DTYPES[self._dtype]).reshape(self.shape)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_files": {}}  # descriptors stay with the process that opened them
