@@ -3,18 +3,23 @@ against the live backbone and against features held in RAM, resident memory agai
 the first training step when the store is built or reused, and the disk a LIBERO suite needs with VGGT-1B.
 
     python benchmarks/feature_store.py                      # every part, on ../shared/fixtures/libero/sim_demos*
-    python benchmarks/feature_store.py --parts build,train  # some of them: build, train, memory, first-step, disk
+    python benchmarks/feature_store.py --parts build,train  # some: build, train, train-1b, memory, first-step, disk
+    git worktree add ../atlas-vla-ram-cache 9cdfe6d && \
+        python benchmarks/feature_store.py --parts train --baseline-code ../atlas-vla-ram-cache
 
 Parts:
-- build: the store of `configs/sim_demos.yaml` on `--episodes` episodes per source, frames/s of `build_store`
-  against the same decode + frozen forward with nothing written (the store's own cost is the difference);
+- build: the store of `configs/sim_demos.yaml` on `--build-episodes` episodes per source, frames/s of
+  `build_store` against the same decode + frozen forward with nothing written (the store's own cost is the
+  difference), best of `--repeats` interleaved timings;
 - train: `train.py` updates/s with the live backbone, from the store on disk, and from the same store in RAM
-  (/dev/shm), plus DataLoader samples/s of the store against a tensor held in memory (the in-RAM cache
-  the store replaced);
-- memory: peak resident memory (the training process and its DataLoader workers) while training one epoch
-  from synthetic stores of about 2 GB and 10 GB;
+  (/dev/shm); with `--baseline-code`, also the in-RAM cache the store replaced, run from a checkout of it;
+  and DataLoader samples/s of the store against a tensor held in memory;
+- train-1b: the same with the VGGT-1B architecture (random weights), live against a store of its feature shape,
+  at batch 4: what the store saves where the backbone is most of the compute, as on a GPU with VGGT-1B;
+- memory: peak resident memory (proportional set size of the training process and its DataLoader workers)
+  while training one epoch from synthetic stores of about 2 GB and 10 GB;
 - first-step: wall time of a one-update run that builds the store, of a second run and of three sweep-style
-  trials (one parent folder, other learning rates) that reuse it;
+  trials (one parent folder, other learning rates) that reuse it, and of one with the backbone live;
 - disk: bytes per sample and the disk one LIBERO suite needs for `configs/train_config.yaml` (VGGT-1B), and
   the layer, pooling and dtype choices that bring libero_spatial under 100 GB.
 Writes everything to `<output-dir>/feature_store.json`.
@@ -31,7 +36,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,18 +51,20 @@ LAUNCH = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machin
 
 
 def sim_demos_args(sources: list[str], episodes: int, output_dir: Path, *extra: str) -> list[str]:
-    """train.py flags: configs/sim_demos.yaml on the first `episodes` episodes of each source."""
+    """train.py flags: configs/sim_demos.yaml on the first `episodes` episodes of each source, all of them
+    trained on (no validation split: its final validation would run the backbone live)."""
     return ["--config", "configs/sim_demos.yaml", "--data.source", json.dumps(sources), "--data.max_episodes",
-            str(episodes), "--output_dir", str(output_dir), "--logging.log_media", "false", *extra]
+            str(episodes), "--data.val_fraction", "0", "--output_dir", str(output_dir), "--logging.log_media", "false",
+            *extra]
 
 
-def run_training(args: list[str], *, sample_memory: bool = False) -> dict:
+def run_training(args: list[str], *, sample_memory: bool = False, repo: Path = REPO) -> dict:
     """Run train.py; its train_summary.json, wall seconds and (optionally) the peak resident memory of its
-    process tree."""
+    process tree (proportional set size: pages the processes share, such as torch's libraries, count once)."""
     import psutil
 
     start = time.perf_counter()
-    process = subprocess.Popen([*LAUNCH, *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([*LAUNCH, *args], cwd=repo, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     peak, output = [0], []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
@@ -64,7 +73,7 @@ def run_training(args: list[str], *, sample_memory: bool = False) -> dict:
         if sample_memory:
             try:
                 tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                peak[0] = max(peak[0], sum(p.memory_full_info().pss for p in tree if p.is_running()))
             except psutil.Error:
                 pass
         time.sleep(0.2)
@@ -75,13 +84,13 @@ def run_training(args: list[str], *, sample_memory: bool = False) -> dict:
     out_dir = Path(args[args.index("--output_dir") + 1])
     summary = json.loads((out_dir / "train_summary.json").read_text())
     return {"wall_seconds": round(seconds, 1), "steps_per_second": summary["train_steps_per_second"],
-            "peak_rss_gb": round(peak[0] / 1e9, 2) if sample_memory else None, "log": "".join(output)}
+            "peak_pss_gb": round(peak[0] / 1e9, 2) if sample_memory else None, "log": "".join(output)}
 
 
-def part_build(sources: list[str], episodes: int, work: Path) -> dict:
+def part_build(sources: list[str], episodes: int, work: Path, repeats: int) -> dict:
     from atlas_vla.config import load_config
     from atlas_vla.constants import OBS_IMAGES
-    from atlas_vla.data.feature_store import StoreKey, build_store
+    from atlas_vla.data.feature_store import FeatureStore, StoreKey, build_store
     from atlas_vla.data.normalization import compute_norm_stats
     from atlas_vla.data.samples import build_samples, collate
     from atlas_vla.data.split import load_train_val
@@ -94,23 +103,31 @@ def part_build(sources: list[str], episodes: int, work: Path) -> dict:
     copies, batch_size = config.training.cached_copies, config.training.train_batch_size
     frames = len(samples) * copies * config.model.sample_spec.num_views
 
-    start = time.perf_counter()  # the same decoding, shifting and frozen forward, nothing kept or written
-    for _ in range(copies):
-        for first in range(0, len(samples), batch_size):
-            batch = collate([samples[i] for i in range(first, min(first + batch_size, len(samples)))])
-            with torch.no_grad():
-                policy.vision_features(batch[OBS_IMAGES]).half()
-    bare = time.perf_counter() - start
+    def bare_forward() -> None:  # the same decoding, shifting and frozen forward, nothing kept or written
+        for _ in range(copies):
+            for first in range(0, len(samples), batch_size):
+                batch = collate([samples[i] for i in range(first, min(first + batch_size, len(samples)))])
+                with torch.no_grad():
+                    policy.vision_features(batch[OBS_IMAGES]).half()
+
+    def build() -> None:
+        build_store(work / "build_store", samples, policy.vision_features, key, policy.vision_feature_shape(),
+                    batch_size=batch_size, progress=False)
+        result["store_gb"] = round(FeatureStore(work / "build_store").nbytes / 1e9, 3)
+        shutil.rmtree(work / "build_store")
 
     key = StoreKey.for_policy(policy, samples, copies=copies, device_type="cpu")
-    start = time.perf_counter()
-    store = build_store(work / "build_store", samples, policy.vision_features, key, policy.vision_feature_shape(),
-                        batch_size=batch_size, progress=False)
-    built = time.perf_counter() - start
-    result = {"samples": len(samples), "copies": copies, "frames": frames, "store_gb": round(store.nbytes / 1e9, 3),
-              "bare_forward_frames_per_s": round(frames / bare, 1), "build_frames_per_s": round(frames / built, 1),
-              "build_overhead_percent": round(100 * (built / bare - 1), 1)}
-    shutil.rmtree(work / "build_store")
+    result = {"samples": len(samples), "copies": copies, "frames": frames, "repeats": repeats}
+    seconds: dict[str, list[float]] = {"bare": [], "build": []}
+    for _ in range(repeats):  # interleaved, so a drift in the machine's speed hits both alike
+        for name, run in (("bare", bare_forward), ("build", build)):
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    bare, built = min(seconds["bare"]), min(seconds["build"])
+    result.update({"bare_forward_frames_per_s": round(frames / bare, 1), "build_frames_per_s": round(frames / built, 1),
+                   "build_overhead_percent": round(100 * (built / bare - 1), 1),
+                   "seconds": {name: [round(t, 1) for t in times] for name, times in seconds.items()}})
     return result
 
 
@@ -119,7 +136,11 @@ def loader_rate(dataset, batches: int, workers: int) -> float:
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, num_workers=workers, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(0))
-    iterator = iter(loader)
+    def endless():
+        while True:
+            yield from loader
+
+    iterator = endless()
     next(iterator)  # workers started
     start = time.perf_counter()
     for _ in range(batches):
@@ -149,7 +170,23 @@ class InMemoryFeatures(torch.utils.data.Dataset):
         return samples
 
 
-def part_train(sources: list[str], episodes: int, work: Path, steps: int, live_steps: int) -> dict:
+def in_ram_cache_run(baseline: Path, sources: list[str], episodes: int, work: Path, *args: str) -> dict:
+    """configs/sim_demos.yaml trained by `baseline`, a checkout from before the store, whose
+    `training.cache_frozen_features` kept every copy of every sample's features in RAM."""
+    import yaml
+
+    values = yaml.safe_load((REPO / "configs" / "sim_demos.yaml").read_text())
+    del values["training"]["feature_store"]
+    values["training"]["cache_frozen_features"] = True
+    config = work / "in_ram_cache.yaml"
+    config.write_text(yaml.safe_dump(values))
+    flags = sim_demos_args(sources, episodes, work / "in_ram_cache", *args)
+    flags[flags.index("configs/sim_demos.yaml")] = str(config)
+    return run_training(flags, repo=baseline)
+
+
+def part_train(sources: list[str], episodes: int, work: Path, steps: int, live_steps: int,
+               baseline: Path | None) -> dict:
     result = {}
     store = work / "train_store"
     common = ("--dataloader_num_workers", "1", "--validation_steps", "100000", "--checkpointing_steps", "100000",
@@ -165,17 +202,23 @@ def part_train(sources: list[str], episodes: int, work: Path, steps: int, live_s
                                              "--training.feature_store", str(ram_store), *common))
     finally:
         shutil.rmtree(ram_store, ignore_errors=True)
-    result["updates_per_s"] = {"live_backbone": live["steps_per_second"], "store_on_disk": on_disk["steps_per_second"],
-                               "store_in_ram": in_ram["steps_per_second"]}
-    result["store_vs_live"] = round(on_disk["steps_per_second"] / live["steps_per_second"], 1)
-    result["disk_vs_ram"] = round(on_disk["steps_per_second"] / in_ram["steps_per_second"], 3)
+    rates = {"live_backbone": live["steps_per_second"], "store_on_disk": on_disk["steps_per_second"],
+             "store_in_ram": in_ram["steps_per_second"]}
+    if baseline is not None:
+        rates["in_ram_cache"] = in_ram_cache_run(baseline, sources, episodes, work, "--max_train_steps", str(steps),
+                                                 *common)["steps_per_second"]
+        result["store_vs_in_ram_cache"] = round(rates["store_on_disk"] / rates["in_ram_cache"], 3)
+    result["updates_per_s"] = {name: round(rate, 3) for name, rate in rates.items()}
+    result["store_vs_live"] = round(rates["store_on_disk"] / rates["live_backbone"], 1)
+    result["disk_vs_ram"] = round(rates["store_on_disk"] / rates["store_in_ram"], 3)
 
     from atlas_vla.config import load_config
     from atlas_vla.data.feature_store import FeatureStore, StoredFeatureSamples
     from atlas_vla.data.samples import build_samples
     from atlas_vla.data.split import load_train_val
 
-    config = load_config(REPO / "configs" / "sim_demos.yaml", {"data": {"source": sources, "max_episodes": episodes}})
+    config = load_config(REPO / "configs" / "sim_demos.yaml",
+                         {"data": {"source": sources, "max_episodes": episodes, "val_fraction": 0.0}})
     train, _ = load_train_val(config.data)
     stored = StoredFeatureSamples(build_samples(train, config.model.sample_spec, config.data, train=True),
                                   FeatureStore(store))
@@ -186,8 +229,62 @@ def part_train(sources: list[str], episodes: int, work: Path, steps: int, live_s
     return result
 
 
+def random_features(shape: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An `encode` for `build_store` that returns seeded random features of `shape` per sample: a store whose
+    contents do not matter (its size, or the speed of training from it, is what is measured)."""
+    generator = torch.Generator().manual_seed(0)
+    return lambda images: torch.randn((len(images), *shape), generator=generator)
+
+
+def part_train_1b(sources: list[str], work: Path, live_steps: int, steps: int, batch_size: int = 4) -> dict:
+    """updates/s of configs/sim_demos.yaml with the VGGT-1B architecture (random weights; the speed is the same)
+    with the backbone live against from a store of the 1B's feature shape. The store holds random values:
+    building a real one would take hours on a CPU, and a step from it costs the same whatever it holds."""
+    import yaml
+
+    from atlas_vla.config import load_config
+    from atlas_vla.data.feature_store import StoreKey, build_store
+    from atlas_vla.data.normalization import compute_norm_stats
+    from atlas_vla.data.samples import build_samples
+    from atlas_vla.data.split import load_train_val
+    from atlas_vla.models.policy import AtlasPolicy
+
+    values = yaml.safe_load((REPO / "configs" / "sim_demos.yaml").read_text())
+    for key in ("vggt", "vggt_layers"):
+        del values["model"][key]
+    values["model"]["vggt_pretrained"] = None  # the 1B architecture, randomly initialised (no Hub here)
+    values["training"]["cached_copies"] = 1
+    config_path = work / "sim_demos_vggt_1b.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    store = work / "store_vggt_1b"
+    common = ["--data.max_episodes", "2", "--data.val_fraction", "0", "--train_batch_size", str(batch_size),
+              "--dataloader_num_workers", "1",
+              "--validation_steps", "100000", "--checkpointing_steps", "100000", "--lr_warmup_steps", "1"]
+    live = run_training(["--config", str(config_path), "--data.source", json.dumps(sources), "--output_dir",
+                         str(work / "live_1b"), "--max_train_steps", str(live_steps), "--training.feature_store",
+                         "null", "--logging.log_every_steps", "1", *common])
+
+    config = load_config(config_path, {"data": {"source": sources, "max_episodes": 2, "val_fraction": 0.0}})
+    train, _ = load_train_val(config.data)
+    policy = AtlasPolicy(config.model, compute_norm_stats(train))
+    samples = build_samples(train, config.model.sample_spec, config.data, train=True)
+    shape = policy.vision_feature_shape()
+    key = StoreKey.for_policy(policy, samples, copies=1, device_type="cpu")
+    del policy
+    built = build_store(store, samples, random_features(shape), key, shape, progress=False)
+    stored = run_training(["--config", str(config_path), "--data.source", json.dumps(sources), "--output_dir",
+                           str(work / "stored_1b"), "--max_train_steps", str(steps), "--training.feature_store",
+                           str(store), *common])
+    rates = {"live_backbone": round(live["steps_per_second"], 4), "store_on_disk": round(stored["steps_per_second"], 3)}
+    return {"batch_size": batch_size, "sample_mb": round(built.sample_bytes / 1e6, 2),
+            "updates_per_s": rates, "store_vs_live": round(rates["store_on_disk"] / rates["live_backbone"], 1)}
+
+
 def part_memory(work: Path, sizes_gb: list[float]) -> dict:
-    """Synthetic stores (random features, no backbone pass) of each size; one epoch of training from each."""
+    """Synthetic stores (random features, no backbone pass) of each size; one epoch of training from each.
+
+    Many copies per sample make a large store out of few samples, so an epoch (which reads every sample
+    once, each time from one copy) stays short while the file it reads from grows."""
     import yaml
 
     from atlas_vla.config import load_config
@@ -198,11 +295,10 @@ def part_memory(work: Path, sizes_gb: list[float]) -> dict:
     from atlas_vla.data.synthetic import make_synthetic_libero
     from atlas_vla.models.policy import AtlasPolicy
 
-    result = {}
-    for size in sizes_gb:
-        copies, per_copy = 4, 2 * 2 * 257 * 128 * 2  # tiny VGGT at 224 px: 2 layers, 2 cameras, 257 tokens, fp16
-        frames = int(size * 1e9 / (copies * per_copy))
-        data = make_synthetic_libero(work / f"data_{size}", num_episodes=max(2, frames // 40), image_size=64)
+    copies, probe_episodes = 16, 8
+
+    def setup(name: str, episodes: int) -> tuple[Path, Any, Any, list[int]]:
+        data = make_synthetic_libero(work / f"data_{name}", num_episodes=episodes, image_size=64)
         values = {"model": {"image_size": 224, "action_horizon": 4, "vggt_pretrained": None, "vggt_layers": [0, 1],
                             "vggt": {"embed_dim": 64, "depth": 2, "num_heads": 4,
                                      "dino": {"embed_dim": 64, "depth": 2, "num_heads": 4}},
@@ -210,28 +306,33 @@ def part_memory(work: Path, sizes_gb: list[float]) -> dict:
                             "fusion": {"hidden_dim": 64, "num_heads": 4, "encoder_depth": 1, "decoder_depth": 1}},
                   "data": {"source": str(data), "val_fraction": 0.0, "random_shift": 2},
                   "training": {"train_batch_size": 32, "num_train_epochs": 1, "lr_warmup_steps": 10,
-                               "cached_copies": copies, "feature_store": str(work / f"store_{size}"),
+                               "cached_copies": copies, "feature_store": str(work / f"store_{name}"),
                                "dataloader_num_workers": 2, "validate_every_steps": 100000},
                   "checkpoint": {"save_every_steps": 100000}, "logging": {"log_media": False}}
-        config_path = work / f"memory_{size}.yaml"
+        config_path = work / f"memory_{name}.yaml"
         config_path.write_text(yaml.safe_dump(values))
         config = load_config(config_path)
         train, _ = load_train_val(config.data)
         policy = AtlasPolicy(config.model, compute_norm_stats(train))
         samples = build_samples(train, config.model.sample_spec, config.data, train=True)
-        shape = policy.vision_feature_shape()
-        generator = torch.Generator().manual_seed(0)
+        return config_path, policy, samples, list(policy.vision_feature_shape())
 
-        def random_features(images: torch.Tensor) -> torch.Tensor:
-            return torch.randn((len(images), *shape), generator=generator)
-
+    _, _, probe_samples, shape = setup("probe", probe_episodes)
+    sample_bytes = copies * 2 * int(torch.Size(shape).numel())  # float16
+    samples_per_episode = len(probe_samples) / probe_episodes
+    result = {}
+    for size in sizes_gb:
+        name = f"{size:g}gb"
+        episodes = max(2, round(size * 1e9 / sample_bytes / samples_per_episode))
+        config_path, policy, samples, shape = setup(name, episodes)
         key = StoreKey.for_policy(policy, samples, copies=copies, device_type="cpu")
-        store = build_store(work / f"store_{size}", samples, random_features, key, shape, progress=False)
-        run = run_training(["--config", str(config_path), "--output_dir", str(work / f"memory_run_{size}")],
+        store = build_store(work / f"store_{name}", samples, random_features(shape), key, shape, progress=False)
+        run = run_training(["--config", str(config_path), "--output_dir", str(work / f"memory_run_{name}")],
                            sample_memory=True)
-        result[f"{size:g}_gb"] = {"store_gb": round(store.nbytes / 1e9, 2), "samples": len(samples),
-                                  "peak_rss_gb": run["peak_rss_gb"], "updates_per_s": run["steps_per_second"]}
-        shutil.rmtree(work / f"store_{size}")
+        result[name] = {"store_gb": round(store.nbytes / 1e9, 2), "samples": len(samples), "copies": copies,
+                        "peak_pss_gb": run["peak_pss_gb"], "updates_per_s": round(run["steps_per_second"], 2)}
+        shutil.rmtree(work / f"store_{name}")
+        shutil.rmtree(work / f"data_{name}")
     return result
 
 
@@ -279,12 +380,19 @@ def part_disk() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="build,train,memory,first-step,disk")
+    parser.add_argument("--parts", default="build,train,train-1b,memory,first-step,disk")
     parser.add_argument("--data", action="append", default=None,
                         help=f"sources (default: {FIXTURES}/sim_demos and sim_demos_more)")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes per source (build, train, first-step)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per source (train, first-step)")
+    parser.add_argument("--build-episodes", type=int, default=5, help="episodes per source (build)")
+    parser.add_argument("--repeats", type=int, default=2, help="timings of the bare forward and of the build (build)")
     parser.add_argument("--steps", type=int, default=300, help="updates timed from the store")
     parser.add_argument("--live-steps", type=int, default=30, help="updates timed with the live backbone")
+    parser.add_argument("--baseline-code", default=None,
+                        help="train: also time the in-RAM cache the store replaced, from a checkout of it "
+                             "(git worktree add ../atlas-vla-ram-cache 9cdfe6d)")
+    parser.add_argument("--live-steps-1b", type=int, default=3, help="train-1b: updates timed with VGGT-1B live")
+    parser.add_argument("--steps-1b", type=int, default=60, help="train-1b: updates timed from the store")
     parser.add_argument("--memory-gb", default="2,10", help="synthetic store sizes for the memory part")
     parser.add_argument("--output-dir", default=str(REPO / "outputs" / "benchmark_feature_store"))
     args = parser.parse_args()
@@ -297,9 +405,12 @@ def main() -> int:
         for part in args.parts.split(","):
             start = time.perf_counter()
             if part == "build":
-                results[part] = part_build(sources, args.episodes, work)
+                results[part] = part_build(sources, args.build_episodes, work, args.repeats)
             elif part == "train":
-                results[part] = part_train(sources, args.episodes, work, args.steps, args.live_steps)
+                results[part] = part_train(sources, args.episodes, work, args.steps, args.live_steps,
+                                           args.baseline_code and Path(args.baseline_code))
+            elif part == "train-1b":
+                results[part] = part_train_1b(sources, work, args.live_steps_1b, args.steps_1b)
             elif part == "memory":
                 results[part] = part_memory(work, [float(s) for s in args.memory_gb.split(",")])
             elif part == "first-step":
@@ -307,7 +418,7 @@ def main() -> int:
             elif part == "disk":
                 results[part] = part_disk()
             else:
-                parser.error(f"unknown part {part!r}; expected build, train, memory, first-step or disk")
+                parser.error(f"unknown part {part!r}; expected build, train, train-1b, memory, first-step or disk")
             print(f"{part} ({time.perf_counter() - start:.0f} s):", json.dumps(results[part], indent=2), flush=True)
     (out / "feature_store.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'feature_store.json'}")

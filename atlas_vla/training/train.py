@@ -305,6 +305,7 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     if config.checkpoint.resume_from_checkpoint is None:
         check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
     train_samples, val_samples, stats = _load_data(accelerator, config.data, config.model.sample_spec)  # 2
+    _check_one_batch(train_samples, config.training.train_batch_size, accelerator.num_processes)
     policy, references, counts = _build_policy(config.model, config.training, stats,  # 3
                                                resuming=resume_dir is not None)
     sampler = _source_sampler(train_samples, config.data, config.training.seed)
@@ -322,6 +323,15 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
     _start_trackers(run, fresh=resume_dir is None)  # 5
     return run
+
+
+def _check_one_batch(train_samples: Any, batch_size: int, num_processes: int) -> None:
+    """The training loader drops an epoch's last partial batch: fewer samples than one global batch would
+    leave no update to run."""
+    if hasattr(train_samples, "__len__") and len(train_samples) < batch_size * num_processes:
+        raise ValueError(f"the training split has {len(train_samples)} samples, fewer than one batch of "
+                         f"training.train_batch_size={batch_size} on each of {num_processes} process(es): "
+                         f"lower the batch size or add data")
 
 
 def _load_data(accelerator: Accelerator, data_cfg: DataConfig, spec: SampleSpec) -> tuple[Any, Any | None, NormStats]:

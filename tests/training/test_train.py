@@ -173,6 +173,14 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_written(tmp_path, da
     assert_untouched(before)
 
 
+def test_fewer_samples_than_one_batch_fail_before_anything_is_built(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train_main(tiny_args(data_dir, out, "--train_batch_size", "4096", "--training.feature_store", "auto")) == 2
+    assert re.search(r"the training split has \d+ samples, fewer than one batch of training.train_batch_size=4096 "
+                     r"on each of 1 process\(es\)", capsys.readouterr().err)
+    assert not (tmp_path / "feature_stores").exists()
+
+
 def test_an_output_dir_that_is_a_file_fails_before_any_loading(tmp_path, data_dir, capsys):
     taken = tmp_path / "taken"
     taken.write_text("kept")
