@@ -50,10 +50,11 @@ LAUNCH = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machin
           "--dynamo_backend", "no", "train.py"]
 
 
-def sim_demos_args(sources: list[str], episodes: int, output_dir: Path, *extra: str) -> list[str]:
-    """train.py flags: configs/sim_demos.yaml on the first `episodes` episodes of each source, all of them
-    trained on (no validation split: its final validation would run the backbone live)."""
-    return ["--config", "configs/sim_demos.yaml", "--data.source", json.dumps(sources), "--data.max_episodes",
+def sim_demos_args(sources: list[str], episodes: int, output_dir: Path, *extra: str,
+                   config: str = "configs/sim_demos.yaml") -> list[str]:
+    """train.py flags: `config` (configs/sim_demos.yaml or a variant of it) on the first `episodes` episodes of
+    each source, all of them trained on (no validation split: its final validation would run the backbone live)."""
+    return ["--config", config, "--data.source", json.dumps(sources), "--data.max_episodes",
             str(episodes), "--data.val_fraction", "0", "--output_dir", str(output_dir), "--logging.log_media", "false",
             *extra]
 
@@ -180,9 +181,8 @@ def in_ram_cache_run(baseline: Path, sources: list[str], episodes: int, work: Pa
     values["training"]["cache_frozen_features"] = True
     config = work / "in_ram_cache.yaml"
     config.write_text(yaml.safe_dump(values))
-    flags = sim_demos_args(sources, episodes, work / "in_ram_cache", *args)
-    flags[flags.index("configs/sim_demos.yaml")] = str(config)
-    return run_training(flags, repo=baseline)
+    return run_training(sim_demos_args(sources, episodes, work / "in_ram_cache", *args, config=str(config)),
+                        repo=baseline)
 
 
 def part_train(sources: list[str], episodes: int, work: Path, steps: int, live_steps: int,
@@ -257,12 +257,11 @@ def part_train_1b(sources: list[str], work: Path, live_steps: int, steps: int, b
     config_path = work / "sim_demos_vggt_1b.yaml"
     config_path.write_text(yaml.safe_dump(values))
     store = work / "store_vggt_1b"
-    common = ["--data.max_episodes", "2", "--data.val_fraction", "0", "--train_batch_size", str(batch_size),
-              "--dataloader_num_workers", "1",
-              "--validation_steps", "100000", "--checkpointing_steps", "100000", "--lr_warmup_steps", "1"]
-    live = run_training(["--config", str(config_path), "--data.source", json.dumps(sources), "--output_dir",
-                         str(work / "live_1b"), "--max_train_steps", str(live_steps), "--training.feature_store",
-                         "null", "--logging.log_every_steps", "1", *common])
+    common = ("--train_batch_size", str(batch_size), "--dataloader_num_workers", "1", "--validation_steps", "100000",
+              "--checkpointing_steps", "100000", "--lr_warmup_steps", "1")
+    live = run_training(sim_demos_args(sources, 2, work / "live_1b", "--max_train_steps", str(live_steps),
+                                       "--training.feature_store", "null", "--logging.log_every_steps", "1", *common,
+                                       config=str(config_path)))
 
     config = load_config(config_path, {"data": {"source": sources, "max_episodes": 2, "val_fraction": 0.0}})
     train, _ = load_train_val(config.data)
@@ -272,9 +271,8 @@ def part_train_1b(sources: list[str], work: Path, live_steps: int, steps: int, b
     key = StoreKey.for_policy(policy, samples, copies=1, device_type="cpu")
     del policy
     built = build_store(store, samples, random_features(shape), key, shape, progress=False)
-    stored = run_training(["--config", str(config_path), "--data.source", json.dumps(sources), "--output_dir",
-                           str(work / "stored_1b"), "--max_train_steps", str(steps), "--training.feature_store",
-                           str(store), *common])
+    stored = run_training(sim_demos_args(sources, 2, work / "stored_1b", "--max_train_steps", str(steps),
+                                         "--training.feature_store", str(store), *common, config=str(config_path)))
     rates = {"live_backbone": round(live["steps_per_second"], 4), "store_on_disk": round(stored["steps_per_second"], 3)}
     return {"batch_size": batch_size, "sample_mb": round(built.sample_bytes / 1e6, 2),
             "updates_per_s": rates, "store_vs_live": round(rates["store_on_disk"] / rates["live_backbone"], 1)}
