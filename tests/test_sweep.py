@@ -58,12 +58,13 @@ def test_train_function_trains_with_the_sweep_values(tmp_path, monkeypatch):
     values = {"learning_rate": 0.0003, "train_batch_size": 4, "max_train_steps": 3, "validation_steps": 3,
               "checkpointing_steps": 3, "output_dir": str(tmp_path / "trial"), "data.source": str(data),
               "data.generate_synthetic": False, "data.val_fraction": 0.25, "model.image_size": 56}
-    run = wandb.init(mode="offline", dir=str(tmp_path), project="atlas-vla-sweep-test", config=values)
-    final = train_function("configs/demo.yaml")
+    try:
+        run = wandb.init(mode="offline", dir=str(tmp_path), project="atlas-vla-sweep-test", config=values)
+        final = train_function("configs/demo.yaml")
+    finally:
+        wandb.teardown()  # this process's W&B service and its WANDB_SERVICE go: later tests start without them
     assert final == tmp_path / "trial" / f"sweep-{run.id}" / "final"  # the trial's own folder
     assert (final / "model.safetensors").is_file()
-    if wandb.run is not None:
-        wandb.finish()
     logged = [read_run(f) for f in find_run_files(tmp_path)]
     ours = [r for r in logged if r.run_id == run.id]
     config = {k: v for r in ours for k, v in r.config.items()}

@@ -1,17 +1,25 @@
-"""Tracking: what `accelerator.init_trackers` gets, the persistent W&B run id, and rank-0 rich media.
+"""Tracking: what `accelerator.init_trackers` gets, the persistent W&B run id, the W&B service, and rank-0
+rich media.
 
 Accelerate already creates the tracker run on the main process only, so a multi-process job is one
 W&B run. Everything that touches `wandb.Image/Table/Video` goes through `log_media`, which returns at
 once on other ranks. The run id lives in `output_dir/wandb_run_id.txt` and in every checkpoint, so a
-resumed job continues the same run and its step axis.
+resumed job continues the same run and its step axis. The W&B service that writes the run is started
+outside the launcher's process tree (`wandb_service_outside_launcher`), so a stop signal cannot end it
+before the trainer has finished the run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -21,7 +29,11 @@ from PIL import Image, ImageDraw
 from atlas_vla.action_layout import GRIPPER, POSE, gripper_closed
 from atlas_vla.config import WandbConfig
 
+logger = logging.getLogger(__name__)
+
 RUN_ID_FILE = "wandb_run_id.txt"
+SERVICE_ENV = "WANDB_SERVICE"  # wandb's own variable: the address of a running W&B service to log through
+SERVICE_IDLE_TIMEOUT = "60s"  # a service whose trainer died without stopping it ends this long after
 SWEEP_ID_ENV = "WANDB_SWEEP_ID"  # set by the sweep agent for every trial it starts
 RUN_ID_ENV = "WANDB_RUN_ID"  # the trial's run id, chosen by the sweep server
 
@@ -84,6 +96,50 @@ def wandb_init_kwargs(config: WandbConfig, output_dir: str | os.PathLike, run_id
     if config.disable_stats:
         kwargs["settings"] = wandb.Settings(x_disable_stats=True)
     return kwargs
+
+
+@contextlib.contextmanager
+def wandb_service_outside_launcher(enabled: bool = True) -> Iterator[None]:
+    """Inside this block, W&B logs through a service (`wandb-core`) of its own session that is no
+    descendant of this process: stop signals meant for the trainer do not reach it, and the trainer can
+    still flush and finish the run after one.
+
+    wandb starts its service as a child of the process that logs. Accelerate >= 1.16's one-process
+    launcher answers SIGTERM by terminating its whole process tree (service included), and SLURM and
+    shells signal whole process groups, so the service died before the trainer had saved and finished:
+    the run lost its history. This starts it with wandb's own `wandb beta core start`, whose short-lived
+    helper leaves the service re-parented away from the launcher, points this process at it through
+    `WANDB_SERVICE`, and stops it on leaving (a trainer killed outright leaves it to end itself after
+    `SERVICE_IDLE_TIMEOUT`). A service someone else started (`WANDB_SERVICE` already set: a sweep agent,
+    `wandb beta core start` in a job script) is used as it is; `enabled=False` (processes that do not log
+    to W&B) does nothing.
+    """
+    if not enabled or os.environ.get(SERVICE_ENV):
+        yield
+        return
+    command = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
+    started = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    token = started.stdout.strip().splitlines()[-1] if started.returncode == 0 and started.stdout.strip() else ""
+    if not token:
+        logger.warning("could not start a W&B service outside the launcher (%s): W&B starts its own, which a stop "
+                       "signal to the launcher or the process group can end before the run is saved",
+                       (started.stderr.strip().splitlines() or [f"exit code {started.returncode}"])[-1])
+        yield
+        return
+    os.environ[SERVICE_ENV] = token
+    try:
+        yield
+    finally:
+        import wandb
+        from wandb.cli import beta_core
+
+        wandb.teardown()  # this process's connection goes: a later wandb.init here starts afresh
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # its "sent shutdown request" chatter
+                beta_core.stop()  # clears WANDB_SERVICE too
+        except Exception as error:  # noqa: BLE001 - a service that already ended ends itself; nothing is lost
+            logger.warning("could not stop the W&B service at %s: %s", token, error)
+        os.environ.pop(SERVICE_ENV, None)
 
 
 def check_tracker_installed(trackers: list[str]) -> None:

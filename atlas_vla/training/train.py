@@ -84,6 +84,7 @@ from atlas_vla.training.tracking import (
     sweep_trial_dir,
     sweep_trial_run_id,
     wandb_init_kwargs,
+    wandb_service_outside_launcher,
 )
 from atlas_vla.video import write_mp4
 
@@ -207,14 +208,16 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
 
     # 1. accelerator ------------------------------------------------------------------------------
     accelerator = _build_accelerator(config.training, config.logging.log_file, config.trackers)
-    try:
-        with StopRequest() as stop:  # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint
-            return _run_stages(accelerator, config, wandb_run_id, stop)  # 2-7
-    finally:
-        accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
-        # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
-        # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
-        accelerator.free_memory()
+    # the W&B service outlives the stop signals that end this run, so the run is finished, not lost
+    with wandb_service_outside_launcher(accelerator.is_main_process and "wandb" in config.trackers):
+        try:
+            with StopRequest() as stop:  # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint
+                return _run_stages(accelerator, config, wandb_run_id, stop)  # 2-7
+        finally:
+            accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+            # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
+            # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
+            accelerator.free_memory()
 
 
 def _run_stages(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None, stop: StopRequest) -> Path:

@@ -7,9 +7,11 @@ until the test has sent its signal, so the stop step is chosen by the test, not 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,29 +87,43 @@ def same_weights(a: Path, b: Path) -> None:
         assert (first[key] == second[key]).all(), key
 
 
+def preempted_wandb_run(out: Path, step: int) -> str:
+    """The offline W&B run of `out` holds every logged `train/*` value up to `step` (equal to `metrics.jsonl`),
+    is marked as preempted and finished (exit code 0, not crashed); returns its id."""
+    [run_file] = find_run_files(out)
+    run = read_run(run_file)
+    assert run.preempting and run.exit_code == 0, run
+    local = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [(row["step"], row["train/loss"]) for row in local if "train/loss" in row]
+    assert [s for s, _ in expected] == list(range(1, step + 1))
+    assert run.history["train/loss"] == pytest.approx(expected, rel=1e-6)
+    return run.run_id
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint_and_resume_is_exact(tmp_path, data_dir):
-    """Kubernetes signals the container's first process only: `accelerate launch` dies at once, and the
-    trainer it started learns it from the parent-death signal."""
+    """Kubernetes signals the container's first process only. Accelerate >= 1.16's launcher then terminates its
+    whole process tree (5 s of grace, then SIGKILL); older ones die at once and the trainer learns it from the
+    parent-death signal. Either way the trainer saves, and the W&B run, whose service is no descendant of the
+    launcher, holds everything up to the stop and continues under the same id after the resume."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     finish([*ACCELERATE_CPU_1, *tiny_args(data_dir, straight)])
     code, _ = stopped_run([*ACCELERATE_CPU_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
-                               lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))
-    assert code != 0  # the launcher itself was killed by the signal; the trainer went on to save
+                          lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))
+    assert code != 0  # the launcher itself was ended by the signal; the trainer went on to save
     deadline = time.monotonic() + 60
     while leftover_processes(stopped) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert leftover_processes(stopped) == []
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert not (stopped / "final").exists()
-    [run_file] = find_run_files(stopped)
-    first = read_run(run_file)
-    assert first.preempting and first.exit_code == 0 and max(s for s, _ in first.history["train/loss"]) == 3
+    run_id = preempted_wandb_run(stopped, 3)
     finish([*ACCELERATE_CPU_1,
             *tiny_args(data_dir, stopped, "--report_to", "wandb", "--resume_from_checkpoint", "latest")])
     same_weights(straight / "final", stopped / "final")
     runs = [read_run(f) for f in find_run_files(stopped)]
-    assert {r.run_id for r in runs} == {first.run_id}
+    assert {r.run_id for r in runs} == {run_id}
+    assert max(s for r in runs for s, _ in r.history["train/loss"]) == 6
 
 
 @pytest.mark.slow
@@ -132,19 +148,44 @@ def signal_every_process(launcher: int, ranks: list[int]) -> None:
     os.killpg(os.getpgid(ranks[0]), signal.SIGTERM)
 
 
+def signal_first_process(launcher: int, ranks: list[int]) -> None:
+    """What Kubernetes does: the container's first process gets SIGTERM."""
+    os.kill(launcher, signal.SIGTERM)
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    if processes == 1:
+        return ACCELERATE_CPU_1
+    return ["env", "ACCELERATE_USE_CPU=1", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("processes, send", [(1, signal_every_process),
-                                             (2, lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))],
-                         ids=["slurm-every-process", "kubernetes-first-process"])
-def test_sigterm_through_launch_sh_exits_75_with_the_checkpoint_of_that_step(tmp_path, data_dir, processes, send):
+@pytest.mark.parametrize("launcher, processes, send", [
+    ("launch.sh", 1, signal_every_process),
+    ("launch.sh", 2, signal_first_process),
+    ("accelerate", 1, signal_every_process),
+    ("accelerate", 2, signal_every_process),
+], ids=["launch.sh-1-slurm-every-process", "launch.sh-2-kubernetes-first-process",
+        "accelerate-1-slurm-every-process", "accelerate-2-slurm-every-process"])
+def test_sigterm_stops_with_the_checkpoint_of_that_step_and_a_preempted_wandb_run(tmp_path, data_dir, launcher,
+                                                                                  processes, send):
+    """launch.sh exits 75 ("resume me"); plain `accelerate launch` exits with the signal's status. In every case
+    the checkpoint of the stop step is complete and the W&B run holds every value up to it, marked preempted."""
     out = tmp_path / "run"
-    command = ["./launch.sh", "--mode", "cpu", "--num_processes", str(processes), "--", *tiny_args(data_dir, out)]
+    args = tiny_args(data_dir, out, "--report_to", "wandb")
+    if launcher == "launch.sh":
+        command = ["./launch.sh", "--mode", "cpu", "--num_processes", str(processes), "--", *args]
+    else:
+        command = accelerate_launch(processes) + args
     code, output = stopped_run(command, out, processes, 3, send)
-    assert code == PREEMPTED_EXIT_CODE, output[-3000:]
-    assert "stopped by SIGTERM after step 3 of 6" in output
+    if launcher == "launch.sh":
+        assert code == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "stopped by SIGTERM after step 3 of 6" in output, output[-3000:]
     assert leftover_processes(out) == []
     assert (out / "checkpoints" / "checkpoint-3" / "training_state.json").is_file()
     assert not (out / "final").exists()
+    preempted_wandb_run(out, 3)
 
 
 def test_signals_before_training_act_at_once_and_a_repeat_within_the_window_is_the_same_request(monkeypatch):
