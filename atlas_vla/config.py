@@ -13,6 +13,7 @@ nor datasets: the sections are light dataclasses (`atlas_vla.models.config`, `at
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,13 +257,31 @@ FLAG_ALIASES: dict[str, str] = {
 # ----------------------------------------------------------------------------------------------
 
 
+class _Yaml12BooleansLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans, so the values
+    `no`, `off`, `yes`, `on`, `y`, `n` stay the strings the user typed (`--mixed_precision no`, as in Accelerate)."""
+
+
+_Yaml12BooleansLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12BooleansLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                            list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text (a config file or one flag's value) -> Python values, with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12BooleansLoader)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML config file into a dict (empty file -> {})."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(values, dict):
@@ -317,7 +336,7 @@ def parse_overrides(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
             config_path = value
             continue
         try:
-            parsed = yaml.safe_load(value) if value else value
+            parsed = parse_yaml(value) if value else value
         except yaml.YAMLError:
             parsed = value
         if isinstance(parsed, str):

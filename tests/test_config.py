@@ -159,3 +159,12 @@ def test_every_accepted_lr_scheduler_is_a_transformers_scheduler():
     from atlas_vla.config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_no_off_and_yes_stay_the_strings_typed_in_flags_and_files(tmp_path):
+    """YAML 1.1 would read `no` as False: `--mixed_precision no` (Accelerate's spelling) must mean "no"."""
+    assert load_config(Path(__file__).parents[1] / "configs" / "demo.yaml", parse_overrides(["--mixed_precision", "no"])[1]).training.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  mixed_precision: no\n  allow_tf32: false\n")
+    config = load_config(path)
+    assert config.training.mixed_precision == "no" and config.training.allow_tf32 is False

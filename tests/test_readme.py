@@ -55,6 +55,9 @@ def check(words: list[str]) -> None:
         extras = configparser.ConfigParser()
         extras.read(REPO / "setup.cfg")
         known = set(extras["options.extras_require"])
+        for flag, value in zip(words, words[1:]):
+            if flag == "-c":  # a constraints file
+                check_path(value)
         for word in words[2:]:
             if word.startswith("-e"):
                 continue

@@ -5,8 +5,8 @@ Accelerate already creates the tracker run on the main process only, so a multi-
 W&B run. Everything that touches `wandb.Image/Table/Video` goes through `log_media`, which returns at
 once on other ranks. The run id lives in `output_dir/wandb_run_id.txt` and in every checkpoint, so a
 resumed job continues the same run and its step axis. The W&B service that writes the run is started
-outside the launcher's process tree (`wandb_service_outside_launcher`), so a stop signal cannot end it
-before the trainer has finished the run.
+outside the launcher's process tree (`WandbService`), so a stop signal cannot end it before the trainer
+has finished the run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -98,48 +98,54 @@ def wandb_init_kwargs(config: WandbConfig, output_dir: str | os.PathLike, run_id
     return kwargs
 
 
-@contextlib.contextmanager
-def wandb_service_outside_launcher(enabled: bool = True) -> Iterator[None]:
-    """Inside this block, W&B logs through a service (`wandb-core`) of its own session that is no
-    descendant of this process: stop signals meant for the trainer do not reach it, and the trainer can
-    still flush and finish the run after one.
+class WandbService:
+    """The W&B service (`wandb-core`) of one training run, in a session of its own and no descendant of the
+    trainer, so the stop signals meant for the trainer do not reach it and the trainer can still flush and
+    finish the run after one.
 
     wandb starts its service as a child of the process that logs. Accelerate >= 1.16's one-process
     launcher answers SIGTERM by terminating its whole process tree (service included), and SLURM and
     shells signal whole process groups, so the service died before the trainer had saved and finished:
-    the run lost its history. This starts it with wandb's own `wandb beta core start`, whose short-lived
-    helper leaves the service re-parented away from the launcher, points this process at it through
-    `WANDB_SERVICE`, and stops it on leaving (a trainer killed outright leaves it to end itself after
-    `SERVICE_IDLE_TIMEOUT`). A service someone else started (`WANDB_SERVICE` already set: a sweep agent,
-    `wandb beta core start` in a job script) is used as it is; `enabled=False` (processes that do not log
-    to W&B) does nothing.
+    the run lost its history. `start` (just before the trackers start: the service ends itself after
+    `SERVICE_IDLE_TIMEOUT` without a client) runs wandb's own `wandb beta core start`, whose short-lived
+    helper leaves the service re-parented away from the launcher, and points this process at it through
+    `WANDB_SERVICE`; `stop` (after the trackers ended) closes this process's connection and ends the
+    service. A trainer killed outright leaves the service to write what it received and end itself
+    `SERVICE_IDLE_TIMEOUT` later. A service someone else started (`WANDB_SERVICE` already set: a sweep
+    agent, `wandb beta core start` in a job script) is used as it is.
     """
-    if not enabled or os.environ.get(SERVICE_ENV):
-        yield
-        return
-    command = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
-    started = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    token = started.stdout.strip().splitlines()[-1] if started.returncode == 0 and started.stdout.strip() else ""
-    if not token:
-        logger.warning("could not start a W&B service outside the launcher (%s): W&B starts its own, which a stop "
-                       "signal to the launcher or the process group can end before the run is saved",
-                       (started.stderr.strip().splitlines() or [f"exit code {started.returncode}"])[-1])
-        yield
-        return
-    os.environ[SERVICE_ENV] = token
-    try:
-        yield
-    finally:
+
+    def __init__(self) -> None:
+        self.token: str | None = None  # the WANDB_SERVICE value of the service this object started
+
+    def start(self) -> None:
+        if self.token is not None or os.environ.get(SERVICE_ENV):
+            return
+        command = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
+        started = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        lines = started.stdout.strip().splitlines()
+        if started.returncode != 0 or not lines:
+            reason = (started.stderr.strip().splitlines() or [f"exit code {started.returncode}"])[-1]
+            logger.warning("could not start a W&B service outside the launcher (%s): W&B starts its own, which a "
+                           "stop signal to the launcher or the process group can end before the run is saved", reason)
+            return
+        self.token = lines[-1]
+        os.environ[SERVICE_ENV] = self.token
+
+    def stop(self) -> None:
+        if self.token is None:
+            return
         import wandb
         from wandb.cli import beta_core
 
         wandb.teardown()  # this process's connection goes: a later wandb.init here starts afresh
         try:
             with contextlib.redirect_stderr(io.StringIO()):  # its "sent shutdown request" chatter
-                beta_core.stop()  # clears WANDB_SERVICE too
-        except Exception as error:  # noqa: BLE001 - a service that already ended ends itself; nothing is lost
-            logger.warning("could not stop the W&B service at %s: %s", token, error)
+                beta_core.stop()
+        except Exception as error:  # noqa: BLE001 - a service that already ended has written the run
+            logger.warning("could not stop the W&B service at %s: %s", self.token, error)
         os.environ.pop(SERVICE_ENV, None)
+        self.token = None
 
 
 def check_tracker_installed(trackers: list[str]) -> None:

@@ -83,8 +83,8 @@ from atlas_vla.training.tracking import (
     new_run_id,
     sweep_trial_dir,
     sweep_trial_run_id,
+    WandbService,
     wandb_init_kwargs,
-    wandb_service_outside_launcher,
 )
 from atlas_vla.video import write_mp4
 
@@ -208,20 +208,21 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
 
     # 1. accelerator ------------------------------------------------------------------------------
     accelerator = _build_accelerator(config.training, config.logging.log_file, config.trackers)
-    # the W&B service outlives the stop signals that end this run, so the run is finished, not lost
-    with wandb_service_outside_launcher(accelerator.is_main_process and "wandb" in config.trackers):
-        try:
-            with StopRequest() as stop:  # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint
-                return _run_stages(accelerator, config, wandb_run_id, stop)  # 2-7
-        finally:
-            accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
-            # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
-            # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
-            accelerator.free_memory()
+    service = WandbService()  # started with the trackers; it outlives the stop signals that end this run
+    try:
+        with StopRequest() as stop:  # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint
+            return _run_stages(accelerator, config, wandb_run_id, stop, service)  # 2-7
+    finally:
+        accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+        service.stop()
+        # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
+        # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
+        accelerator.free_memory()
 
 
-def _run_stages(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None, stop: StopRequest) -> Path:
-    run = setup_run(accelerator, config, wandb_run_id)  # 2-5
+def _run_stages(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None, stop: StopRequest,
+                service: WandbService) -> Path:
+    run = setup_run(accelerator, config, wandb_run_id, service)  # 2-5
     throughput = fit(run, stop)  # 6
     if run.stopped_at is not None:
         return run.stopped_at
@@ -296,8 +297,10 @@ def _setup_logging(accelerator: Accelerator, log_file: str | None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=level, handlers=handlers, force=True)
 
 
-def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None) -> TrainingRun:
-    """Stages 2-5 of `train` on a built accelerator: data, policy + optimizer + schedule, resume, trackers.
+def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None,
+              service: WandbService | None = None) -> TrainingRun:
+    """Stages 2-5 of `train` on a built accelerator: data, policy + optimizer + schedule, resume, trackers
+    (W&B through `service` when given; the caller stops it after `accelerator.end_training()`).
 
     The order of these stages is the order in which random numbers are drawn; changing it changes
     the trained weights for the same seed.
@@ -324,7 +327,7 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
                       batches_per_epoch=prepared.batches_per_epoch, num_epochs=prepared.num_epochs)
     run.state = _resume(accelerator, resume_dir, config.checkpoint, output_dir, config.model)  # 4
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
-    _start_trackers(run, fresh=resume_dir is None)  # 5
+    _start_trackers(run, fresh=resume_dir is None, service=service)  # 5
     return run
 
 
@@ -555,7 +558,7 @@ def _model_differences(checkpoint: Path, model_cfg: PolicyConfig) -> str | None:
     return f"it was saved with {', '.join(differ)}; resume with the same model settings" if differ else None
 
 
-def _start_trackers(run: TrainingRun, fresh: bool) -> None:
+def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService | None = None) -> None:
     """Stage 5: save the config and statistics, start the local metric log and the trackers, store the run id.
 
     A `fresh` (not resumed) run starts its local metric log anew; a resumed one appends to it.
@@ -579,6 +582,8 @@ def _start_trackers(run: TrainingRun, fresh: bool) -> None:
             _drop_metrics_after(output_dir / METRICS_NAME, run.state.global_step)
             apply_retention(output_dir, config.checkpoint.checkpoints_total_limit)
     if trackers:
+        if service is not None and "wandb" in trackers and accelerator.is_main_process:
+            service.start()
         wandb_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run.run_id)} if "wandb" in trackers else {}
         accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=wandb_kwargs)
         if "wandb" in trackers and accelerator.is_main_process:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +294,30 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, data_dir):
     assert set(MISSION_METRICS) <= set(scalars)
     local = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in local if "train/loss" in row] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_in_process_training_logs_through_its_own_wandb_service_and_ends_it(tmp_path, data_dir, monkeypatch):
+    """`train` starts the W&B service of its run with the trackers, not before: with an idle timeout far
+    shorter than loading the data and building the policy, the run is still complete. Afterwards the
+    process holds no WANDB_SERVICE (a later wandb.init starts afresh) and the service is gone."""
+    import psutil
+
+    from atlas_vla.training import tracking
+
+    monkeypatch.setattr(tracking, "SERVICE_IDLE_TIMEOUT", "1s")
+    started = []
+    monkeypatch.setattr(tracking.WandbService, "start",
+                        lambda self, start=tracking.WandbService.start: (start(self), started.append(self.token)))
+    out = tmp_path / "run"
+    assert train_main(tiny_args(data_dir, out, "--report_to", "wandb")) == 0
+    [token] = started
+    assert "WANDB_SERVICE" not in os.environ
+    service_pid = int(Path(token.split("-unix-", 1)[1]).parent.name.split("-")[2])  # /tmp/wandb-<ppid>-<pid>-<n>
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(service_pid) and psutil.Process(service_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the W&B service outlived its run"
+        time.sleep(0.1)
+    [run_file] = find_run_files(out)
+    logged = read_run(run_file)
+    assert logged.exit_code == 0 and [s for s, _ in logged.history["train/loss"]] == [1, 2, 3, 4, 5, 6]
