@@ -29,10 +29,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from wandb_records import find_run_files, read_run  # noqa: E402 - the tests' reader of offline run files
+from wandb_records import find_run_files, read_run  # the tests' reader of offline run files
 
-from atlas_vla.data.synthetic import make_synthetic_libero  # noqa: E402
-from atlas_vla.training.preemption import WAIT_AT_STEP_ENV  # noqa: E402
+from atlas_vla.data.synthetic import make_synthetic_libero
+from atlas_vla.training.preemption import WAIT_AT_STEP_ENV
 
 LAUNCH_1 = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]

@@ -5,6 +5,7 @@ blocks run offline; `sh` blocks need the network or a GPU, so they are checked w
 from __future__ import annotations
 
 import configparser
+import itertools
 import re
 import shlex
 import subprocess
@@ -55,7 +56,7 @@ def check(words: list[str]) -> None:
         extras = configparser.ConfigParser()
         extras.read(REPO / "setup.cfg")
         known = set(extras["options.extras_require"])
-        for flag, value in zip(words, words[1:]):
+        for flag, value in itertools.pairwise(words):
             if flag == "-c":  # a constraints file
                 check_path(value)
         for word in words[2:]:

@@ -62,6 +62,8 @@ class StopRequest:
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         _set_parent_death_signal(signal.SIGTERM)  # a launcher killed by a signal does not forward it
+        self._consoles = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _ReaderlessConsole(sys.stdout), _ReaderlessConsole(sys.stderr)
         atexit.unregister(_end_workers_at_exit)
         atexit.register(_end_workers_at_exit)  # after multiprocessing's own exit handler, so it runs before it
         return self
@@ -71,6 +73,7 @@ class StopRequest:
             signal.signal(signum, handler)
         if self._previous:
             _set_parent_death_signal(0)
+            sys.stdout, sys.stderr = self._consoles
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -102,6 +105,31 @@ class StopRequest:
 
     def describe(self) -> str:
         return self.signal_name or "a stop signal received by another process"
+
+
+class _ReaderlessConsole:
+    """stdout/stderr that drop what nobody reads any more instead of raising: Accelerate >= 1.16's launcher
+    reads the trainer's stderr through a pipe, and a launcher that a stop signal ended (SIGUSR1's default
+    action, SIGKILL) leaves that pipe without a reader; the next progress bar or W&B line would raise
+    `BrokenPipeError` and the trainer would die before finishing the W&B run it is saving."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
+        return getattr(self._stream, name)
 
 
 def _set_parent_death_signal(signum: int) -> None:

@@ -122,7 +122,8 @@ class WandbService:
         if self.token is not None or os.environ.get(SERVICE_ENV):
             return
         command = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
-        started = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        started = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                                 check=False)
         lines = started.stdout.strip().splitlines()
         if started.returncode != 0 or not lines:
             reason = (started.stderr.strip().splitlines() or [f"exit code {started.returncode}"])[-1]

@@ -75,6 +75,7 @@ from atlas_vla.training.checkpointing import (
 from atlas_vla.training.preemption import StopRequest, ignore_stop_signals, record_stop, wait_for_test
 from atlas_vla.training.tracking import (
     RUN_ID_FILE,
+    WandbService,
     annotate_episode,
     check_tracker_installed,
     log_media,
@@ -83,7 +84,6 @@ from atlas_vla.training.tracking import (
     new_run_id,
     sweep_trial_dir,
     sweep_trial_run_id,
-    WandbService,
     wandb_init_kwargs,
 )
 from atlas_vla.video import write_mp4
@@ -209,15 +209,16 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
     # 1. accelerator ------------------------------------------------------------------------------
     accelerator = _build_accelerator(config.training, config.logging.log_file, config.trackers)
     service = WandbService()  # started with the trackers; it outlives the stop signals that end this run
-    try:
-        with StopRequest() as stop:  # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint
+    # SIGTERM/SIGINT/SIGUSR1: stop at a step boundary with a checkpoint; the W&B run is finished inside too
+    with StopRequest() as stop:
+        try:
             return _run_stages(accelerator, config, wandb_run_id, stop, service)  # 2-7
-    finally:
-        accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
-        service.stop()
-        # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
-        # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
-        accelerator.free_memory()
+        finally:
+            accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+            service.stop()
+            # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
+            # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
+            accelerator.free_memory()
 
 
 def _run_stages(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None, stop: StopRequest,

@@ -160,16 +160,24 @@ def accelerate_launch(processes: int) -> list[str]:
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
 
 
+def usr1_to_every_process(launcher: int, ranks: list[int]) -> None:
+    """SLURM's `--signal=USR1@90` warning: every process of the job step gets SIGUSR1. Accelerate's launcher does
+    not handle it and ends at once, leaving the trainer's stderr (a pipe it read) without a reader."""
+    os.killpg(launcher, signal.SIGUSR1)
+    os.killpg(os.getpgid(ranks[0]), signal.SIGUSR1)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, processes, send", [
-    ("launch.sh", 1, signal_every_process),
-    ("launch.sh", 2, signal_first_process),
-    ("accelerate", 1, signal_every_process),
-    ("accelerate", 2, signal_every_process),
-], ids=["launch.sh-1-slurm-every-process", "launch.sh-2-kubernetes-first-process",
+@pytest.mark.parametrize("launcher, processes, send, name", [
+    ("launch.sh", 1, signal_every_process, "SIGTERM"),
+    ("launch.sh", 1, usr1_to_every_process, "SIGUSR1"),
+    ("launch.sh", 2, signal_first_process, "SIGTERM"),
+    ("accelerate", 1, signal_every_process, "SIGTERM"),
+    ("accelerate", 2, signal_every_process, "SIGTERM"),
+], ids=["launch.sh-1-slurm-every-process", "launch.sh-1-slurm-usr1-warning", "launch.sh-2-kubernetes-first-process",
         "accelerate-1-slurm-every-process", "accelerate-2-slurm-every-process"])
-def test_sigterm_stops_with_the_checkpoint_of_that_step_and_a_preempted_wandb_run(tmp_path, data_dir, launcher,
-                                                                                  processes, send):
+def test_a_stop_signal_leaves_the_checkpoint_of_that_step_and_a_preempted_wandb_run(tmp_path, data_dir, launcher,
+                                                                                    processes, send, name):
     """launch.sh exits 75 ("resume me"); plain `accelerate launch` exits with the signal's status. In every case
     the checkpoint of the stop step is complete and the W&B run holds every value up to it, marked preempted."""
     out = tmp_path / "run"
@@ -181,7 +189,9 @@ def test_sigterm_stops_with_the_checkpoint_of_that_step_and_a_preempted_wandb_ru
     code, output = stopped_run(command, out, processes, 3, send)
     if launcher == "launch.sh":
         assert code == PREEMPTED_EXIT_CODE, output[-3000:]
-    assert "stopped by SIGTERM after step 3 of 6" in output, output[-3000:]
+        assert f"stopped by {name} after step 3 of 6" in output, output[-3000:]
+    else:
+        assert code == 128 + signal.Signals[name], output[-3000:]
     assert leftover_processes(out) == []
     assert (out / "checkpoints" / "checkpoint-3" / "training_state.json").is_file()
     assert not (out / "final").exists()
