@@ -8,7 +8,7 @@ trainer then saves a checkpoint of that step, closes the trackers and exits 0. `
 that stop into exit code `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "resume me") through the file named
 by `STOP_FILE_ENV`.
 
-One signal often arrives by several routes within milliseconds (the scheduler signals every process,
+One signal often arrives by several routes within seconds (the scheduler signals every process,
 the launcher forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within
 `REPEAT_WINDOW_S` of the first are the same request. A later one is a second request: the previous
 handler takes over and acts on it at once (SIGTERM and SIGUSR1 end the process, SIGINT raises
@@ -39,7 +39,9 @@ from atlas_vla.files import write_text_atomic
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-REPEAT_WINDOW_S = 2.0
+# Accelerate >= 1.16's launcher re-sends a stop to the trainer once it has handled its own copy, which on a
+# loaded machine takes seconds: within this window that is still the first request, not an order to end now
+REPEAT_WINDOW_S = 10.0
 PREEMPTED_EXIT_CODE = 75  # launch.sh's exit code after a stop that saved a checkpoint (EX_TEMPFAIL)
 STOP_FILE_ENV = "ATLAS_VLA_STOP_FILE"  # launch.sh: the main process writes the stop's description here
 WAIT_AT_STEP_ENV = "ATLAS_VLA_TEST_WAIT_AT_STEP"  # tests: every rank waits at this step (see `wait_for_test`)
