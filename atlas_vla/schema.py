@@ -147,8 +147,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off", "y", "n"):
+            return value.lower() in ("true", "1", "yes", "on", "y")
         raise ValueError(f"{where} must be true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):

@@ -34,6 +34,10 @@ def synthetic_dataset(root: Path, num_episodes: int = 8) -> Path:
 # `accelerate launch` of train.py as one CPU process, with no `accelerate config` needed
 ACCELERATE_CPU_1 = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
+# the same with two CPU processes (torchrun under `accelerate launch`, gloo)
+ACCELERATE_CPU_2 = ["env", "ACCELERATE_USE_CPU=1", sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                    "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "train.py"]
 
 
 def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:

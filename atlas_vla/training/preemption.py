@@ -65,7 +65,7 @@ class StopRequest:
             self._previous[signum] = signal.signal(signum, self._handle)
         _set_parent_death_signal(signal.SIGTERM)  # a launcher killed by a signal does not forward it
         self._consoles = (sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = _ReaderlessConsole(sys.stdout), _ReaderlessConsole(sys.stderr)
+        sys.stdout, sys.stderr = (stream if stream is None else _ReaderlessConsole(stream) for stream in self._consoles)
         atexit.unregister(_end_workers_at_exit)
         atexit.register(_end_workers_at_exit)  # after multiprocessing's own exit handler, so it runs before it
         return self
@@ -110,10 +110,12 @@ class StopRequest:
 
 
 class _ReaderlessConsole:
-    """stdout/stderr that drop what nobody reads any more instead of raising: Accelerate >= 1.16's launcher
-    reads the trainer's stderr through a pipe, and a launcher that a stop signal ended (SIGUSR1's default
-    action, SIGKILL) leaves that pipe without a reader; the next progress bar or W&B line would raise
-    `BrokenPipeError` and the trainer would die before finishing the W&B run it is saving."""
+    """stdout/stderr that keep working once nobody reads them: Accelerate >= 1.16's launcher reads the
+    trainer's stderr through a pipe, and a launcher that a stop signal ended (SIGUSR1's default action,
+    SIGKILL) leaves that pipe without a reader; the next progress bar or W&B line would raise
+    `BrokenPipeError` and the trainer would die before finishing the W&B run it is saving. At the first
+    broken write the stream's file descriptor is pointed at /dev/null (what Python's documentation advises
+    for EPIPE), so later writes and the flush at exit succeed too."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -121,14 +123,20 @@ class _ReaderlessConsole:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+        except BrokenPipeError:
+            self._to_devnull()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
         return getattr(self._stream, name)
@@ -172,7 +180,8 @@ def record_stop(message: str) -> None:
 
 def wait_for_test(step: int, output_dir: Path, stop: StopRequest, rank: int) -> None:
     """Tests only (`ATLAS_VLA_TEST_WAIT_AT_STEP=N`): at step N write `<output_dir>/.wait-rank-R` holding
-    this process's pid, then wait until this process receives a stop signal or the file is deleted."""
+    this process's pid, then wait until this process receives a stop signal (it then deletes the file, so
+    the test knows the signal has landed) or the file is deleted."""
     if os.environ.get(WAIT_AT_STEP_ENV) != str(step):
         return
     marker = output_dir / f".wait-rank-{rank}"
@@ -181,3 +190,4 @@ def wait_for_test(step: int, output_dir: Path, stop: StopRequest, rank: int) -> 
     deadline = time.monotonic() + 120
     while marker.exists() and stop.signal_name is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    marker.unlink(missing_ok=True)

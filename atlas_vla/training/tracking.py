@@ -100,53 +100,63 @@ def wandb_init_kwargs(config: WandbConfig, output_dir: str | os.PathLike, run_id
 
 class WandbService:
     """The W&B service (`wandb-core`) of one training run, in a session of its own and no descendant of the
-    trainer, so the stop signals meant for the trainer do not reach it and the trainer can still flush and
-    finish the run after one.
+    trainer, so that a launcher ending the trainer's process tree does not end it too and the trainer can
+    still flush and finish the run after a stop signal.
 
     wandb starts its service as a child of the process that logs. Accelerate >= 1.16's one-process
-    launcher answers SIGTERM by terminating its whole process tree (service included), and SLURM and
-    shells signal whole process groups, so the service died before the trainer had saved and finished:
-    the run lost its history. `start` (just before the trackers start: the service ends itself after
+    launcher answers SIGTERM by terminating the trainer and all its descendants (service included) and
+    SIGKILLs them 5 s later, so the service died before the trainer had saved and finished: the run lost
+    its history. `start` (just before the trackers start: the service ends itself after
     `SERVICE_IDLE_TIMEOUT` without a client) runs wandb's own `wandb beta core start`, whose short-lived
-    helper leaves the service re-parented away from the launcher, and points this process at it through
+    helper leaves the service re-parented away from the trainer, and points this process at it through
     `WANDB_SERVICE`; `stop` (after the trackers ended) closes this process's connection and ends the
     service. A trainer killed outright leaves the service to write what it received and end itself
-    `SERVICE_IDLE_TIMEOUT` later. A service someone else started (`WANDB_SERVICE` already set: a sweep
-    agent, `wandb beta core start` in a job script) is used as it is.
+    `SERVICE_IDLE_TIMEOUT` later. A service someone else started (`WANDB_SERVICE` set: a sweep agent,
+    `wandb beta core start` in a job script, a process that already logs to W&B, which sets it) is used
+    as it is.
     """
 
     def __init__(self) -> None:
         self.token: str | None = None  # the WANDB_SERVICE value of the service this object started
 
     def start(self) -> None:
-        if self.token is not None or os.environ.get(SERVICE_ENV):
+        if self.token is not None or os.environ.get(SERVICE_ENV) or os.environ.get("WANDB_MODE") == "disabled":
             return
-        command = [sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", SERVICE_IDLE_TIMEOUT]
-        started = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                                 check=False)
-        lines = started.stdout.strip().splitlines()
-        if started.returncode != 0 or not lines:
+        # -P: the current folder (a user's `wandb.py`?) stays off the helper's import path
+        command = [sys.executable, "-P", "-m", "wandb", "beta", "core", "start", "--idle-timeout",
+                   SERVICE_IDLE_TIMEOUT]
+        try:
+            started = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                     stdin=subprocess.DEVNULL, check=False)
+            lines = started.stdout.strip().splitlines()
             reason = (started.stderr.strip().splitlines() or [f"exit code {started.returncode}"])[-1]
-            logger.warning("could not start a W&B service outside the launcher (%s): W&B starts its own, which a "
-                           "stop signal to the launcher or the process group can end before the run is saved", reason)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            started, lines, reason = None, [], str(error)
+        if started is None or started.returncode != 0 or not lines:
+            logger.warning("could not start a W&B service outside the launcher (%s): W&B starts its own, which "
+                           "Accelerate's launcher ends with the trainer on a stop signal", reason)
             return
         self.token = lines[-1]
         os.environ[SERVICE_ENV] = self.token
 
     def stop(self) -> None:
+        """Close this process's W&B connection and end the service; `WANDB_SERVICE` is unset whatever fails."""
         if self.token is None:
             return
-        import wandb
-        from wandb.cli import beta_core
-
-        wandb.teardown()  # this process's connection goes: a later wandb.init here starts afresh
         try:
+            import wandb
+            from wandb.cli import beta_core
+
+            wandb.teardown()  # this process's connection goes: a later wandb.init here starts afresh
+            os.environ[SERVICE_ENV] = self.token  # what beta_core.stop addresses
             with contextlib.redirect_stderr(io.StringIO()):  # its "sent shutdown request" chatter
                 beta_core.stop()
-        except Exception as error:  # noqa: BLE001 - a service that already ended has written the run
-            logger.warning("could not stop the W&B service at %s: %s", self.token, error)
-        os.environ.pop(SERVICE_ENV, None)
-        self.token = None
+        except Exception as error:  # noqa: BLE001 - a service left running ends itself once idle
+            logger.warning("could not stop the W&B service at %s (it ends itself after %s idle): %s", self.token,
+                           SERVICE_IDLE_TIMEOUT, error)
+        finally:
+            os.environ.pop(SERVICE_ENV, None)
+            self.token = None
 
 
 def check_tracker_installed(trackers: list[str]) -> None:

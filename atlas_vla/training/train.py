@@ -214,11 +214,13 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
         try:
             return _run_stages(accelerator, config, wandb_run_id, stop, service)  # 2-7
         finally:
-            accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
-            service.stop()
-            # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
-            # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
-            accelerator.free_memory()
+            try:
+                accelerator.end_training()  # also after an error: trackers are closed, W&B files flushed
+            finally:
+                service.stop()
+                # the run's prepared loaders go now: their worker processes, which ignore stop signals, exit
+                # through their own shutdown instead of waiting for a SIGTERM at interpreter exit
+                accelerator.free_memory()
 
 
 def _run_stages(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None, stop: StopRequest,

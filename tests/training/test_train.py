@@ -298,24 +298,31 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_in_process_training_logs_through_its_own_wandb_service_and_ends_it(tmp_path, data_dir, monkeypatch):
-    """`train` starts the W&B service of its run with the trackers, not before: with an idle timeout far
-    shorter than loading the data and building the policy, the run is still complete. Afterwards the
+    """`train` starts the W&B service of its run with the trackers, once the data and the policy are ready (the
+    service ends itself after an idle minute, so it cannot wait through a long data load). Afterwards the
     process holds no WANDB_SERVICE (a later wandb.init starts afresh) and the service is gone."""
     import psutil
 
     from atlas_vla.training import tracking
 
-    monkeypatch.setattr(tracking, "SERVICE_IDLE_TIMEOUT", "1s")
-    started = []
-    monkeypatch.setattr(tracking.WandbService, "start",
-                        lambda self, start=tracking.WandbService.start: (start(self), started.append(self.token)))
     out = tmp_path / "run"
+    services = []
+
+    def start(self, start=tracking.WandbService.start):
+        assert (out / "norm_stats.json").is_file(), "the service started before the data and policy were ready"
+        start(self)
+        # the token is `3-<pid>-unix-/tmp/wandb-<helper pid>-<service pid>-<n>/socket`
+        service = psutil.Process(int(Path(self.token.split("-unix-", 1)[1]).parent.name.split("-")[2]))
+        assert "wandb-core" in " ".join(service.cmdline()) and "--detached" in service.cmdline()
+        assert service.pid not in {p.pid for p in psutil.Process().children(recursive=True)}  # not our descendant
+        services.append(service)
+
+    monkeypatch.setattr(tracking.WandbService, "start", start)
     assert train_main(tiny_args(data_dir, out, "--report_to", "wandb")) == 0
-    [token] = started
+    [service] = services
     assert "WANDB_SERVICE" not in os.environ
-    service_pid = int(Path(token.split("-unix-", 1)[1]).parent.name.split("-")[2])  # /tmp/wandb-<ppid>-<pid>-<n>
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(service_pid) and psutil.Process(service_pid).status() != psutil.STATUS_ZOMBIE:
+    while service.is_running() and service.status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the W&B service outlived its run"
         time.sleep(0.1)
     [run_file] = find_run_files(out)
