@@ -29,14 +29,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from helpers import ACCELERATE_CPU_1, offline_environment  # the tests' launch command and environment
 from wandb_records import find_run_files, read_run  # the tests' reader of offline run files
 
 from atlas_vla.data.synthetic import make_synthetic_libero
 from atlas_vla.training.preemption import WAIT_AT_STEP_ENV
 
-LAUNCH_1 = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "train.py"]
 STOP_STEP = 2
+TIMEOUT_S = 900
 RECIPES = {
     "demo": ["--config", "configs/demo.yaml"],
     "train_config": ["--config", "configs/train_config.yaml", "--model.vggt_pretrained", "null",
@@ -46,17 +46,18 @@ RECIPES = {
 
 
 def stop_once(recipe: str, data: Path, out: Path) -> dict[str, float | bool]:
-    command = [*LAUNCH_1, *RECIPES[recipe], "--data.source", str(data), "--data.generate_synthetic", "false",
+    command = [*ACCELERATE_CPU_1, *RECIPES[recipe], "--data.source", str(data), "--data.generate_synthetic", "false",
                "--data.val_fraction", "0", "--output_dir", str(out), "--max_train_steps", str(STOP_STEP + 2),
                "--checkpointing_steps", "1000", "--validation_steps", "1000", "--logging.log_every_steps", "1",
                "--report_to", "wandb"]
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", WAIT_AT_STEP_ENV: str(STOP_STEP)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(command, cwd=REPO, env=offline_environment(**{WAIT_AT_STEP_ENV: str(STOP_STEP)}),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     marker = out / ".wait-rank-0"
+    deadline = time.monotonic() + TIMEOUT_S
     while not (marker.exists() and marker.read_text()):
-        if process.poll() is not None:
-            raise RuntimeError(process.stdout.read()[-3000:])
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the trainer never reached step {STOP_STEP}: " + process.communicate()[0][-3000:])
         time.sleep(0.05)
     trainer = int(marker.read_text())
     checkpoint = out / "checkpoints" / f"checkpoint-{STOP_STEP}"
@@ -65,6 +66,8 @@ def stop_once(recipe: str, data: Path, out: Path) -> dict[str, float | bool]:
     saved = gone = None
     while gone is None:
         now = time.perf_counter() - sent
+        if now > TIMEOUT_S:
+            raise RuntimeError(f"the trainer (pid {trainer}) did not end within {TIMEOUT_S} s of the signal")
         if saved is None and checkpoint.is_dir():
             saved = now
         try:
