@@ -6,8 +6,9 @@
     python benchmarks/stop_to_checkpoint.py --recipe train_config --repeats 1   # VGGT-1B, random weights, CPU
 
 The trainer is held at a step boundary (`ATLAS_VLA_TEST_WAIT_AT_STEP`), SIGTERM goes to the launcher alone
-(Kubernetes' stop), and the script records signal -> checkpoint folder in place and signal -> trainer gone,
-and whether the W&B run (offline) was finished as preempted. A signal that arrives during an update first
+(Kubernetes' stop), and the script records signal -> checkpoint folder in place, signal -> W&B run finished
+(its exit record written), signal -> trainer gone (Accelerate SIGKILLs it at 5 s), and whether the run was
+marked preempted. A signal that arrives during an update first
 waits for it, so the worst case adds one update: its duration is the run's own `train/steps_per_second`.
 `train_config` keeps the recipe's model and trainable state (VGGT-1B frozen over both cameras at 224 px,
 fusion and head, AdamW) on the CPU: random VGGT weights and MiniLM instead of MPNet (no Hub here), fp32,
@@ -63,13 +64,15 @@ def stop_once(recipe: str, data: Path, out: Path) -> dict[str, float | bool]:
     checkpoint = out / "checkpoints" / f"checkpoint-{STOP_STEP}"
     sent = time.perf_counter()
     os.kill(process.pid, signal.SIGTERM)
-    saved = gone = None
+    saved = finished = gone = None
     while gone is None:
         now = time.perf_counter() - sent
         if now > TIMEOUT_S:
             raise RuntimeError(f"the trainer (pid {trainer}) did not end within {TIMEOUT_S} s of the signal")
         if saved is None and checkpoint.is_dir():
             saved = now
+        if finished is None and any(read_run(f).exit_code is not None for f in find_run_files(out)):
+            finished = now
         try:
             os.kill(trainer, 0)
         except ProcessLookupError:
@@ -80,7 +83,8 @@ def stop_once(recipe: str, data: Path, out: Path) -> dict[str, float | bool]:
     run = read_run(run_file)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rate = [r["train/steps_per_second"] for r in rows if "train/steps_per_second" in r][-1]
-    return {"signal_to_checkpoint_s": saved if saved is not None else float("nan"), "signal_to_exit_s": gone,
+    return {"signal_to_checkpoint_s": saved if saved is not None else float("nan"),
+            "signal_to_wandb_finished_s": finished if finished is not None else float("nan"), "signal_to_exit_s": gone,
             "update_s": 1.0 / rate, "wandb_finished_preempted": run.preempting and run.exit_code == 0}
 
 
