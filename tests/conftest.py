@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from helpers import HAS_SIM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
@@ -21,7 +21,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None:
+if HAS_SIM:
     # the simulator's libraries set environment variables on first import (OpenGL platform, Qt and library
     # paths): import them before any test, so every test sees the same environment whichever runs first
     try:
@@ -88,8 +88,8 @@ def _differences(before: dict[str, object], after: dict[str, object]) -> list[st
 def no_leaked_process_state():
     """Every test starts from the same global random state and must leave the process as it found it:
     environment, working directory, torch's threads and default dtype, signal handlers, and no process it
-    started (a child: a server, a worker; or a detached W&B service) still running. A test that leaves such a change behind
-    fails here, and the change is undone so that the tests after it are not affected."""
+    started (a child: a server, a worker; or a detached W&B service) still running. A test that leaves such
+    a change behind fails here, and the change is undone so that the tests after it are not affected."""
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

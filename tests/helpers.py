@@ -6,7 +6,19 @@ import os
 import sys
 from pathlib import Path
 
+from atlas_vla.eval.libero_sim import SimulatorMissing, require_simulator
 from atlas_vla.models.config import DinoConfig, FusionConfig, LanguageConfig, PolicyConfig, VGGTConfig
+
+
+def _has_simulator() -> bool:
+    try:
+        require_simulator()
+    except SimulatorMissing:
+        return False
+    return True
+
+
+HAS_SIM = _has_simulator()  # the LIBERO simulator (the [sim] extra) is installed
 
 
 def tiny_vggt_config() -> VGGTConfig:

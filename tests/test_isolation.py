@@ -36,6 +36,7 @@ def test_the_guard_fails_each_leak_and_the_next_test_starts_clean(pytester):
     torch.manual_seed(0)
     first_draw = torch.rand(1).item()
     pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(helpers=(Path(__file__).parent / "helpers.py").read_text())  # the conftest imports it
     pytester.makepyfile(test_leaks=LEAKY_TESTS.replace("FIRST_DRAW", repr(first_draw)))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=5, errors=3)

@@ -301,9 +301,9 @@ def _setup_logging(accelerator: Accelerator, log_file: str | None) -> None:
 
 
 def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str | None,
-              service: WandbService | None = None) -> TrainingRun:
+              service: WandbService) -> TrainingRun:
     """Stages 2-5 of `train` on a built accelerator: data, policy + optimizer + schedule, resume, trackers
-    (W&B through `service` when given; the caller stops it after `accelerator.end_training()`).
+    (W&B through `service`; the caller stops it after `accelerator.end_training()`).
 
     The order of these stages is the order in which random numbers are drawn; changing it changes
     the trained weights for the same seed.
@@ -561,7 +561,7 @@ def _model_differences(checkpoint: Path, model_cfg: PolicyConfig) -> str | None:
     return f"it was saved with {', '.join(differ)}; resume with the same model settings" if differ else None
 
 
-def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService | None = None) -> None:
+def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService) -> None:
     """Stage 5: save the config and statistics, start the local metric log and the trackers, store the run id.
 
     A `fresh` (not resumed) run starts its local metric log anew; a resumed one appends to it.
@@ -585,7 +585,7 @@ def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService | None 
             _drop_metrics_after(output_dir / METRICS_NAME, run.state.global_step)
             apply_retention(output_dir, config.checkpoint.checkpoints_total_limit)
     if trackers:
-        if service is not None and "wandb" in trackers and accelerator.is_main_process:
+        if "wandb" in trackers and accelerator.is_main_process:
             service.start()
         wandb_kwargs = {"wandb": wandb_init_kwargs(config.wandb, output_dir, run.run_id)} if "wandb" in trackers else {}
         accelerator.init_trackers(config.wandb.project, config=flatten(tracked), init_kwargs=wandb_kwargs)

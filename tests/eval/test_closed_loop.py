@@ -6,7 +6,6 @@ values, the instruction reaching the model, and the video."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import subprocess
@@ -16,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import HAS_SIM
 from PIL import Image
 
 from atlas_vla.data.transforms import observation_to_sample, rotate_180
 from atlas_vla.runtime import LocalPolicy
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 

@@ -3,12 +3,12 @@ the recorded demonstration of libero_spatial task 0 replayed, then changed at th
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import HAS_SIM
 
 from atlas_vla.action_layout import GRIPPER, GRIPPER_CLOSE, GRIPPER_OPEN, gripper_closed
 from atlas_vla.data.spec import SampleSpec
@@ -16,7 +16,6 @@ from atlas_vla.eval import failures
 from atlas_vla.eval import libero_sim as sim
 from atlas_vla.runtime import PolicyRuntime
 
-HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 os.environ.setdefault("MUJOCO_GL", "egl")
 pytestmark = [pytest.mark.skipif(not HAS_SIM, reason="the LIBERO simulator ([sim] extra) is not installed"),
               pytest.mark.sim, pytest.mark.slow]

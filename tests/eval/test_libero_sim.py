@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import HAS_SIM
 from PIL import Image
 
 from atlas_vla.cli import main as cli
@@ -23,7 +24,6 @@ from atlas_vla.eval import libero_sim as sim
 from atlas_vla.runtime import PolicyRuntime
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 needs_sim = pytest.mark.skipif(not HAS_SIM, reason="the LIBERO simulator ([sim] extra) is not installed")
 os.environ.setdefault("MUJOCO_GL", "egl")
 

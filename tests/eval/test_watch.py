@@ -5,7 +5,6 @@ checkpoint removed before the watcher reaches it is skipped."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ACCELERATE_CPU_1, offline_environment, synthetic_dataset, tiny_args
+from helpers import ACCELERATE_CPU_1, HAS_SIM, offline_environment, synthetic_dataset, tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_SIM = importlib.util.find_spec("libero") is not None and importlib.util.find_spec("robosuite") is not None
 pytestmark = [pytest.mark.skipif(not HAS_SIM, reason="the LIBERO simulator ([sim] extra) is not installed"),
               pytest.mark.sim, pytest.mark.slow]
 EVAL = ["--eval.tasks", "[0]", "--eval.initial_states", "[0]", "--eval.max_episode_steps", "3",
