@@ -15,8 +15,9 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Sequence
 
-from atlas_vla.config import EvalConfig, load_config
+from atlas_vla.config import load_config
 from atlas_vla.data.config import DataConfig
+from atlas_vla.eval.config import EvalConfig
 from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
 from atlas_vla.serving.protocol import API_KEY_ENV
 
@@ -163,10 +164,11 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 @_add_convert.runner
 def _run_convert(args: argparse.Namespace) -> int:
     from atlas_vla.data.hdf5 import convert_libero_hdf5
+    from atlas_vla.data.sources import convert_libero_hdf5_to_dataset
 
-    path = convert_libero_hdf5(args.inputs, args.output, output_format=args.format, rotate=not args.no_rotate,
-                               image_size=args.image_size, filter_noops=args.filter_noops, fps=args.fps,
-                               overwrite=args.overwrite)
+    convert = convert_libero_hdf5 if args.format == "lerobot_v2" else convert_libero_hdf5_to_dataset
+    path = convert(args.inputs, args.output, rotate=not args.no_rotate, image_size=args.image_size,
+                   filter_noops=args.filter_noops, fps=args.fps, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -486,7 +488,7 @@ def _run_eval_watch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from atlas_vla.eval.libero_sim import require_simulator
-    from atlas_vla.eval.watch import EvalWatcher
+    from atlas_vla.training.watch import EvalWatcher
 
     require_simulator()  # a ValueError naming the extra: main prints it and exits with 2
     output_dir = Path(args.output_dir)

@@ -7,7 +7,8 @@ or with the familiar diffusers-style flags, which are aliases of those keys (`--
 Every value is checked against its field's type; an unknown key or flag fails with the closest valid
 name; a key that was renamed keeps working under its old name with a deprecation warning. The resolved
 config is saved with every checkpoint and sent to the tracker. Reading a config imports neither torch
-nor datasets: the sections are light dataclasses (`atlas_vla.models.config`, `atlas_vla.data.config`).
+nor datasets: the sections are light dataclasses (`atlas_vla.models.config`, `atlas_vla.data.config`,
+`atlas_vla.eval.config`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import yaml
 
 from atlas_vla.data.config import DataConfig
-from atlas_vla.eval.suites import perturbed_suites
+from atlas_vla.eval.config import EvalConfig
 from atlas_vla.files import write_text_atomic
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
@@ -140,54 +141,6 @@ class WandbConfig:
     save_code: bool = True  # upload the training code with the run
     resume: Literal["allow", "must", "never", "auto"] = "allow"  # how a resumed job re-attaches to its run
     disable_stats: bool = False  # turn off system metrics (GPU/CPU utilisation and memory)
-
-
-def check_ensemble_decay(decay: float | None, name: str = "ensemble_decay") -> None:
-    """`ValueError` unless the temporal-ensembling decay is null (off) or >= 0."""
-    if decay is not None and decay < 0:
-        raise ValueError(f"{name} must be >= 0 or null, got {decay}")
-
-
-@dataclass
-class EvalConfig:
-    """Closed-loop LIBERO evaluation (the [sim] extra): which episodes, and how the policy's chunks run.
-
-    `atlas-vla eval-libero --config RUN.yaml` evaluates with this section (its flags override it).
-    During training (`every_steps`, off by default) it runs on the main process while the other
-    ranks wait at a barrier (the process-group timeout is raised to 2 h for that); for long
-    evaluations run `atlas-vla eval-watch OUTPUT_DIR` beside training instead (it evaluates every
-    checkpoint as it appears, and training never waits).
-    """
-
-    every_steps: int | None = None  # during training: evaluate every N optimizer updates; null = never
-    suite: str = "libero_spatial"  # any suite the installed simulator can run (LIBERO-PRO variants included)
-    perturbations: list[str] = field(default_factory=list)  # also run suite_<p> for p in swap, object, lan, task
-    tasks: list[int] | None = None  # null = every task of the suite
-    initial_states: list[int] = field(default_factory=lambda: list(range(5)))  # official initial states per task
-    max_episode_steps: int | None = None  # policy steps per episode; null = the suite's protocol value
-    replan_steps: int | None = None  # actions executed per query (openpi's name, a count); null = the whole chunk
-    ensemble_decay: float | None = None  # query every step, average overlapping chunks (ACT weights exp(-decay*i), e.g. 0.1)
-    camera_size: int = 256
-    num_workers: int = 2  # simulator worker processes
-    videos: bool = True  # write an mp4 per episode and log them to W&B
-    seed: int = 0  # env.seed of every episode
-
-    RENAMED_KEYS: ClassVar[dict[str, str]] = {"libero_steps": "every_steps", "max_steps": "max_episode_steps",
-                                              "temporal_ensemble": "ensemble_decay"}
-
-    def __post_init__(self) -> None:
-        for name in ("every_steps", "max_episode_steps", "replan_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"eval.{name} must be >= 1 or null, got {value}")
-        check_ensemble_decay(self.ensemble_decay, "eval.ensemble_decay")
-        if not self.suite.startswith("libero_"):
-            raise ValueError(f"eval.suite must name a LIBERO suite (libero_spatial, libero_spatial_swap, ...), "
-                             f"got {self.suite!r}")
-        perturbed_suites(self.suite, self.perturbations)  # a clear error for an unknown perturbation
-        for name in ("camera_size", "num_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -8,12 +8,14 @@ import pytest
 import torch
 from helpers import tiny_policy_config
 
+from atlas_vla.chunk_schedule import ChunkSchedule
 from atlas_vla.constants import AGENT_IMAGE, INSTRUCTION, OBS_IMAGES, OBS_STATE, STATE, WRIST_IMAGE
 from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.data.observations import ObservationHistory
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.sources import load_libero
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.runtime import ChunkSchedule, LocalPolicy, ObservationHistory, PolicyRuntime
+from atlas_vla.runtime import LocalPolicy, PolicyRuntime
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Raw LIBERO HDF5 (`<task>_demo.hdf5`) -> a dataset that `load_libero` reads like the Hub version.
+"""Raw LIBERO HDF5 (`<task>_demo.hdf5`) -> a LeRobot v2 folder that `load_libero` reads like the Hub version.
 
 Each file holds the demonstrations of one task; the instruction lives in the `problem_info`
 attribute. Images are stored upside down in the raw files (OpenGL convention) and are rotated by
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -24,9 +22,7 @@ from tqdm.auto import tqdm
 from atlas_vla.action_layout import ACTION_DIM, GRIPPER, POSE
 from atlas_vla.data.lerobot_writer import LeRobotV2Writer
 from atlas_vla.data.transforms import rotate_180
-from atlas_vla.files import StagedFolder
 
-OutputFormat = Literal["lerobot_v2", "saved_dataset"]
 NOOP_THRESHOLD = 1e-4
 _DEMO = re.compile(r"^demo_(\d+)$")
 # key -> (trailing shape, or None for images (H, W, 3))
@@ -137,15 +133,14 @@ def iter_episodes(files: Sequence[Path], *, rotate: bool = True, image_size: int
                 }, instruction
 
 
-def convert_libero_hdf5(inputs: Sequence[str | Path], output: str | Path, *, output_format: OutputFormat = "lerobot_v2",
-                        rotate: bool = True, image_size: int | None = None, filter_noops: bool = False, fps: int = 20,
+def convert_libero_hdf5(inputs: Sequence[str | Path], output: str | Path, *, rotate: bool = True,
+                        image_size: int | None = None, filter_noops: bool = False, fps: int = 20,
                         overwrite: bool = False) -> Path:
-    """Convert raw LIBERO HDF5 files to a LeRobot v2 folder or a `save_to_disk` dataset at `output`.
+    """Convert raw LIBERO HDF5 files to a LeRobot v2 folder at `output` (the layout of
+    physical-intelligence/libero); `sources.convert_libero_hdf5_to_dataset` writes a `save_to_disk` folder instead.
 
-    The output appears only when complete (written beside it, then renamed).
+    Every file is checked before anything is written; the output appears only when complete.
     """
-    if output_format not in ("lerobot_v2", "saved_dataset"):
-        raise ValueError(f"output format must be lerobot_v2 or saved_dataset, got {output_format!r}")
     files = find_hdf5_files(inputs)
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
@@ -155,8 +150,7 @@ def convert_libero_hdf5(inputs: Sequence[str | Path], output: str | Path, *, out
         with _open(path) as handle:
             instruction_of(handle, path)
             total += len(_demos(handle))
-    staging = output if output_format == "lerobot_v2" else output.parent / f".{output.name}.v2-{uuid.uuid4().hex[:8]}"
-    writer = LeRobotV2Writer(staging, fps=fps, overwrite=overwrite)
+    writer = LeRobotV2Writer(output, fps=fps, overwrite=overwrite)
     try:
         episodes = iter_episodes(files, rotate=rotate, image_size=image_size, filter_noops=filter_noops)
         for arrays, instruction in tqdm(episodes, total=total, desc="converting demos", unit="demo"):
@@ -166,13 +160,4 @@ def convert_libero_hdf5(inputs: Sequence[str | Path], output: str | Path, *, out
     except BaseException:
         writer.abort()
         raise
-    if output_format == "lerobot_v2":
-        return output
-    from atlas_vla.data.sources import load_libero
-
-    try:
-        with StagedFolder(output) as staged:
-            load_libero(str(staging)).save_to_disk(str(staged.path))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output

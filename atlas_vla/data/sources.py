@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ from atlas_vla.constants import (
     WRIST_IMAGE,
 )
 from atlas_vla.data.config import check_column_overrides
+from atlas_vla.data.hdf5 import convert_libero_hdf5, find_hdf5_files
+from atlas_vla.files import StagedFolder
 from atlas_vla.hub import local_path_or_hub_id
 
 LAYOUT_LEROBOT_V2 = "lerobot-v2"  # meta/info.json (v2.x), meta/tasks.jsonl, data/chunk-*/episode_*.parquet
@@ -235,8 +238,6 @@ def _converted_hdf5(path: Path, cache_dir: str | None) -> Path:
     """Raw LIBERO HDF5 files as a LeRobot v2 folder, converted once with `convert_libero_hdf5`'s defaults
     (images rotated upright, no no-op filter) into a cache folder keyed by the files' paths, sizes and
     modification times; `atlas-vla convert-libero-hdf5` gives the other options."""
-    from atlas_vla.data.hdf5 import convert_libero_hdf5, find_hdf5_files
-
     files = find_hdf5_files([path])
     digest = hashlib.sha256()
     for file in files:
@@ -246,6 +247,24 @@ def _converted_hdf5(path: Path, cache_dir: str | None) -> Path:
     if not root.exists():
         convert_libero_hdf5(files, root)
     return root
+
+
+def convert_libero_hdf5_to_dataset(inputs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
+                                   **options: Any) -> Path:
+    """Raw LIBERO HDF5 files as one `Dataset.save_to_disk` folder at `output`, with the canonical columns
+    `load_libero` gives; `options` are `hdf5.convert_libero_hdf5`'s (rotate, image_size, filter_noops, fps).
+
+    The files are converted to a LeRobot v2 folder beside `output` first, which goes when done; the output
+    appears only when complete."""
+    output = Path(output).expanduser()
+    if output.exists() and not overwrite:
+        raise ValueError(f"output folder already exists: {output} (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.v2-", dir=output.parent) as staging:
+        converted = convert_libero_hdf5(inputs, Path(staging) / "v2", **options)
+        with StagedFolder(output) as staged:
+            load_libero(str(converted)).save_to_disk(str(staged.path))
+    return output
 
 
 def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patterns: list[str]) -> Path:

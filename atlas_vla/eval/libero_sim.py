@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from atlas_vla.action_layout import GRIPPER, GRIPPER_OPEN
-from atlas_vla.config import EvalConfig
 from atlas_vla.data.transforms import libero_state, rotate_180
+from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import FAILURE_REASONS, FailureMonitor
 from atlas_vla.eval.intervals import format_rate, wilson_interval
 from atlas_vla.eval.suites import base_suite, check_runnable, max_episode_steps, perturbed_suites, runnable_suites

@@ -28,6 +28,7 @@ from atlas_vla.constants import (
     STATE_DIM,
 )
 from atlas_vla.data.normalization import NormStats, normalize, unnormalize
+from atlas_vla.data.observations import ObservationHistory, batch_inputs
 from atlas_vla.models.action_head import action_metrics, build_action_head
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.fusion import Fusion
@@ -188,8 +189,6 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         `task_description`) -> (action_horizon, 7) float array in LIBERO units, the observation taken as
         the first frame of an episode. A control loop uses `runtime.PolicyRuntime`, which keeps the
         episode's frames for temporal context and schedules the chunks."""
-        from atlas_vla.runtime import ObservationHistory, batch_inputs
-
         was_training = self.training
         self.eval()
         try:

@@ -40,7 +40,8 @@ Policy = TypeVar("Policy", bound="PretrainedPolicy")
 
 
 def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder for a saved policy: the folder itself, or a Hub model id downloaded once."""
+    """A local folder for a saved policy: the folder itself, or a Hub model id downloaded once (a Hub id that
+    cannot be had, e.g. offline and not cached, is a `FileNotFoundError` naming it and the Hub's reason)."""
     found = local_path_or_hub_id(name_or_path, f"policy folder not found: {Path(name_or_path).expanduser()}")
     if isinstance(found, Path):
         if not found.is_dir():
@@ -48,7 +49,12 @@ def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | No
         return found
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(found, revision=revision))
+    try:
+        return Path(snapshot_download(found, revision=revision))
+    except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, bad revision
+        reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+        raise FileNotFoundError(f"policy {found!r} is not a local folder and could not be had from the Hub "
+                                f"(revision {revision or 'main'}): {reason}") from error
 
 
 def read_policy_config(folder: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from atlas_vla.runtime import ObservationHistory, batch_inputs
+from atlas_vla.data.observations import ObservationHistory, batch_inputs
 from atlas_vla.serving.protocol import ProtocolError, pack, parse_request, server_metadata, unpack
 
 logger = logging.getLogger("atlas_vla.serve")

@@ -9,6 +9,7 @@ exported policy (`policy/`, loadable by `AtlasPolicy.from_pretrained`), written 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,8 +19,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from atlas_vla.config import CheckpointConfig, load_yaml
 from atlas_vla.files import swap_in_folder
-from atlas_vla.schema import from_dict
+from atlas_vla.models.config import PolicyConfig
+from atlas_vla.schema import flatten, from_dict, to_dict
+
+logger = logging.getLogger("atlas_vla.train")
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "training_state.json"
@@ -161,3 +166,34 @@ def apply_retention(output_dir: str | os.PathLike, total_limit: int | None) -> N
     if total_limit is not None:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_state(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: CheckpointConfig,
+                 output_dir: Path, model_cfg: PolicyConfig) -> TrainingState:
+    """Stage 4: load the accelerator state from `resume_dir` and return where training stands (step 0 without)."""
+    if resume_dir is None:
+        if checkpoint_cfg.resume_from_checkpoint == "latest":
+            logger.info("no checkpoint in %s yet: starting a new run", output_dir)
+        return TrainingState(global_step=0, epoch=0, batches_in_epoch=0)
+    state = TrainingState.load(resume_dir)  # a bad file fails before any state is touched
+    try:
+        accelerator.load_state(str(resume_dir))
+    except Exception as error:
+        raise ValueError(f"cannot resume from {resume_dir}: "
+                         f"{_model_differences(resume_dir, model_cfg) or str(error).splitlines()[0]}") from None
+    check_random_states_restored(resume_dir, accelerator.process_index)
+    logger.info("resumed from %s at step %d", resume_dir, state.global_step)
+    return state
+
+
+def _model_differences(checkpoint: Path, model_cfg: PolicyConfig) -> str | None:
+    """'it was saved with model.a = x (this config: y), ...' when the checkpoint's `config.yaml` has another
+    model section than this run; None when they agree or the file cannot be read."""
+    try:
+        saved = flatten({"model": load_yaml(checkpoint / "config.yaml").get("model", {})})
+    except (OSError, ValueError):
+        return None
+    mine = flatten({"model": to_dict(model_cfg)})
+    differ = [f"{key} = {saved.get(key)!r} (this config: {mine.get(key)!r})"
+              for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key)]
+    return f"it was saved with {', '.join(differ)}; resume with the same model settings" if differ else None

@@ -12,7 +12,7 @@ import pytest
 from atlas_vla.cli import main as cli
 from atlas_vla.constants import ACTION, AGENT_IMAGE, INSTRUCTION, STATE, WRIST_IMAGE
 from atlas_vla.data.hdf5 import convert_libero_hdf5, noop_mask
-from atlas_vla.data.sources import describe, load_libero
+from atlas_vla.data.sources import convert_libero_hdf5_to_dataset, describe, load_libero
 
 INSTRUCTION_TEXT = "put the bowl on the plate"
 
@@ -78,7 +78,8 @@ def raw(tmp_path) -> Path:
 
 @pytest.mark.parametrize("output_format", ["lerobot_v2", "saved_dataset"])
 def test_converts_with_instruction_orientation_state(raw, tmp_path, output_format):
-    out = convert_libero_hdf5([raw], tmp_path / "out", output_format=output_format)
+    convert = convert_libero_hdf5 if output_format == "lerobot_v2" else convert_libero_hdf5_to_dataset
+    out = convert([raw], tmp_path / "out")
     ds = load_libero(str(out))
     assert len(ds) == 6 + 5 + 4
     assert ds[INSTRUCTION][:11] == [INSTRUCTION_TEXT] * 11 and ds[INSTRUCTION][11:] == ["open the drawer"] * 4
@@ -118,10 +119,11 @@ def test_noop_mask_by_value():
     ("missing", r"b_demo.hdf5: data/demo_1 has no 'obs/gripper_states'"),
     ("shape", r"b_demo.hdf5: data/demo_1/actions has shape \(5, 6\), expected \(T, 7\)"),
 ])
-def test_bad_files_are_named_and_leave_no_output(tmp_path, corrupt, message):
+@pytest.mark.parametrize("convert", [convert_libero_hdf5, convert_libero_hdf5_to_dataset])
+def test_bad_files_are_named_and_leave_no_output(tmp_path, corrupt, message, convert):
     path = write_libero_hdf5(tmp_path / "b_demo.hdf5", corrupt=corrupt)
     with pytest.raises(ValueError, match=message):
-        convert_libero_hdf5([path], tmp_path / "out")
+        convert([path], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b_demo.hdf5"]  # nothing half-written
 
 

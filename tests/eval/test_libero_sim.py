@@ -251,9 +251,9 @@ def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
 def test_libero_pro_suites_run_and_a_suite_that_cannot_run_says_which_can(tmp_path, capsys, sim_demos_dir):
     from helpers import tiny_policy_config
 
-    from atlas_vla.config import EvalConfig
     from atlas_vla.data.normalization import compute_norm_stats
     from atlas_vla.data.sources import load_libero
+    from atlas_vla.eval.config import EvalConfig
     from atlas_vla.models.policy import AtlasPolicy
 
     # a variant keeps its base suite's episode length
@@ -302,7 +302,7 @@ def test_bad_tasks_states_and_checkpoints_fail_before_any_worker(tmp_path, capsy
 @needs_sim
 def test_episode_specs_come_from_one_eval_config(tmp_path):
     from atlas_vla.cli import _eval_config, build_parser
-    from atlas_vla.config import EvalConfig
+    from atlas_vla.eval.config import EvalConfig
 
     config = EvalConfig(tasks=[0, 2], initial_states=[30, 31], replan_steps=8, camera_size=128)
     specs = sim.episode_specs(config, video_dir=tmp_path)

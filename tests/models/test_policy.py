@@ -194,10 +194,12 @@ def test_policy_folder_resolution(tmp_path):
     for missing in (str(tmp_path / "nope"), "./relative/nope", "not a hub id"):
         with pytest.raises(FileNotFoundError, match="policy folder not found"):
             resolve_policy_folder(missing)
-    # an owner/name id, dots included, goes to the Hub (offline here: a Hub error, not "folder not found")
-    with pytest.raises(Exception) as error:
+    # an owner/name id, dots included, goes to the Hub: unreachable (or offline) and not cached here, so the
+    # Hub's own LocalEntryNotFoundError, named with the id
+    with pytest.raises(FileNotFoundError, match=r"policy 'org/atlas-libero-v1\.5' is not a local folder and could not "
+                       r"be had from the Hub \(revision main\): LocalEntryNotFoundError: ") as error:
         resolve_policy_folder("org/atlas-libero-v1.5")
-    assert not isinstance(error.value, FileNotFoundError) or "policy folder not found" not in str(error.value)
+    assert type(error.value.__cause__).__name__ == "LocalEntryNotFoundError"
 
 
 def test_predict_action_restores_training_mode_after_an_error(stats):

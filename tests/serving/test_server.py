@@ -145,23 +145,27 @@ def test_concurrent_clients_are_batched_and_a_bad_request_hurts_nobody(policy, o
     # a long wait so the four requests of a round share one forward pass however busy the machine is
     with serve_in_background(policy, port=0, max_batch_size=4, max_wait_ms=3000) as server:
         clients = [websocket_client_policy.WebsocketClientPolicy("127.0.0.1", server.port) for _ in range(4)]
-        replies: list = [None] * 4
         barrier = threading.Barrier(4)
 
-        def ask(i: int, request: dict) -> None:
-            barrier.wait()
-            try:
-                replies[i] = clients[i].infer(request)
-            except Exception as error:  # openpi's client raises the server's text reply
-                replies[i] = error
-
         def round_of(requests: list[dict]) -> list:
-            threads = [threading.Thread(target=ask, args=(i, r)) for i, r in enumerate(requests)]
+            """The four replies of one round (a fresh list: a round that hangs cannot pass on earlier replies)."""
+            replies: list = [None] * len(requests)
+
+            def ask(i: int, request: dict) -> None:
+                barrier.wait()
+                try:
+                    replies[i] = clients[i].infer(request)
+                except Exception as error:  # openpi's client raises the server's text reply
+                    replies[i] = error
+
+            threads = [threading.Thread(target=ask, args=(i, r), daemon=True) for i, r in enumerate(requests)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join(timeout=120)
-            return list(replies)
+            assert not any(thread.is_alive() for thread in threads), "a client got no reply within 120 s"
+            assert all(reply is not None for reply in replies)
+            return replies
 
         first = round_of(observations)
         for reply, want in zip(first, expected):

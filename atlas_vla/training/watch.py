@@ -18,15 +18,20 @@ be used offline or be checked here; a grouped run works everywhere, offline incl
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from atlas_vla.config import EvalConfig, TrainConfig
+from atlas_vla.config import TrainConfig, load_config
+from atlas_vla.eval.config import EvalConfig
 from atlas_vla.files import write_json_atomic
 from atlas_vla.schema import to_dict
+from atlas_vla.training.checkpointing import list_checkpoints
+from atlas_vla.training.export import FINAL_DIR, SUMMARY_NAME
+from atlas_vla.training.tracking import RUN_ID_FILE, run_group
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME = "eval_results.json"
@@ -42,19 +47,12 @@ class Snapshot:
 
     @property
     def is_final(self) -> bool:
-        from atlas_vla.training.train import FINAL_DIR
-
         return self.folder.name == FINAL_DIR
 
 
 def snapshots(output_dir: Path) -> list[Snapshot]:
     """The run's saved policies in step order: complete checkpoints, then `final/` once training has
     written its summary (the final step)."""
-    import json
-
-    from atlas_vla.training.checkpointing import list_checkpoints
-    from atlas_vla.training.train import FINAL_DIR, SUMMARY_NAME
-
     found = [Snapshot(int(folder.name.split("-")[1]), folder, folder / "policy")
              for folder in list_checkpoints(output_dir)]
     summary = output_dir / SUMMARY_NAME
@@ -167,8 +165,6 @@ class EvalWatcher:
 def eval_run_kwargs(output_dir: Path) -> dict[str, Any]:
     """`wandb.init` arguments of a training run's eval run: id `<run id>-eval`, the training run's group,
     project and entity, files under `output_dir/eval_watch` (a restarted watcher resumes the same run)."""
-    from atlas_vla.training.tracking import RUN_ID_FILE, run_group
-
     run_id_file = output_dir / RUN_ID_FILE
     if not run_id_file.is_file():
         raise ValueError(f"{output_dir} has no {RUN_ID_FILE}: the training run does not log to W&B "
@@ -186,6 +182,4 @@ def eval_run_kwargs(output_dir: Path) -> dict[str, Any]:
 
 
 def _run_config(output_dir: Path) -> TrainConfig:
-    from atlas_vla.config import load_config
-
     return load_config(output_dir / "config.yaml")

@@ -1,0 +1,49 @@
+"""Stage 7 of a run: the final policy in `final/`, `train_summary.json`, and the Hub upload if asked for."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from atlas_vla.files import write_json_atomic
+from atlas_vla.training.loop import Throughput
+from atlas_vla.training.run import TrainingRun
+
+logger = logging.getLogger("atlas_vla.train")
+
+
+SUMMARY_NAME = "train_summary.json"
+
+
+FINAL_DIR = "final"
+
+
+def export_policy(run: TrainingRun, throughput: Throughput) -> Path:
+    """Stage 7 of `train`: the final policy in `final/`, `train_summary.json`, and the Hub upload if asked for."""
+    accelerator, output_dir, training_cfg = run.accelerator, run.output_dir, run.config.training
+    checksums = _rank_checksums(accelerator, run.unwrapped_policy)
+    final_dir = output_dir / FINAL_DIR
+    if accelerator.is_main_process:
+        policy = run.unwrapped_policy
+        policy.save_pretrained(final_dir, references=run.references)
+        summary = {"global_step": run.state.global_step, "num_processes": accelerator.num_processes,
+                   "global_batch_size": run.global_batch_size, "rank_weight_checksums": checksums,
+                   "wandb_run_id": run.run_id if "wandb" in run.trackers else None,
+                   "parameters": run.parameter_counts, "seconds": time.perf_counter() - throughput.start,
+                   "train_steps_per_second": throughput.steps_per_second}
+        write_json_atomic(output_dir / SUMMARY_NAME, summary)
+        if training_cfg.push_to_hub:
+            policy.push_to_hub(training_cfg.hub_model_id or output_dir.name)
+        logger.info("exported the policy to %s", final_dir)
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+def _rank_checksums(accelerator: Accelerator, policy: torch.nn.Module) -> list[float]:
+    """One checksum of the trainable weights per rank (they must all agree under DDP)."""
+    total = sum(p.detach().double().sum() for p in policy.parameters())
+    return [float(v) for v in accelerator.gather(total.reshape(1).to(accelerator.device).float())]
