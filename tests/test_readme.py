@@ -1,9 +1,11 @@
-"""The README's commands: every shell block names files, flags and subcommands that exist (`bash`
-blocks run offline; `sh` blocks need the network or a GPU, so they are checked without running);
-`python` blocks import what exists."""
+"""The README and the guide in docs/: every shell block names files, flags and subcommands that exist
+(`bash` blocks run offline; `sh` blocks need the network or a GPU, so they are checked without running);
+`python` blocks import what exists; every link between the pages leads somewhere; every subcommand and
+every train.py flag is documented somewhere."""
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import itertools
 import re
@@ -14,15 +16,16 @@ from pathlib import Path
 import pytest
 
 from atlas_vla.cli import build_parser
-from atlas_vla.config import parse_overrides
+from atlas_vla.config import FLAG_ALIASES, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+TEXT = {page: page.read_text() for page in PAGES}
 PRODUCED = ("outputs/", "data/", "logs/", "stats.json")  # written by the commands before them (demo, generator)
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+def blocks(language: str, pages: list[Path] = PAGES) -> list[str]:
+    return [block for page in pages for block in re.findall(rf"```{language}\n(.*?)```", TEXT[page], flags=re.S)]
 
 
 def commands() -> list[list[str]]:
@@ -42,7 +45,7 @@ def commands() -> list[list[str]]:
 
 def check_path(path: str) -> None:
     if not path.startswith(PRODUCED):
-        assert (REPO / path).exists(), f"README names {path}, which does not exist"
+        assert (REPO / path).exists(), f"the guide names {path}, which does not exist"
 
 
 def check_train_args(args: list[str]) -> None:
@@ -68,7 +71,7 @@ def check(words: list[str]) -> None:
         return
     if words[:2] == ["accelerate", "launch"] and "-m" in words:  # a module run by every process
         module = words.index("-m") + 1
-        assert words[module] == "atlas_vla.cli", f"README launches an unknown module: {' '.join(words)}"
+        assert words[module] == "atlas_vla.cli", f"the guide launches an unknown module: {' '.join(words)}"
         check(["atlas-vla", *words[module + 1:]])
         return
     if words[:2] == ["accelerate", "launch"]:
@@ -95,6 +98,10 @@ def check(words: list[str]) -> None:
         return
     if words[:2] == ["wandb", "agent"]:
         return
+    if words[:2] == ["wandb", "sync"]:  # an offline run's folder, written by a command before it
+        for word in words[2:]:
+            check_path(word)
+        return
     if words[0] == "python" and words[1].startswith("benchmarks/"):
         check_path(words[1])
         return
@@ -103,12 +110,12 @@ def check(words: list[str]) -> None:
         try:
             parser.parse_args(words[1:])
         except SystemExit as error:
-            pytest.fail(f"README command does not parse: {' '.join(words)} ({error})")
+            pytest.fail(f"the guide's command does not parse: {' '.join(words)} ({error})")
         for word in words[1:]:
             if word.startswith(("configs/", "notebooks/", "benchmarks/")):
                 check_path(word)
         return
-    pytest.fail(f"README has a runnable command this test does not know: {' '.join(words)}")
+    pytest.fail(f"the guide has a runnable command this test does not know: {' '.join(words)}")
 
 
 @pytest.mark.parametrize("words", commands(), ids=lambda w: " ".join(w)[:60])
@@ -118,7 +125,7 @@ def test_readme_command(words):
 
 def test_the_two_commands_are_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
-    first = blocks("bash")[0]
+    first = blocks("bash", [REPO / "README.md"])[0]
     for line in first.splitlines():
         if line.strip() and not line.startswith("#"):
             assert line.split(" #")[0].strip() in ci, line
@@ -131,10 +138,31 @@ def test_python_blocks_import_what_exists():
                 exec(line, {})
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_link_leads_somewhere(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", TEXT[page]):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.exists(), f"{page.name} links to {target}, which does not exist"
+        if anchor:
+            headings = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+                        for h in re.findall(r"^#+ (.+)$", resolved.read_text(), flags=re.M)}
+            assert anchor in headings, f"{page.name} links to {target}: no such heading"
+
+
+def test_the_readme_is_a_front_door_to_every_page():
+    readme = TEXT[REPO / "README.md"]
+    assert len(readme.splitlines()) <= 250
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in readme, f"the README's map of the guide does not link docs/{page.name}"
+
+
 def test_every_subcommand_and_flag_is_documented():
-    for command in ("data-info", "convert-libero-hdf5", "compute-stats", "make-synthetic-libero", "predict",
-                    "eval-offline", "eval-libero", "eval-report", "eval-watch", "serve", "cache-features"):
-        assert command in README, command
-    for flag in ("--report_to", "--resume_from_checkpoint", "--checkpoints_total_limit", "--mixed_precision",
-                 "--gradient_accumulation_steps", "--eval_libero_steps", "--push_to_hub"):
-        assert flag in README, flag
+    guide = "\n".join(TEXT.values())
+    subcommands = next(action.choices for action in build_parser()._actions
+                       if isinstance(action, argparse._SubParsersAction))
+    undocumented = [name for name in subcommands if f"atlas-vla {name}" not in guide]
+    assert undocumented == [], "subcommands no page shows"
+    assert [flag for flag in FLAG_ALIASES if f"--{flag}" not in guide] == [], "train.py flags no page names"
