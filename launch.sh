@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Launch Atlas training with `accelerate launch`. Run `./launch.sh --help` for the options.
+# Relative paths (--config, --log, --accelerate_config and train.py's own) mean the folder it is started from.
 set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 usage() {
   cat <<'TXT'
@@ -14,7 +16,7 @@ usage: ./launch.sh [options] [-- train.py arguments]
   --node_rank R               this machine's rank (multi-node)
   --main_process_ip IP        address of rank 0 (multi-node)
   --main_process_port P       port of rank 0 (default: 29500)
-  --config FILE               experiment config (default: configs/train_config.yaml)
+  --config FILE               experiment config (default: configs/train_config.yaml of this repository)
   --accelerate_config FILE    an accelerate config (accelerate_configs/*.yaml or `accelerate config`)
   --wandb                     log to Weights & Biases (WANDB_MODE=offline works without network)
   --log FILE                  tee all output (stdout and stderr) to FILE
@@ -22,6 +24,7 @@ usage: ./launch.sh [options] [-- train.py arguments]
   -h, --help                  this help
 
 Everything after `--` goes to train.py, e.g. -- --learning_rate 1e-4 --max_train_steps 1000.
+Relative paths, here and after `--`, are read against the folder you start it from.
 Examples:
   ./launch.sh --wandb
   ./launch.sh --mode multi --gpus 8 --wandb --log logs/train.log
@@ -33,7 +36,7 @@ die() { echo "launch.sh: error: $*" >&2; echo "run ./launch.sh --help for usage"
 is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
 
 mode=single gpus="" gpus_flag=--gpus nodes=1 node_rank=0 main_ip="" main_port=29500
-config=configs/train_config.yaml accel_config="" wandb=0 log="" dry_run=0
+config="$repo/configs/train_config.yaml" accel_config="" wandb=0 log="" dry_run=0
 train_args=()
 while (($#)); do
   case "$1" in
@@ -80,7 +83,7 @@ case "$mode" in
        if ((gpus > 1)); then cmd+=(--multi_gpu --num_processes "$gpus"); else cmd+=(--cpu --num_processes 1); fi ;;
 esac
 cmd+=(--num_machines "$nodes")
-cmd+=(--quiet train.py)  # a trainer error is reported once, by the trainer, not again as a launcher traceback
+cmd+=(--quiet "$repo/train.py")  # a trainer error is reported once, by the trainer, not again as a launcher traceback
 script_args=()
 ((config_in_args)) || script_args+=(--config "$config")
 ((wandb)) && script_args+=(--wandb)
@@ -89,11 +92,11 @@ cmd+=("${script_args[@]}")
 
 echo "+ ${env_prefix[*]:+${env_prefix[*]} }${cmd[*]}"
 ((dry_run)) && exit 0
-cd "$(dirname "$0")"
-# a mistyped flag or a bad config value: one error line now, before any process or launcher starts
+# a mistyped flag, a bad config value or a missing data source: one error line now, before any process or
+# launcher starts (the package from this repository, also where it is not installed)
 help_asked=0
 for arg in "${script_args[@]}"; do [[ "$arg" == -h || "$arg" == --help ]] && help_asked=1; done
-((help_asked)) || python -m atlas_vla.config "${script_args[@]}" || exit 2
+((help_asked)) || PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" python -m atlas_vla.config "${script_args[@]}" || exit 2
 # Train in the background in a process group of its own, forward SIGTERM/SIGINT/SIGUSR1 to it, and
 # wait for every process of the group: `accelerate launch` does not forward signals and may die
 # before the trainer it started has saved its checkpoint. The trainer writes to the stop file when a

@@ -9,15 +9,19 @@ one line with exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from atlas_vla.config import load_config
+from atlas_vla.config import TrainConfig, is_train_option, load_config, parse_overrides
 from atlas_vla.data.config import DataConfig
 from atlas_vla.eval.config import EvalConfig
+from atlas_vla.eval.failures import EvaluationFailed, check_episodes_ran
+from atlas_vla.hub import resolve_local
 from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
 from atlas_vla.serving.protocol import API_KEY_ENV
 
@@ -57,6 +61,48 @@ def _renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, **kwargs:
     parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_RenamedFlag, new=new, **kwargs)
 
 
+def _takes_train_overrides(parser: argparse.ArgumentParser) -> None:
+    """The command builds a training configuration: it also takes train.py's overrides (`--data.source X`,
+    `--learning_rate 1e-4`), as train.py does, with or without `--` before them (`main` sets them aside)."""
+    parser.set_defaults(_train_overrides=[])
+    parser.epilog = ("It also takes train.py's overrides, as train.py does (--data.source PATH, --training.seed 1, "
+                     "...), with or without -- before them.")
+
+
+def _split_train_overrides(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command's own arguments, train.py's overrides): everything after `--`, and every `--option` that is
+    train.py's and not the command's, with its value read as train.py reads it. An option that is neither is
+    train.py's to refuse with its did-you-mean, unless it is a near miss of one of the command's own."""
+    own = {flag for action in parser._actions for flag in action.option_strings}
+    mine: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        token, name = argv[i], argv[i].split("=", 1)[0]
+        if token == "--":
+            overrides += argv[i + 1:]
+            break
+        if not token.startswith("--") or name in own:
+            mine.append(token)
+            i += 1
+            continue
+        if not is_train_option(name):
+            close = difflib.get_close_matches(name, sorted(own), n=1, cutoff=0.8)
+            if close:
+                parser.error(f"unrecognized arguments: {token} (did you mean {close[0]}?)")
+        takes_value = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        overrides += argv[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return mine, overrides
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration of `--config` (or the defaults) with train.py's overrides applied, exactly as
+    train.py builds it."""
+    path, overrides = parse_overrides(args._train_overrides)
+    return load_config(args.config or path, overrides)
+
+
 def _add_policy_argument(parser: argparse.ArgumentParser) -> None:
     """`--policy PATH_OR_HUB_ID` (a saved policy folder; `--checkpoint` is its old name)."""
     # not required=True: argparse would then refuse the old spelling alone (`main` checks it is given)
@@ -72,13 +118,15 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (Hub ids only)")
     parser.add_argument("--val-fraction", type=float, default=None, help="share of episodes held out (as in training)")
     parser.add_argument("--split-seed", type=int, default=None, help="seed of the episode split (as in training)")
+    _takes_train_overrides(parser)
 
 
 def _data_config(args: argparse.Namespace, source: str | list[str] | None) -> DataConfig:
-    """The `DataConfig` of `--config` (or the defaults) with `source` and the data flags applied on top."""
-    if args.config is None and source is None:
+    """The `data:` section of `--config` (or the defaults) and train.py's overrides, with `source` and the data
+    flags applied on top."""
+    config = _train_config(args).data
+    if args.config is None and source is None and "source" not in parse_overrides(args._train_overrides)[1].get("data", {}):
         raise ValueError("name the data: a source (Hub dataset id or folder) or --config RUN.yaml")
-    config = load_config(args.config).data if args.config else DataConfig()
     overrides = {"source": source, "revision": args.revision, "val_fraction": args.val_fraction,
                  "split_seed": args.split_seed}
     # these commands read every frame of the split once, in order: a stream would need its own length
@@ -202,17 +250,14 @@ def _add_cache_features(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None,
                         help="the store's folder (default: the config's training.feature_store, else auto: "
                              "<output_dir>/../feature_stores/<key>)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="train.py overrides after --, e.g. -- --data.source PATH --training.cached_copies 4")
+    _takes_train_overrides(parser)
 
 
 @_add_cache_features.runner
 def _run_cache_features(args: argparse.Namespace) -> int:
-    from atlas_vla.config import config_from_args
     from atlas_vla.training.train import cache_features
 
-    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    path = cache_features(config_from_args(["--config", args.config, *overrides]), args.output)
+    path = cache_features(_train_config(args), args.output)
     print(f"feature store ready: {path}")
     return 0
 
@@ -252,7 +297,6 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
     import zipfile
-    from pathlib import Path
 
     import numpy as np
 
@@ -329,13 +373,15 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
                         help="a run's config (YAML): evaluate with its eval section (a config without one gets the "
                              "eval defaults: 5 initial states, 2 workers); the flags below override it")
     _add_episode_flags(parser)
+    _takes_train_overrides(parser)
     parser.add_argument("--video-dir", default=None, help="write one mp4 per episode here")
     parser.add_argument("--server", default=None, metavar="ws://HOST:PORT",
                         help="a running `atlas-vla serve`: the workers query it instead of loading --policy")
     parser.add_argument("--api-key", default=None,
                         help=f"the --server's API key (default: the {API_KEY_ENV} environment variable)")
     parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
-    parser.add_argument("--output", default="eval_results.json", help="results JSON file")
+    parser.add_argument("--output", default="eval_results.json",
+                        help="results JSON file (default: eval_results.json in the working directory)")
     parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
     _renamed_flag(parser, "--report_to", "--report-to", choices=("none", "wandb"))
 
@@ -375,7 +421,8 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
 
     if args.config is None and args.suite is None:
         raise ValueError("--suite is required without --config RUN.yaml")
-    config = load_config(args.config).eval if args.config else EvalConfig(initial_states=list(range(50)), num_workers=1)
+    config = (_train_config(args).eval if args.config or args._train_overrides
+              else EvalConfig(initial_states=list(range(50)), num_workers=1))
     overrides = {"suite": args.suite, "max_episode_steps": args.max_episode_steps, "replan_steps": args.replan_steps,
                  "ensemble_decay": args.ensemble_decay, "camera_size": args.camera_size,
                  "num_workers": args.num_workers, "seed": args.seed,
@@ -423,6 +470,7 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
         print(sim.format_comparison(list(summary["suites"].items())))
     path = sim.save_results(args.output, config.suite, summary, settings)
     print(f"wrote {path}")
+    check_episodes_ran(results, path)
     if args.report_to == "wandb":
         print(f"logged to W&B run {sim.log_to_wandb(config.suite, summary, settings)}")
     return 0
@@ -476,6 +524,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_eval_watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="the training run's output folder (its config.yaml gives the eval section)")
     _add_episode_flags(parser)
+    _takes_train_overrides(parser)
     parser.add_argument("--once", action="store_true", help="evaluate the checkpoints there now, then exit")
     parser.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look for new checkpoints")
     parser.add_argument("--report-to", choices=("none", "wandb"), default=None,
@@ -485,7 +534,6 @@ def _add_eval_watch(parser: argparse.ArgumentParser) -> None:
 @_add_eval_watch.runner
 def _run_eval_watch(args: argparse.Namespace) -> int:
     import logging
-    from pathlib import Path
 
     from atlas_vla.eval.libero_sim import require_simulator
     from atlas_vla.training.watch import EvalWatcher
@@ -526,6 +574,28 @@ def _run_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# argument names that hold local paths, and those that hold a local path or a Hub id
+_PATH_ARGUMENTS = ("config", "output", "output_dir", "video_dir", "observation", "inputs")
+_PATH_OR_HUB_ARGUMENTS = ("policy", "data", "source")
+
+
+def _resolve_paths(args: argparse.Namespace) -> None:
+    """Every path a command was given, absolute against the working directory it was started in, once, as it is
+    read (`hub.resolve_local`: a Hub id stays as it is): what the command reads and writes, and what it records."""
+    for name in _PATH_ARGUMENTS + _PATH_OR_HUB_ARGUMENTS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        resolve = resolve_local if name in _PATH_OR_HUB_ARGUMENTS else (lambda v: str(Path(v).expanduser().absolute()))
+        setattr(args, name, [resolve(str(v)) for v in value] if isinstance(value, list) else resolve(str(value)))
+
+
+def _subcommand(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    """The subcommand parser `argv` names (its first word), or None."""
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices.get(argv[0]) if argv else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `atlas-vla` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="atlas-vla", description=__doc__.splitlines()[0])
@@ -537,16 +607,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """`atlas-vla` arguments as its commands read them: train.py's overrides set aside (`_train_overrides`) for
+    the commands that build a training configuration, and every path absolute. A usage error exits 2 (argparse);
+    an option that neither the command nor train.py has is a `ValueError` with train.py's did-you-mean."""
+    parser = build_parser()
+    argv = list(argv)
+    command = _subcommand(parser, argv)
+    overrides: list[str] = []
+    if command is not None and command.get_default("_train_overrides") is not None:
+        own, overrides = _split_train_overrides(command, argv[1:])
+        argv = argv[:1] + own
+    args = parser.parse_args(argv)
+    if overrides:
+        parse_overrides(overrides)  # an option train.py does not have: a ValueError with its did-you-mean, now
+        args._train_overrides = overrides
+    _resolve_paths(args)
+    if getattr(args, "policy", "") is None and getattr(args, "server", None) is None:
+        parser.error(f"{args.command}: the argument --policy is required")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atlas-vla` console script."""
     print_renames_as_one_line()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "policy", "") is None and getattr(args, "server", None) is None:
-        parser.error(f"{args.command}: the argument --policy is required")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        print(f"atlas-vla {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, EvaluationFailed) as error:
         print(f"atlas-vla {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import yaml
 
-from atlas_vla.data.config import DataConfig
+from atlas_vla.data.config import DataConfig, check_sources_exist
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.files import write_text_atomic
-from atlas_vla.models.config import PolicyConfig
+from atlas_vla.hub import resolve_local
+from atlas_vla.models.config import MINILM, PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
 
 # `transformers.get_scheduler` names that every supported transformers has (a test checks them): a
@@ -242,6 +243,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
+def is_train_option(flag: str) -> bool:
+    """Whether `--flag` is one of train.py's options: a dotted config key (or its old name) or a flag alias."""
+    name = flag[2:].split("=", 1)[0] if flag.startswith("--") else flag
+    return (name == "config" or name in FLAG_ALIASES or name in dotted_keys(TrainConfig)
+            or name in renamed_dotted_keys(TrainConfig))
+
+
 def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `value` at the dotted `TrainConfig` key (`training.seed`) in the nested dict `values`.
 
@@ -310,15 +318,52 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """A `TrainConfig` from a YAML file (or the defaults) plus overrides, validated."""
+    """A `TrainConfig` from a YAML file (or the defaults) plus overrides, validated, its paths absolute.
+
+    Every relative path, in the file or in `overrides`, is read against the working directory of the caller
+    (`with_absolute_paths`). A `data.source` given in `overrides` turns the file's `data.generate_synthetic`
+    off unless `overrides` sets that too: synthetic data is only ever written where the config file itself
+    points, never in place of a source someone named (a mistyped path is then an error, not a synthetic run).
+    """
     values = load_yaml(path) if path is not None else {}
-    values = merge(values, overrides or {})
+    overrides = dict(overrides or {})
+    data_overrides = overrides.get("data") or {}
+    if "source" in data_overrides and "generate_synthetic" not in data_overrides:
+        overrides["data"] = {**data_overrides, "generate_synthetic": False}
+    values = merge(values, overrides)
     try:
-        return from_dict(TrainConfig, values, "config")
+        return with_absolute_paths(from_dict(TrainConfig, values, "config"))
     except ValueError as error:
         if path is None:
             raise
         raise ValueError(f"{path}: {error}") from None
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """`config` with every local path absolute against the working directory (`hub.resolve_local`: Hub ids stay
+    as they are): what the run reads, and what its `config.yaml` records, wherever that is read again."""
+
+    def absolute(path: str | None, *keep: str) -> str | None:
+        return path if path is None or path in keep else str(Path(path).expanduser().absolute())
+
+    def local(name: str | None, *keep: str) -> str | None:
+        return name if name is None or name in keep else resolve_local(name)
+
+    data, model, training = config.data, config.model, config.training
+    if data.generate_synthetic:  # a folder the run writes: local, however much it looks like a Hub id
+        source: str | list[str] = absolute(data.source)  # a single source (DataConfig checks it)
+    else:
+        source = [local(s) for s in data.sources] if isinstance(data.source, list) else local(data.source)
+    data = replace(data, source=source, norm_stats=absolute(data.norm_stats), cache_dir=absolute(data.cache_dir))
+    model = replace(model, vggt_pretrained=local(model.vggt_pretrained),
+                    language=replace(model.language, model_name_or_path=local(model.language.model_name_or_path,
+                                                                              MINILM)))
+    training = replace(training, output_dir=absolute(training.output_dir), init_from=local(training.init_from),
+                       feature_store=absolute(training.feature_store, "auto"))
+    checkpoint = replace(config.checkpoint,
+                         resume_from_checkpoint=absolute(config.checkpoint.resume_from_checkpoint, "latest"))
+    logging_cfg = replace(config.logging, log_file=absolute(config.logging.log_file))
+    return replace(config, data=data, model=model, training=training, checkpoint=checkpoint, logging=logging_cfg)
 
 
 def config_from_args(argv: Sequence[str]) -> TrainConfig:
@@ -331,13 +376,14 @@ def check_args(argv: Sequence[str]) -> int:
     """0 when train.py's flags `argv` give a valid config, else 2 after one error line on stderr.
 
     `launch.sh` runs this (`python -m atlas_vla.config ARGS`, no torch import) before starting any
-    process, so a mistyped flag is reported once instead of once per rank plus a launcher traceback."""
+    process, so a mistyped flag or a missing data source is reported once instead of once per rank plus a
+    launcher traceback."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecations are printed once, by the trainer
         try:
-            config_from_args(argv)
+            check_sources_exist(config_from_args(argv).data)
         except (ValueError, FileNotFoundError) as error:
             print(f"train.py: error: {error}", file=sys.stderr)
             return 2

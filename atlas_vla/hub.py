@@ -4,6 +4,9 @@ A name that exists on disk is local. Otherwise it is a Hub id only if it looks l
 `owner/name` (letters, digits, `_`, `.`, `-`; dots allowed, e.g. `org/atlas-v1.5`), not starting with
 `.`, `/` or `~`, and not ending in a file suffix (`weights.safetensors` is a missing file, not a
 repo). Anything else is a missing local path, reported as such instead of as a Hub error.
+
+`resolve_local` applies the same rule once, where a name is read: a local path is fixed against the working
+directory of the command that named it, so that it means the same wherever it is read again.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ def is_hub_id(name: str | os.PathLike) -> bool:
     text = str(name)
     return (not text.startswith((".", "/", "~")) and _HUB_ID.fullmatch(text) is not None
             and not text.lower().endswith(FILE_SUFFIXES))
+
+
+def resolve_local(name: str) -> str:
+    """`name` with a local path made absolute against the working directory (`~` expanded): an existing path, or
+    a name that cannot be a Hub id; a Hub id that is not on disk is returned as it is."""
+    path = Path(name).expanduser()
+    if path.exists() or not is_hub_id(name):
+        return str(path.absolute())
+    return name
 
 
 def local_path_or_hub_id(name: str | os.PathLike, missing: str) -> Path | str:

@@ -16,14 +16,16 @@ The model behind it is a `ChunkPredictor`: `LocalPolicy` (an `AtlasPolicy` in th
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 import numpy as np
 
 from atlas_vla.chunk_schedule import ChunkSchedule
 from atlas_vla.data.observations import ObservationHistory, batch_inputs
 from atlas_vla.data.spec import SampleSpec
-from atlas_vla.models.policy import AtlasPolicy
+
+if TYPE_CHECKING:  # the runtime drives a policy without importing the model code (simulator workers, clients)
+    from atlas_vla.models.policy import AtlasPolicy
 
 
 class ChunkPredictor(Protocol):
@@ -44,7 +46,7 @@ class ChunkPredictor(Protocol):
 class LocalPolicy:
     """A `ChunkPredictor` over an `AtlasPolicy` in this process (one history: one episode at a time)."""
 
-    def __init__(self, policy: AtlasPolicy) -> None:
+    def __init__(self, policy: "AtlasPolicy") -> None:
         self.policy = policy.eval()
         self.spec = policy.config.sample_spec
         self.history = ObservationHistory(self.spec)
@@ -71,9 +73,9 @@ class PolicyRuntime:
     `task_description`; actions are in LIBERO units with the gripper exactly -1 (open) or +1 (close).
     """
 
-    def __init__(self, policy: AtlasPolicy | ChunkPredictor, *, replan_steps: int | None = None,
+    def __init__(self, policy: "AtlasPolicy | ChunkPredictor", *, replan_steps: int | None = None,
                  ensemble_decay: float | None = None) -> None:
-        self.predictor: ChunkPredictor = LocalPolicy(policy) if isinstance(policy, AtlasPolicy) else policy
+        self.predictor: ChunkPredictor = policy if hasattr(policy, "predict_chunk") else LocalPolicy(policy)
         self.schedule = ChunkSchedule(replan_steps, ensemble_decay)
         # without temporal context a step with no query needs no record (a remote one would cost a round trip)
         self._record_every_step = self.predictor.spec.num_temporal_frames > 1

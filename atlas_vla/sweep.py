@@ -16,7 +16,8 @@ from atlas_vla.config import FLAG_ALIASES, load_config, merge, set_dotted
 from atlas_vla.training.tracking import sweep_trial_dir
 from atlas_vla.training.train import train
 
-DEFAULT_BASE_CONFIG = "configs/demo.yaml"
+# the demo config of the checkout this package runs from, wherever the sweep is started
+DEFAULT_BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def sweep_overrides(parameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -33,7 +34,8 @@ def train_function(base_config: str | os.PathLike | None = None) -> Path:
     """Train one sweep trial: the active W&B run's config overrides the base config.
 
     `wandb.agent` starts the run; called outside an agent, it starts one itself (`wandb.init()`).
-    The base config is `base_config`, else `config` from the sweep parameters, else `configs/demo.yaml`.
+    The base config is `base_config`, else `config` from the sweep parameters, else this checkout's
+    `configs/demo.yaml`; relative paths mean the working directory, as for `train.py`.
     The trial writes into `<output_dir>/sweep-<run id>` (`sweep_trial_dir`, as `train.py` under
     `wandb agent` does), so trials never share checkpoints.
     """

@@ -17,6 +17,7 @@ from atlas_vla.config import (
     save_config,
     to_dict,
 )
+from atlas_vla.data.config import check_sources_exist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,3 +169,45 @@ def test_no_off_and_yes_stay_the_strings_typed_in_flags_and_files(tmp_path):
     path.write_text("training:\n  mixed_precision: no\n  allow_tf32: false\n")
     config = load_config(path)
     assert config.training.mixed_precision == "no" and config.training.allow_tf32 is False
+
+
+def test_paths_are_read_against_the_working_directory_and_recorded_absolute(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = config_from_args(["--config", str(REPO / "configs" / "demo.yaml"), "--data.source", "data",
+                               "--output_dir", "runs/a", "--log", "logs/train.log", "--init_from", "~/policy",
+                               "--training.feature_store", "stores/s", "--resume_from_checkpoint", "runs/a/ckpt",
+                               "--data.norm_stats", "stats.json"])
+    assert config.data.source == str(tmp_path / "data")
+    assert config.training.output_dir == str(tmp_path / "runs" / "a")
+    assert config.logging.log_file == str(tmp_path / "logs" / "train.log")
+    assert config.training.init_from == str(Path.home() / "policy")
+    assert config.training.feature_store == str(tmp_path / "stores" / "s")
+    assert config.checkpoint.resume_from_checkpoint == str(tmp_path / "runs" / "a" / "ckpt")
+    assert config.data.norm_stats == str(tmp_path / "stats.json")
+    # what config.yaml records, read again from anywhere, means the same
+    saved = save_config(config, tmp_path / "config.yaml")
+    monkeypatch.chdir(REPO)
+    assert load_config(saved) == config
+    # names that are not local paths stay as they are: Hub ids, the packaged MiniLM, `latest` and `auto`
+    other = config_from_args(["--config", str(REPO / "configs" / "train_config.yaml"), "--data.source",
+                              "[physical-intelligence/libero, data/not_here]", "--resume_from_checkpoint", "latest",
+                              "--training.feature_store", "auto", "--model.language.model_name_or_path", "minilm"])
+    assert other.data.source == ["physical-intelligence/libero", "data/not_here"]  # owner/name: asked of the Hub
+    assert other.model.vggt_pretrained == "facebook/VGGT-1B" and other.model.language.model_name_or_path == "minilm"
+    assert (other.checkpoint.resume_from_checkpoint, other.training.feature_store) == ("latest", "auto")
+
+
+def test_a_source_named_on_the_command_line_is_never_replaced_by_synthetic_data(tmp_path):
+    demo = str(REPO / "configs" / "demo.yaml")
+    assert load_config(demo).data.generate_synthetic  # the demo config's own folder: written on first use
+    named = config_from_args(["--config", demo, "--data.source", str(tmp_path / "mine")])
+    assert named.data.generate_synthetic is False
+    assert config_from_args(["--config", demo, "--dataset", str(tmp_path / "mine")]).data.generate_synthetic is False
+    asked = config_from_args(["--config", demo, "--data.source", str(tmp_path / "mine"),
+                              "--data.generate_synthetic", "true"])
+    assert asked.data.generate_synthetic is True  # said in so many words
+    with pytest.raises(FileNotFoundError, match=f"data source {tmp_path / 'mine'} does not exist"):
+        check_sources_exist(named.data)
+    check_sources_exist(asked.data)  # the run will write it
+

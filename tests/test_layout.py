@@ -35,6 +35,8 @@ def imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names if alias.name.startswith("atlas_vla")}
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                raise AssertionError(f"{path}: a relative import; the package imports absolutely (atlas_vla....)")
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("atlas_vla"):
                 for alias in node.names:
                     sub = f"{node.module}.{alias.name}"

@@ -19,8 +19,11 @@ def test_notebook_trains_plots_predicts_and_links_the_run(tmp_path, monkeypatch)
     data = synthetic_dataset(tmp_path, num_episodes=8)
     # smaller and faster than the notebook's defaults, but through every cell unchanged
     settings = notebook.cells[1]
-    settings.source = (settings.source.replace('OUTPUT_DIR = "outputs/notebook"', f'OUTPUT_DIR = "{tmp_path / "nb"}"')
-                       .replace('DATA = "outputs/demo_data"', f'DATA = "{data}"').replace("STEPS = 150", "STEPS = 50"))
+    settings.source = (settings.source
+                       .replace('OUTPUT_DIR = ROOT / "outputs" / "notebook"', f'OUTPUT_DIR = Path("{tmp_path / "nb"}")')
+                       .replace("DATA = None", f'DATA = "{data}"').replace("STEPS = 150", "STEPS = 50"))
+    assert f'DATA = "{data}"' in settings.source and str(tmp_path / "nb") in settings.source
+    notebook.cells.append(nbformat.v4.new_code_cell("import os\nprint('kernel folder:', os.getcwd())"))
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "notebooks")}})
     client.execute()
@@ -32,3 +35,4 @@ def test_notebook_trains_plots_predicts_and_links_the_run(tmp_path, monkeypatch)
     assert "wandb sync" in outputs[5]
     [run_dir] = (tmp_path / "nb").iterdir()  # each run of the training cell gets its own folder
     assert (run_dir / "final" / "model.safetensors").is_file() and f"run folder: {run_dir}" in outputs[2]
+    assert f"kernel folder: {REPO / 'notebooks'}" in outputs[6]  # the notebook left its working directory alone

@@ -1,11 +1,15 @@
-"""DataConfig: where the LIBERO data of a run comes from and how it is split (a light module: no datasets import)."""
+"""DataConfig: where the LIBERO data of a run comes from and how it is split, and whether it is there (a light
+module: no datasets import)."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from atlas_vla.constants import CANONICAL_COLUMNS, TASK_INDEX
+from atlas_vla.hub import local_path_or_hub_id
 
 
 @dataclass
@@ -74,3 +78,40 @@ def check_column_overrides(columns: Mapping[str, str]) -> None:
     unknown = sorted(set(columns) - allowed)
     if unknown:
         raise ValueError(f"columns override has unknown canonical name(s) {unknown}; expected some of {sorted(allowed)}")
+
+
+# the LIBERO datasets on the Hub whose layouts `sources.KNOWN_SCHEMAS` reads: the ids a mistyped one is compared with
+KNOWN_HUB_IDS = ("physical-intelligence/libero", "HuggingFaceVLA/libero", "lerobot/libero_spatial_image",
+                 "lerobot/libero_object_image", "lerobot/libero_goal_image", "lerobot/libero_10_image")
+
+
+def check_sources_exist(data_cfg: DataConfig) -> None:
+    """`FileNotFoundError` now, before a run writes anything, for a source that is neither on disk nor a Hub id
+    (the synthetic demo's folder, which the run writes itself, excepted); a Hub id is checked when it is read."""
+    if data_cfg.generate_synthetic:
+        return
+    for source in data_cfg.sources:
+        local_path_or_hub_id(source, missing_source_message(source))
+
+
+def missing_source_message(source: str) -> str:
+    """What a missing source is called: its absolute path, and the nearest existing path or known Hub id."""
+    return (f"data source {Path(source).expanduser().absolute()} does not exist: no such file or folder, and not a "
+            f"Hub dataset id of the form 'org/name'{nearest_source(source)}")
+
+
+def nearest_source(source: str) -> str:
+    """' (did you mean X?)' for the closest existing path beside the missing part of `source`, else the closest
+    known Hub id; '' when nothing is close."""
+    path = Path(source).expanduser().absolute()
+    base = next(parent for parent in path.parents if parent.is_dir())
+    missing = path.relative_to(base).parts[0]
+    try:
+        names = [child.name for child in base.iterdir()]
+    except OSError:  # a folder we may not list
+        names = []
+    close = difflib.get_close_matches(missing, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {base / close[0]}?)"
+    close = difflib.get_close_matches(source, KNOWN_HUB_IDS, n=1, cutoff=0.6)
+    return f" (did you mean the Hub dataset {close[0]}?)" if close else ""

@@ -32,7 +32,7 @@ from atlas_vla.constants import (
     TASK_INDEX,
     WRIST_IMAGE,
 )
-from atlas_vla.data.config import check_column_overrides
+from atlas_vla.data.config import check_column_overrides, missing_source_message, nearest_source
 from atlas_vla.data.hdf5 import convert_libero_hdf5, find_hdf5_files
 from atlas_vla.files import StagedFolder
 from atlas_vla.hub import local_path_or_hub_id
@@ -206,8 +206,7 @@ def resolve_columns(
 
 def _open_source(source: str, *, revision: str | None, cache_dir: str | None) -> _Source:
     """Locate `source` (local folder, or a Hub id whose metadata is fetched), detect its layout, read its metadata."""
-    found = local_path_or_hub_id(source, f"unknown LIBERO source {source!r}: no such local folder, and not a Hub "
-                                         "dataset id of the form 'org/name'")
+    found = local_path_or_hub_id(source, missing_source_message(source))
     repo_id = commit = None
     origin = None
     if isinstance(found, Path):
@@ -259,9 +258,10 @@ def convert_libero_hdf5_to_dataset(inputs: Sequence[str | Path], output: str | P
     output = Path(output).expanduser()
     if output.exists() and not overwrite:
         raise ValueError(f"output folder already exists: {output} (pass --overwrite to replace it)")
+    files = find_hdf5_files(inputs)  # a missing input fails before any folder is made
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.v2-", dir=output.parent) as staging:
-        converted = convert_libero_hdf5(inputs, Path(staging) / "v2", **options)
+        converted = convert_libero_hdf5(files, Path(staging) / "v2", **options)
         with StagedFolder(output) as staged:
             load_libero(str(converted)).save_to_disk(str(staged.path))
     return output
@@ -275,7 +275,9 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patt
         folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, bad revision
         reason = f"{type(error).__name__}: {error}".replace("\n", " ")
-        raise ValueError(f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {reason}") from error
+        raise ValueError(f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {reason}"
+                         f"{nearest_source(repo_id).replace(' (did you mean', ' (no such local folder either; did you mean')}"
+                         ) from error
     return Path(folder)
 
 

@@ -18,11 +18,15 @@ A failed episode then ended in one phase (`FAILURE_REASONS`):
 
 Goals without an object to carry (open a drawer, turn on a stove) end in `goal not reached`. With
 several goals (libero_10), the first one that does not hold at the end decides.
+
+An evaluation in which no episode ran at all (every one ended in an error) has no success rate:
+`check_episodes_ran` raises `EvaluationFailed` for it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -101,3 +105,16 @@ class FailureMonitor:
                 tracker = self.trackers.get(goal[1]) if goal[0].lower() in PLACE_PREDICATES else None
                 return tracker.phase() if tracker else GOAL_NOT_REACHED
         return GOAL_NOT_REACHED  # every goal holds at the end but the episode never reported success
+
+
+class EvaluationFailed(RuntimeError):
+    """No episode of an evaluation ran: a success rate of 0 would read as a policy that failed every task."""
+
+
+def check_episodes_ran(results: Sequence[Any], details: str | os.PathLike) -> None:
+    """`EvaluationFailed` when every episode (`libero_sim.EpisodeResult`) ended in an error (the simulator cannot render, every worker died
+    mid-episode, ...), naming the first error and `details`, the results file that holds them all."""
+    if results and all(result.error for result in results):
+        first = results[0].error.splitlines()[0]
+        raise EvaluationFailed(f"all {len(results)} episodes ended in an error (details in {details}); the first: "
+                               f"{first}")

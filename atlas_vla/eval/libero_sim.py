@@ -69,7 +69,7 @@ class EpisodeSpec:
     camera_size: int = 256
     seed: int = 0
     video_dir: str | None = None
-    ensemble_decay: float | None = None  # ACT temporal ensembling (runtime.ChunkSchedule); None = open-loop chunks
+    ensemble_decay: float | None = None  # ACT temporal ensembling (chunk_schedule.ChunkSchedule); None = open-loop chunks
 
 
 def episode_specs(config: EvalConfig, *, video_dir: str | os.PathLike | None = None) -> list[EpisodeSpec]:

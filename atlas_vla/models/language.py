@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from atlas_vla.models.config import LanguageConfig
+from atlas_vla.models.config import MINILM, LanguageConfig
 from atlas_vla.models.weights import weights_hash
 
 
@@ -31,7 +31,7 @@ def minilm_path() -> str:
 
 def resolve_model_path(name_or_path: str) -> str:
     """`minilm` is a shorthand for the packaged MiniLM folder; anything else is a Hub id or a path."""
-    return minilm_path() if name_or_path == "minilm" else name_or_path
+    return minilm_path() if name_or_path == MINILM else name_or_path
 
 
 class LanguageEncoder:

@@ -4,6 +4,7 @@
 the main process then adds the training state and the resolved config and renames the folder, so a
 crash during a save never produces a folder that `latest` would pick. Each checkpoint also holds the
 exported policy (`policy/`, loadable by `AtlasPolicy.from_pretrained`), written by a save hook.
+`resume_state` (stage 4 of a run) loads one back, naming the model settings that differ when it cannot.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
 from atlas_vla.data.samples import collate
 from atlas_vla.eval import libero_sim as sim
 from atlas_vla.eval.config import EvalConfig
+from atlas_vla.eval.failures import check_episodes_ran
 from atlas_vla.eval.offline import VAL_METRICS, metric_sums
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.training.run import TrainingRun
@@ -115,19 +116,16 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
     """Closed-loop LIBERO success rates of the current policy (main process): the `eval/*` scalars and
     the episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them.
 
-    An evaluation whose every episode ended in an error (e.g. the simulator cannot render) raises after
-    writing its `results.json`: a success rate of 0 would read as a policy that failed every task."""
+    An evaluation whose every episode ended in an error (e.g. the simulator cannot render) raises
+    `EvaluationFailed` after writing its `results.json`."""
     sim.require_simulator()
     folder = Path(output_dir) / "eval" / f"step-{step}"
     specs = sim.episode_specs(eval_cfg, video_dir=folder / "videos")
     policy_dir = policy.save_pretrained(folder / "policy", references=references)
     results = sim.evaluate(str(policy_dir), specs, num_workers=eval_cfg.num_workers)
     summary = sim.summarize(results)
-    sim.save_results(folder / "results.json", eval_cfg.suite, summary, {"step": step})
-    if results and all(result.error for result in results):
-        first = results[0].error.splitlines()[0]
-        raise RuntimeError(f"all {len(results)} episodes ended in an error (details in {folder / 'results.json'}); "
-                           f"the first: {first}")
+    path = sim.save_results(folder / "results.json", eval_cfg.suite, summary, {"step": step})
+    check_episodes_ran(results, path)
     metrics = sim.eval_metrics(eval_cfg.suite, summary)
     logger.info("step %d %s", step, metrics_table(metrics))
     return metrics, sim.episode_videos(summary)

@@ -12,14 +12,9 @@ from accelerate import Accelerator
 from atlas_vla.files import write_json_atomic
 from atlas_vla.training.loop import Throughput
 from atlas_vla.training.run import TrainingRun
+from atlas_vla.training.run_folder import FINAL_DIR, SUMMARY_NAME
 
 logger = logging.getLogger("atlas_vla.train")
-
-
-SUMMARY_NAME = "train_summary.json"
-
-
-FINAL_DIR = "final"
 
 
 def export_policy(run: TrainingRun, throughput: Throughput) -> Path:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from atlas_vla.data.split import load_train_val
 from atlas_vla.data.synthetic import make_synthetic_libero
 from atlas_vla.training.preemption import ignore_stop_signals
 
+logger = logging.getLogger("atlas_vla.train")
+
 
 def load_data(accelerator: Accelerator, data_cfg: DataConfig, spec: SampleSpec) -> tuple[Any, Any | None, NormStats]:
     """Stage 2: (training samples, validation samples or None for an empty split, normalisation statistics).
@@ -31,6 +34,8 @@ def load_data(accelerator: Accelerator, data_cfg: DataConfig, spec: SampleSpec) 
     """
     with accelerator.main_process_first():
         if data_cfg.generate_synthetic and not Path(data_cfg.source).exists():
+            logger.info("data.source %s does not exist: writing the synthetic demo dataset there "
+                        "(data.generate_synthetic)", data_cfg.source)
             make_synthetic_libero(data_cfg.source)
         train_set, val_set = load_train_val(data_cfg)
         stats = _norm_stats(data_cfg, train_set)

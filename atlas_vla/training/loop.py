@@ -25,8 +25,6 @@ from atlas_vla.training.preemption import StopRequest, record_stop, wait_for_tes
 from atlas_vla.training.run import TrainingRun
 
 logger = logging.getLogger("atlas_vla.train")
-
-
 TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
 
 

@@ -34,12 +34,10 @@ from atlas_vla.training.checkpointing import (
 from atlas_vla.training.features import prepare_feature_store
 from atlas_vla.training.loaders import check_one_batch, load_data, source_sampler
 from atlas_vla.training.optimization import build_policy, prepare_optimization
-from atlas_vla.training.tracking import RUN_ID_FILE, WandbService, new_run_id, wandb_init_kwargs
+from atlas_vla.training.run_folder import METRICS_NAME, RUN_ID_FILE
+from atlas_vla.training.tracking import WandbService, new_run_id, wandb_init_kwargs
 
 logger = logging.getLogger("atlas_vla.train")
-
-
-METRICS_NAME = "metrics.jsonl"  # every logged scalar, one JSON object per logging step
 
 
 @dataclass

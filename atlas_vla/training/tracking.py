@@ -31,7 +31,6 @@ from atlas_vla.config import WandbConfig
 
 logger = logging.getLogger(__name__)
 
-RUN_ID_FILE = "wandb_run_id.txt"
 SERVICE_ENV = "WANDB_SERVICE"  # wandb's own variable: the address of a running W&B service to log through
 SERVICE_IDLE_TIMEOUT = "60s"  # a service whose trainer died without stopping it ends this long after
 SWEEP_ID_ENV = "WANDB_SWEEP_ID"  # set by the sweep agent for every trial it starts

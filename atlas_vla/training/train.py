@@ -16,6 +16,7 @@ from typing import Sequence
 from accelerate import Accelerator
 
 from atlas_vla.config import TrainConfig, config_from_args, usage
+from atlas_vla.data.config import check_sources_exist
 from atlas_vla.eval.libero_sim import require_simulator
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.schema import print_renames_as_one_line
@@ -42,7 +43,9 @@ def train(config: TrainConfig, *, wandb_run_id: str | None = None) -> Path:
         folder = str(sweep_trial_dir(config.training.output_dir, trial_id))
         config = replace(config, training=replace(config.training, output_dir=folder))
         wandb_run_id = wandb_run_id or trial_id
+    # what can be checked fails now, before anything is written
     check_tracker_installed(config.trackers)
+    check_sources_exist(config.data)  # a mistyped path is an error naming it, never an empty or synthetic run
     if config.eval.every_steps:
         require_simulator()  # a missing [sim] extra fails now, not at the first evaluation hours later
 
@@ -94,6 +97,7 @@ def cache_features(config: TrainConfig, path: str | os.PathLike | None = None) -
     `accelerate launch` every process encodes its share of the shards."""
     training_cfg = replace(config.training, feature_store=config.training.feature_store or "auto")
     config = replace(config, training=training_cfg)  # validates: a stream or a trainable backbone is refused
+    check_sources_exist(config.data)
     accelerator = build_accelerator(training_cfg, None, [])
     train_samples, _, stats = load_data(accelerator, config.data, config.model.sample_spec)
     policy = AtlasPolicy(config.model, stats)

@@ -27,11 +27,12 @@ from typing import Any
 
 from atlas_vla.config import TrainConfig, load_config
 from atlas_vla.eval.config import EvalConfig
+from atlas_vla.eval.failures import check_episodes_ran
 from atlas_vla.files import write_json_atomic
 from atlas_vla.schema import to_dict
 from atlas_vla.training.checkpointing import list_checkpoints
-from atlas_vla.training.export import FINAL_DIR, SUMMARY_NAME
-from atlas_vla.training.tracking import RUN_ID_FILE, run_group
+from atlas_vla.training.run_folder import FINAL_DIR, RUN_ID_FILE, SUMMARY_NAME
+from atlas_vla.training.tracking import run_group
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME = "eval_results.json"
@@ -111,8 +112,6 @@ class EvalWatcher:
     def _finish(self, final: Snapshot) -> int:
         """`final/` holds the weights of the checkpoint saved at the same step when there is one: its results
         are copied rather than computed again. Returns how many evaluations ran (0 or 1)."""
-        import json
-
         same = self.output_dir / "eval_watch" / f"step-{final.step}" / RESULTS_NAME
         if final.step in self._done and same.is_file():
             results = json.loads(same.read_text())
@@ -140,13 +139,14 @@ class EvalWatcher:
                     "seconds": time.perf_counter() - start}
         print(f"step {snapshot.step} ({snapshot.folder.name}):\n{sim.format_table(self.config.suite, summary)}",
               flush=True)
+        watch_results = sim.save_results(self.output_dir / "eval_watch" / f"step-{snapshot.step}" / RESULTS_NAME,
+                                         self.config.suite, summary, settings)
+        check_episodes_ran(results, watch_results)  # nothing logged, the checkpoint not marked evaluated
         if snapshot.folder.is_dir():
             sim.save_results(snapshot.folder / RESULTS_NAME, self.config.suite, summary, settings)
         else:
             logger.warning("step %d: %s was removed during its evaluation; its results are logged, not written",
                            snapshot.step, snapshot.folder)
-        sim.save_results(self.output_dir / "eval_watch" / f"step-{snapshot.step}" / RESULTS_NAME, self.config.suite,
-                         summary, settings)
         if self.report_to == "wandb":
             self._log(snapshot.step, summary)
         self._done.add(snapshot.step)

@@ -233,16 +233,18 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_processes_build_the_same_store_and_training_from_it_matches_the_live_backbone(tmp_path):
-    """`atlas-vla cache-features` by 1 and by 2 processes (gloo): byte-identical stores. Training from the store
+    """`atlas-vla cache-features` by 1 and by 2 processes (gloo), with train.py's overrides as train.py takes them
+    and after `--`: byte-identical stores. Training from the store
     gives the weights the live backbone gives (up to the store's float16), and a second run skips the build."""
     data = synthetic_dataset(tmp_path, num_episodes=4)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
     command = ["-m", "atlas_vla.cli", "cache-features", "--config", "configs/demo.yaml", "--output"]
-    overrides = ["--", *train_args(data, tmp_path / "unused")[2:]]
-    for name, processes in (("one", ["--num_processes", "1", "--cpu"]),
-                            ("two", ["--multi_gpu", "--num_processes", "2"])):
-        result = subprocess.run([*launch, *processes, *command, str(tmp_path / name), *overrides], cwd=REPO,
+    overrides = train_args(data, tmp_path / "unused")[2:]
+    # train.py's overrides as train.py takes them, and after `--`: the same store
+    for name, processes, given in (("one", ["--num_processes", "1", "--cpu"], overrides),
+                                   ("two", ["--multi_gpu", "--num_processes", "2"], ["--", *overrides])):
+        result = subprocess.run([*launch, *processes, *command, str(tmp_path / name), *given], cwd=REPO,
                                 env=offline_environment(ACCELERATE_USE_CPU="1"), capture_output=True, text=True,
                                 timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -357,7 +358,7 @@ def test_data_info_json(v2_dir: Path, v3_dir: Path, capsys: pytest.CaptureFixtur
     assert main(["data-info", str(v2_dir)]) == 0
     assert "lerobot-v2" in capsys.readouterr().out
     assert main(["data-info", str(v2_dir / "missing")]) == 2
-    assert "unknown LIBERO source" in capsys.readouterr().err
+    assert f"data source {v2_dir / 'missing'} does not exist" in capsys.readouterr().err
 
 
 def test_data_info_sim_demos(sim_demos_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -422,13 +423,27 @@ def test_an_image_that_does_not_decode_is_named(v2_dir: Path) -> None:
         list(LiberoSampleStream(load_libero(str(v2_dir), streaming=True), SampleSpec(image_size=16)))
 
 
-def test_unknown_sources(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="unknown LIBERO source"):
+def test_unknown_sources_are_named_with_the_nearest_path_or_hub_id(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "data" / "sim_demos").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data source {tmp_path / 'nowhere'} does not exist: no "
+                                                          "such file or folder, and not a Hub dataset id of the form "
+                                                          "'org/name'") + "$"):
         load_libero(str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="unknown LIBERO source 'not a dataset'"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data source {tmp_path / 'data' / 'sim_demo'} does not exist")
+                       + ".*" + re.escape(f"(did you mean {tmp_path / 'data' / 'sim_demos'}?)")):
+        load_libero(str(tmp_path / "data" / "sim_demo"))
+    monkeypatch.chdir(tmp_path)  # relative names are read against the working directory
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data source {tmp_path / 'not a dataset'} does not exist")):
         load_libero("not a dataset")
-    with pytest.raises(ValueError, match="could not get Hub dataset 'someone/absent'"):
+    with pytest.raises(FileNotFoundError, match=re.escape("(did you mean the Hub dataset lerobot/libero_spatial_image?)")):
+        load_libero("lerobot/libero_spatial_image/")
+    with pytest.raises(ValueError, match="could not get Hub dataset 'someone/absent'") as error:
         load_libero("someone/absent", cache_dir=str(tmp_path / "hub"))
+    assert "did you mean" not in str(error.value)
+    # owner/name-shaped and not on disk: asked of the Hub, and the local folder it was probably meant to be is named
+    with pytest.raises(ValueError, match=re.escape("could not get Hub dataset 'data/sim_demo'") + ".*"
+                       + re.escape(f"(no such local folder either; did you mean {tmp_path / 'data' / 'sim_demos'}?)")):
+        load_libero("data/sim_demo", cache_dir=str(tmp_path / "hub"))
 
 
 def test_video_cameras_and_missing_tasks(tmp_path: Path) -> None:

@@ -287,6 +287,25 @@ def test_a_failed_simulator_evaluation_is_logged_and_training_goes_on(tmp_path, 
 
 
 @pytest.mark.slow
+def test_synthetic_data_is_written_only_where_the_demo_config_points(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a folder of the user's own: relative paths mean it
+    demo = str(REPO / "configs" / "demo.yaml")
+    # a source named on the command line that is not there: an error naming it, and nothing written
+    assert train_main(["--config", demo, "--data.source", "my_data", "--output_dir", "run", "--log", "train.log"]) == 2
+    assert f"train.py: error: data source {tmp_path / 'my_data'} does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    # the demo config's own folder, where it runs: written there, with a line that says so
+    assert train_main(["--config", demo, "--output_dir", "run", "--log", "train.log", "--model.image_size", "28",
+                       "--train_batch_size", "8", "--max_train_steps", "2", "--validation_steps", "2",
+                       "--checkpointing_steps", "2", "--logging.log_media", "false"]) == 0
+    data = tmp_path / "outputs" / "demo_data"
+    assert (f"data.source {data} does not exist: writing the synthetic demo dataset there (data.generate_synthetic)"
+            in (tmp_path / "train.log").read_text())
+    assert (data / "meta" / "info.json").is_file() and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "run", "train.log"]
+
+
+@pytest.mark.slow
 def test_tensorboard_gets_the_same_scalars(tmp_path, data_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
