@@ -19,10 +19,10 @@ def test_notebook_trains_plots_predicts_and_links_the_run(tmp_path, monkeypatch)
     data = synthetic_dataset(tmp_path, num_episodes=8)
     # smaller and faster than the notebook's defaults, but through every cell unchanged
     settings = notebook.cells[1]
-    settings.source = (settings.source
-                       .replace('OUTPUT_DIR = ROOT / "outputs" / "notebook"', f'OUTPUT_DIR = Path("{tmp_path / "nb"}")')
-                       .replace("DATA = None", f'DATA = "{data}"').replace("STEPS = 150", "STEPS = 50"))
-    assert f'DATA = "{data}"' in settings.source and str(tmp_path / "nb") in settings.source
+    for old, new in (('OUTPUT_DIR = ROOT / "outputs" / "notebook"', f'OUTPUT_DIR = Path("{tmp_path / "nb"}")'),
+                     ("DATA = None", f'DATA = "{data}"'), ("STEPS = 150", "STEPS = 50")):
+        assert settings.source.count(old) == 1, f"the notebook's settings cell no longer says {old!r}"
+        settings.source = settings.source.replace(old, new)
     notebook.cells.append(nbformat.v4.new_code_cell("import os\nprint('kernel folder:', os.getcwd())"))
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "notebooks")}})

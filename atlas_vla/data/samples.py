@@ -242,7 +242,11 @@ class LiberoSamples(torch.utils.data.Dataset):
             raise IndexError(f"sample index out of range for {len(self)} samples: {indices}")
         positions = positions % max(len(self), 1)
         take = (lambda rows: self._images[rows.tolist()]) if self.images else None
-        return _build_samples(self._frames, positions, self.spec, take, self.random_shift)
+        samples = _build_samples(self._frames, positions, self.spec, take, self.random_shift)
+        if self.sample_sources is not None:  # several sources: which one each sample came from
+            for sample, position in zip(samples, positions.tolist()):
+                sample[SOURCE_INDEX] = int(self.sample_sources[position])
+        return samples
 
 
 class LiberoSampleStream(torch.utils.data.IterableDataset):

@@ -18,39 +18,53 @@ from atlas_vla.models.action_head import action_metrics
 
 VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "pose_l2_error", "pose_l1_error", "gripper_error",
                "pose_l1_error_normalized", "pose_l2_error_normalized")
+BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `action_metrics` of the mean action
+
+
+def valid_steps(batch: Mapping[str, Any]) -> torch.Tensor:
+    """How many action steps of a batch are real (not the padding after an episode's end): the weight of its
+    metrics, each a mean over those steps."""
+    return (~torch.as_tensor(batch[ACTIONS_PAD_MASK])).sum().float().cpu()
 
 
 @torch.no_grad()
 def metric_sums(policy: torch.nn.Module, batches: Iterable[Mapping[str, Any]], limit: int | None = None
-                ) -> tuple[torch.Tensor, int]:
-    """Sum over batches of each metric in `VAL_METRICS` (as one tensor) and the number of batches."""
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of `VAL_METRICS` (as one tensor) summed over every valid action step of up to `limit` batches, and the
+    number of those steps: their ratio is the mean over every step, the same for any batch size (a batch's
+    mean weighs as many steps as it has, so a short last batch is not counted like a full one)."""
     was_training = policy.training
     policy.eval()
-    total, count = None, 0
+    total, steps = torch.zeros(len(VAL_METRICS)), torch.zeros(())
     for count, batch in enumerate(batches, start=1):
         out = policy(batch)
-        values = torch.stack([out[key].detach().float() for key in VAL_METRICS])
-        total = values if total is None else total + values
+        weight = valid_steps(batch)
+        total = total + torch.stack([out[key].detach().float().cpu() for key in VAL_METRICS]) * weight
+        steps = steps + weight
         if limit is not None and count >= limit:
             break
     policy.train(was_training)
-    return (total if total is not None else torch.zeros(len(VAL_METRICS))), count
+    return total, steps
 
 
 @torch.no_grad()
-def baseline_metrics(batches: Iterable[Mapping[str, Any]], stats: NormStats, limit: int | None = None) -> dict[str, float]:
-    """Metrics of always predicting the training mean action with the majority gripper command."""
-    sums: dict[str, float] = {}
-    count = 0
+def baseline_sums(batches: Iterable[Mapping[str, Any]], stats: NormStats, limit: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`BASELINE_METRICS` of always predicting the training mean action with the majority gripper command, summed
+    over every valid action step as `metric_sums` sums them, and the number of those steps."""
+    total, steps = torch.zeros(len(BASELINE_METRICS)), torch.zeros(())
     for count, batch in enumerate(batches, start=1):
         actions = batch[ACTIONS].float()
         mean = torch.as_tensor(stats.action.mean, dtype=actions.dtype, device=actions.device).expand_as(actions).clone()
         mean[..., GRIPPER] = binarize_gripper(mean[..., GRIPPER])
-        for key, value in action_metrics(mean, actions, ~batch[ACTIONS_PAD_MASK]).items():
-            sums[key] = sums.get(key, 0.0) + float(value)
+        valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=actions.device)
+        metrics = action_metrics(mean, actions, valid)
+        weight = valid_steps(batch)
+        total = total + torch.stack([metrics[key].float().cpu() for key in BASELINE_METRICS]) * weight
+        steps = steps + weight
         if limit is not None and count >= limit:
             break
-    return {key: value / max(count, 1) for key, value in sums.items()}
+    return total, steps
 
 
 def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "val", val_fraction: float | None = None,
@@ -77,12 +91,12 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     dataset = {"val": val, "train": train, "all": train}[split]
     loader = torch.utils.data.DataLoader(build_samples(dataset, policy.config.sample_spec, config),
                                          batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    totals, count = metric_sums(policy, loader, max_batches)
-    if not count:
+    totals, steps = metric_sums(policy, loader, max_batches)
+    if not steps:
         raise ValueError(f"the {split} split of {config.source} is empty")
-    metrics = {f"{split}/{key}": float(value / count) for key, value in zip(VAL_METRICS, totals)}
-    baseline = baseline_metrics(loader, policy.norm_stats, max_batches)
-    metrics.update({f"{split}/baseline_{key}": value for key, value in baseline.items()})
+    metrics = {f"{split}/{key}": float(value / steps) for key, value in zip(VAL_METRICS, totals)}
+    totals, steps = baseline_sums(loader, policy.norm_stats, max_batches)
+    metrics.update({f"{split}/baseline_{key}": float(value / steps) for key, value in zip(BASELINE_METRICS, totals)})
     return metrics
 
 

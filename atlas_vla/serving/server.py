@@ -93,6 +93,7 @@ class PolicyServer:
         try:
             await connection.send(self._metadata)
             async for message in connection:
+                logger.debug("client %s: a request of %d bytes", peer, len(message))
                 reply = await self._answer(message, history)
                 await connection.send(reply)
         except ConnectionClosed:

@@ -13,11 +13,12 @@ from accelerate import Accelerator
 
 from atlas_vla.config import LoggingConfig
 from atlas_vla.constants import ACTIONS, EPISODE_INDEX, INSTRUCTION, OBS_IMAGES
+from atlas_vla.data.normalization import NormStats
 from atlas_vla.data.samples import collate
 from atlas_vla.eval import libero_sim as sim
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import check_episodes_ran
-from atlas_vla.eval.offline import VAL_METRICS, metric_sums
+from atlas_vla.eval.offline import BASELINE_METRICS, VAL_METRICS, baseline_sums, metric_sums
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.training.run import TrainingRun
 from atlas_vla.training.tracking import annotate_episode, log_media, log_videos, metrics_table
@@ -27,19 +28,32 @@ logger = logging.getLogger("atlas_vla.train")
 
 
 def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable, limit: int | None) -> dict[str, float]:
-    """Mean `val/*` metrics over up to `limit` batches per process, averaged across processes."""
-    totals, count = metric_sums(policy, loader, limit)
-    if not count:
-        return {}
-    means = accelerator.reduce((totals / count).to(accelerator.device), reduction="mean")
-    return {f"val/{key}": float(value) for key, value in zip(VAL_METRICS, means)}
+    """`val/*` metrics over up to `limit` batches per process: each the mean over every valid action step that
+    any process scored (`metric_sums`), so neither the batch size nor the number of processes changes it."""
+    totals, steps = _across_processes(accelerator, *metric_sums(policy, loader, limit))
+    return {f"val/{key}": float(value / steps) for key, value in zip(VAL_METRICS, totals)} if steps else {}
+
+
+def baseline_metrics(accelerator: Accelerator, loader: Iterable, stats: NormStats, limit: int | None
+                     ) -> dict[str, float]:
+    """The `val/baseline_*` values, the mean-action baseline's metrics, over the steps `validate` scores."""
+    totals, steps = _across_processes(accelerator, *baseline_sums(loader, stats, limit))
+    return ({f"val/baseline_{key}": float(value / steps) for key, value in zip(BASELINE_METRICS, totals)}
+            if steps else {})
+
+
+def _across_processes(accelerator: Accelerator, totals: torch.Tensor, steps: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and step counts of every process, added up."""
+    summed = accelerator.reduce(torch.cat([totals, steps.reshape(1)]).to(accelerator.device), reduction="sum")
+    return summed[:-1].cpu(), summed[-1].cpu()
 
 
 def run_validation(run: TrainingRun, baseline: Mapping[str, float], num_batches: int | None) -> None:
-    """Log the `val/*` metrics of the policy next to those of the mean-action baseline (`val/baseline_*`)."""
+    """Log the `val/*` metrics of the policy next to `baseline`, the mean-action baseline's (`val/baseline_*`)."""
     step = run.state.global_step
     val_logs = validate(run.accelerator, run.policy, run.val_loader, num_batches)
-    val_logs.update({f"val/baseline_{k}": v for k, v in baseline.items()})
+    val_logs.update(baseline)
     run.record(val_logs, step)
     logger.info("step %d %s", step, metrics_table(val_logs))
 

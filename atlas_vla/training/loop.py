@@ -17,10 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from atlas_vla.config import CheckpointConfig, LoggingConfig, TrainingConfig, config_yaml
+from atlas_vla.constants import SOURCE_INDEX
 from atlas_vla.eval.config import EvalConfig
-from atlas_vla.eval.offline import baseline_metrics
 from atlas_vla.training.checkpointing import TrainingState, checkpoints_dir, save_checkpoint
-from atlas_vla.training.evaluation import log_validation_media, run_sim_evaluation, run_validation
+from atlas_vla.training.evaluation import (
+    baseline_metrics,
+    log_validation_media,
+    run_sim_evaluation,
+    run_validation,
+)
 from atlas_vla.training.preemption import StopRequest, record_stop, wait_for_test
 from atlas_vla.training.run import TrainingRun
 
@@ -29,23 +34,29 @@ TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
 
 
 @dataclass
-class TrainLosses:
-    """The undivided micro-batch losses since the last `train/*` log; their mean is what is logged."""
+class TrainWindow:
+    """What the micro-batches since the last `train/*` log saw on this process: their undivided losses (the mean
+    is logged) and, with several data sources, how many samples came from each (`train/samples/source_<i>`)."""
 
+    num_sources: int = 1
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     micro_batches: int = 0
+    source_samples: torch.Tensor | None = None
 
-    def add(self, out: Mapping[str, torch.Tensor]) -> None:
+    def add(self, out: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         for key in TRAIN_METRICS:
             self.sums[key] = self.sums.get(key, 0) + out[key].detach().float()
         self.micro_batches += 1
+        if SOURCE_INDEX in batch:
+            drawn = torch.bincount(torch.as_tensor(batch[SOURCE_INDEX]).cpu(), minlength=self.num_sources)
+            self.source_samples = drawn if self.source_samples is None else self.source_samples + drawn
 
     def means(self) -> torch.Tensor:
         """The mean of each of `TRAIN_METRICS` on this process, as one tensor."""
         return torch.stack([self.sums[key] / self.micro_batches for key in TRAIN_METRICS])
 
     def reset(self) -> None:
-        self.sums, self.micro_batches = {}, 0
+        self.sums, self.micro_batches, self.source_samples = {}, 0, None
 
 
 @dataclass
@@ -70,11 +81,11 @@ def fit(run: TrainingRun, stop: StopRequest | None = None) -> Throughput:
     received a stop signal, every rank stops after the same update with a checkpoint (`stop_training`).
     """
     config, state, max_steps = run.config, run.state, run.max_steps
-    baseline = (baseline_metrics(run.val_loader, run.stats, config.training.num_validation_batches)
+    baseline = (baseline_metrics(run.accelerator, run.val_loader, run.stats, config.training.num_validation_batches)
                 if run.val_loader is not None else {})
     progress = tqdm(total=max_steps, initial=state.global_step, desc="train",
                     disable=not run.accelerator.is_local_main_process)
-    losses = TrainLosses()
+    window = TrainWindow(num_sources=len(config.data.sources))
     validations = 0
     throughput = Throughput(first_step=state.global_step)
     run.policy.train()
@@ -83,14 +94,14 @@ def fit(run: TrainingRun, stop: StopRequest | None = None) -> Throughput:
     for batch in _train_batches(run):
         out = update_policy(run, batch, config.training.max_grad_norm)
         state.batches_in_epoch += 1
-        losses.add(out)
+        window.add(out, batch)
         if not run.accelerator.sync_gradients:
             continue  # a micro-batch of an update that is still accumulating gradients
         state.global_step += 1
         progress.update(1)
         step = state.global_step
         if is_log_step(step, max_steps, config.logging):
-            log_train_metrics(run, losses, throughput, progress)
+            log_train_metrics(run, window, throughput, progress)
         if run.val_loader is not None and is_validation_step(step, max_steps, config.training):
             validations += 1
             run_validation(run, baseline, config.training.num_validation_batches)
@@ -169,18 +180,22 @@ def is_checkpoint_step(step: int, max_steps: int, checkpoint_cfg: CheckpointConf
     return step % checkpoint_cfg.save_every_steps == 0 or step == max_steps
 
 
-def log_train_metrics(run: TrainingRun, losses: TrainLosses, throughput: Throughput, progress: tqdm) -> None:
-    """Log the `train/*` metrics: losses averaged over the micro-batches since the last log and over processes."""
+def log_train_metrics(run: TrainingRun, window: TrainWindow, throughput: Throughput, progress: tqdm) -> None:
+    """Log the `train/*` metrics: losses averaged over the micro-batches since the last log and over processes,
+    and with several sources the samples each gave since then, summed over processes (what the run trained on)."""
     state = run.state
     step = state.global_step
-    means = run.accelerator.reduce(losses.means(), "mean")
+    means = run.accelerator.reduce(window.means(), "mean")
     logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
     logs.update({"train/lr": run.scheduler.get_last_lr()[0], "train/step": step,
                  "train/epoch": state.epoch + state.batches_in_epoch / (run.batches_per_epoch or math.inf),
                  "train/steps_per_second": throughput.measure(step)})
+    if window.source_samples is not None:  # every rank has them, or none does
+        drawn = run.accelerator.reduce(window.source_samples.to(run.accelerator.device), "sum")
+        logs.update({f"train/samples/source_{i}": int(count) for i, count in enumerate(drawn.tolist())})
     run.record(logs, step)  # custom metrics: add them to `logs` here
     progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-    losses.reset()
+    window.reset()
 
 
 def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig) -> Path:

@@ -133,6 +133,8 @@ def test_command_and_errors(raw, tmp_path, capsys):
     assert cli(["convert-libero-hdf5", str(raw), "--output", str(tmp_path / "o")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli(["convert-libero-hdf5", str(tmp_path / "none"), "--output", str(tmp_path / "p")]) == 2
+    assert f"LIBERO HDF5 file or folder not found: {tmp_path / 'none'}" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
     (tmp_path / "bad.hdf5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="bad.hdf5: not a readable HDF5 file"):
         convert_libero_hdf5([tmp_path / "bad.hdf5"], tmp_path / "q")

@@ -3,6 +3,7 @@ and a clear error before anything is written when the sources record different f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -111,11 +112,20 @@ def test_a_run_trains_on_several_sources_and_records_them(two_sources, tmp_path)
     out = tmp_path / "run"
     argv = ["--config", "configs/demo.yaml", "--data.source", f"[{a}, {b}]", "--data.generate_synthetic", "false",
             "--data.val_fraction", "0.25", "--output_dir", str(out), "--model.image_size", "28",
-            "--train_batch_size", "4", "--max_train_steps", "2", "--lr_warmup_steps", "1", "--validation_steps", "2",
-            "--logging.log_media", "false", "--data.source_weights", "[1, 3]"]
+            "--train_batch_size", "4", "--max_train_steps", "16", "--lr_warmup_steps", "1", "--validation_steps", "16",
+            "--logging.log_every_steps", "1", "--logging.log_media", "false", "--data.source_weights", "[1, 3]"]
     assert train_main(argv) == 0
     stats = NormStats.load(out / "final" / "norm_stats.json")
     assert [s["source"] for s in stats.sources] == [str(a), str(b)]
+    # what the run trained on, as it logged it: every sample counted once, three in four from the second source
+    # (by the sources' sizes it would be fewer than half); the draw is seeded, so this is the same every run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    drawn = np.array([[row["train/samples/source_0"], row["train/samples/source_1"]] for row in rows
+                      if "train/loss" in row])
+    assert drawn.shape == (16, 2) and (drawn.sum(axis=1) == 4).all()
+    share = drawn[:, 1].sum() / drawn.sum()
+    sizes = np.bincount(load_train_val(DataConfig(source=[str(a), str(b)], val_fraction=0.25))[0]["source_index"])
+    assert abs(share - 0.75) < 0.15 and sizes[1] / sizes.sum() < 0.5
 
 
 def test_source_weights_are_respected_in_expectation_and_deterministic(two_sources):

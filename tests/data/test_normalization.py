@@ -12,8 +12,10 @@ import torch
 
 from atlas_vla.cli import main as cli
 from atlas_vla.constants import ACTION, EPISODE_INDEX, STATE
+from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import FeatureStats, NormStats, compute_norm_stats, normalize, unnormalize
 from atlas_vla.data.sources import load_libero
+from atlas_vla.data.split import load_train_val
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +103,12 @@ def test_compute_stats_command(tmp_path, sim_demos_dir, capsys):
     out = tmp_path / "stats.json"
     assert cli(["compute-stats", str(sim_demos_dir), "--output", str(out), "--val-fraction", "0.1"]) == 0
     stats = NormStats.load(out)
-    assert stats.num_frames < 7056  # training split only
+    train, _ = load_train_val(DataConfig(source=str(sim_demos_dir), val_fraction=0.1))
+    assert stats.num_frames == len(train) < 7056  # the training split's frames, exactly
     assert stats.fingerprint in capsys.readouterr().out
-    assert cli(["compute-stats", str(tmp_path / "nowhere"), "--output", str(out)]) == 2
+    assert cli(["compute-stats", str(tmp_path / "nowhere"), "--output", str(tmp_path / "other.json")]) == 2
+    assert f"data source {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_compute_stats_uses_a_runs_data_section(tmp_path, sim_demos_dir, capsys):

@@ -107,21 +107,3 @@ def test_a_bowl_knocked_out_of_the_closed_gripper_is_grasp_lost(demo):
             problem.sim.forward()
 
     assert rollout(demo, hold_then(actions, held, GRIPPER_CLOSE), held + 30, knock_away)[2] == failures.GRASP_LOST
-
-
-def test_summary_counts_failure_phases_per_task_and_overall():
-    results = [sim.EpisodeResult("libero_spatial", 0, 0, "x", True, 90, 1.0),
-               sim.EpisodeResult("libero_spatial", 0, 1, "x", False, 220, 1.0, failure=failures.NO_GRASP),
-               sim.EpisodeResult("libero_spatial", 1, 0, "y", False, 220, 1.0, failure=failures.NO_GRASP),
-               sim.EpisodeResult("libero_spatial", 1, 1, "y", False, 220, 1.0, failure=failures.TIMED_OUT_HOLDING),
-               sim.EpisodeResult("libero_spatial", 1, 2, "", False, 0, 0.0, error="worker died")]
-    summary = sim.summarize(results)
-    assert summary["failures"] == {"no grasp": 2, "timed out holding": 1}
-    assert summary["tasks"][0]["failures"] == {"no grasp": 1}
-    assert summary["tasks"][1]["failures"] == {"no grasp": 1, "timed out holding": 1}
-    metrics = sim.eval_metrics("libero_spatial", summary)
-    assert metrics["eval/success_rate"] == pytest.approx(1 / 5) and metrics["eval/libero_spatial/task_1"] == 0.0
-    assert metrics["eval/failures/no_grasp"] == 2 and metrics["eval/failures/timed_out_holding"] == 1
-    assert metrics["eval/failures/grasp_lost"] == 0 and metrics["eval/failures/not_placed"] == 0
-    table = sim.format_table("libero_spatial", summary)
-    assert "1 no grasp, 1 timed out holding" in table and "failures: 2 no grasp, 1 timed out holding" in table

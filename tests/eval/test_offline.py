@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import synthetic_dataset, tiny_policy_config
@@ -13,7 +14,7 @@ from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.split import load_train_val
-from atlas_vla.eval.offline import VAL_METRICS, evaluate_offline, metric_sums
+from atlas_vla.eval.offline import VAL_METRICS, evaluate_offline
 from atlas_vla.models.policy import AtlasPolicy
 
 
@@ -27,15 +28,36 @@ def setup(tmp_path_factory):
     return data, policy.save_pretrained(root / "policy"), policy, val
 
 
-def test_metrics_equal_the_policy_forward_on_the_split(setup):
+def test_metrics_are_means_over_every_valid_step_whatever_the_batch_size(setup):
     data, checkpoint, policy, val = setup
-    metrics = evaluate_offline(str(checkpoint), str(data), split="val", val_fraction=0.25, batch_size=4)
     samples = LiberoSamples(val, policy.config.sample_spec)
-    batches = [collate([samples[i] for i in range(s, min(s + 4, len(samples)))]) for s in range(0, len(samples), 4)]
-    totals, count = metric_sums(policy.eval(), batches)
-    for key, value in zip(VAL_METRICS, totals / count):
-        assert metrics[f"val/{key}"] == pytest.approx(float(value), rel=1e-5)
-    assert "val/baseline_pose_l1_error" in metrics
+    # the expectation, sample by sample: each sample's metrics weighted by its real (unpadded) action steps
+    policy.eval()
+    sums, steps = dict.fromkeys(VAL_METRICS, 0.0), 0
+    actions, valid = [], []
+    with torch.no_grad():
+        for index in range(len(samples)):
+            batch = collate([samples[index]])
+            count = int((~batch["actions_is_pad"]).sum())
+            out = policy(batch)
+            for key in VAL_METRICS:
+                sums[key] += float(out[key]) * count
+            steps += count
+            actions.append(batch["actions"][0].numpy())
+            valid.append(~batch["actions_is_pad"][0].numpy())
+    assert len(samples) % 4 != 0 and len(samples) % 3 != 0  # both batch sizes end with a short batch
+    for batch_size in (4, 3):
+        metrics = evaluate_offline(str(checkpoint), str(data), split="val", val_fraction=0.25, batch_size=batch_size)
+        for key in VAL_METRICS:
+            assert metrics[f"val/{key}"] == pytest.approx(sums[key] / steps, rel=1e-5), (batch_size, key)
+    # the mean-action baseline, computed here from the actions alone
+    real = np.stack(actions)[np.stack(valid)]  # (valid steps, 7)
+    mean = np.asarray(policy.norm_stats.action.mean, dtype=np.float64)
+    closed = mean[6] > 0  # the majority gripper command: the mean's sign
+    error = mean[:6] - real[:, :6]
+    assert metrics["val/baseline_pose_l1_error"] == pytest.approx(np.abs(error).mean(), rel=1e-5)
+    assert metrics["val/baseline_pose_l2_error"] == pytest.approx(np.linalg.norm(error, axis=1).mean(), rel=1e-5)
+    assert metrics["val/baseline_gripper_error"] == pytest.approx(np.mean((real[:, 6] > 0) != closed), rel=1e-5)
 
 
 def test_command_table_json_and_errors(setup, tmp_path, capsys):
@@ -46,8 +68,9 @@ def test_command_table_json_and_errors(setup, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())["metrics"] and "val/pose_l1_error" in printed
     assert cli(["eval-offline", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "none")]) == 2
+    assert f"data source {tmp_path / 'none'} does not exist" in capsys.readouterr().err
     assert cli(["eval-offline", "--checkpoint", str(tmp_path), "--data", str(data)]) == 2
-    assert "not an Atlas policy" in capsys.readouterr().err
+    assert f"{tmp_path} is not an Atlas policy: config.json is missing" in capsys.readouterr().err
 
 
 def test_the_policy_flag_and_a_runs_data_section(setup, tmp_path, capsys):

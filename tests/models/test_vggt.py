@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 
 import pytest
 import torch
@@ -189,7 +191,11 @@ def test_weights_hash_handles_scalar_tensors():
 
     module = torch.nn.Module()
     module.register_buffer("scale", torch.tensor(2.0))
-    assert len(weights_hash(module)) == 16
+    # SHA-256 over the entry's name, dtype and shape, then its bytes (an independent spelling of the rule)
+    digest = hashlib.sha256(b"scale|torch.float32|()" + struct.pack("<f", 2.0)).hexdigest()[:16]
+    assert weights_hash(module) == digest == "4ea64a115594486b"
+    module.scale.fill_(3.0)
+    assert weights_hash(module) != digest
 
 
 class NotATensor:

@@ -5,7 +5,9 @@ context kept per connection."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import synthetic_dataset, tiny_policy_config
+from openpi_client import websocket_client_policy  # installed by the README's install command
 
 from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.sources import load_libero
@@ -26,8 +29,6 @@ from atlas_vla.serving.client import RemotePolicy, ServerError
 from atlas_vla.serving.protocol import pack, unpack
 from atlas_vla.serving.server import serve_in_background
 
-websocket_client_policy = pytest.importorskip("openpi_client.websocket_client_policy",
-                                              reason="openpi-client is installed by the README's install command")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -115,7 +116,11 @@ def test_openpi_client_gets_the_policys_actions_from_atlas_vla_serve(policy, obs
     finally:
         assert server.stop() == 0
     log = "".join(server.output)
-    assert "client" in log and observation["task_description"] not in log  # no observation content is logged
+    # the one websocket connection is logged when it opens and when it closes, by its address
+    opened = re.findall(r" atlas_vla\.serve: client (\('127\.0\.0\.1', \d+\)) connected$", log, flags=re.M)
+    closed = re.findall(r" atlas_vla\.serve: client (\('127\.0\.0\.1', \d+\)) disconnected$", log, flags=re.M)
+    assert len(opened) == 1 and closed == opened, log
+    assert observation["task_description"] not in log  # no observation content is logged
 
 
 def test_the_api_key_is_required_when_set_and_never_printed(policy, observation, tmp_path):
@@ -228,25 +233,48 @@ def test_a_client_killed_mid_request_does_not_stop_the_server(policy, observatio
         f"client = WebsocketClientPolicy('127.0.0.1', int(sys.argv[1]))\n"
         f"obs = dict(np.load({str(tmp_path / 'obs.npz')!r}))\n"
         "obs['task_description'] = str(obs['task_description'])\n"
-        "print('connected', flush=True)\n"
-        "while True:\n"
-        "    client.infer(obs)\n")
+        "client.infer(obs)\n")
     np.savez(tmp_path / "obs.npz", **observation)
-    with serve_in_background(policy, port=0) as server:
-        killed = subprocess.Popen([sys.executable, "-c", script, str(server.port)], stdout=subprocess.PIPE, text=True)
-        try:
-            assert killed.stdout.readline().strip() == "connected"
-            killed.send_signal(signal.SIGKILL)
-        finally:
-            killed.kill()
-            killed.wait()
-        with connect(f"ws://127.0.0.1:{server.port}") as abandoned:  # sends a request and leaves without the reply
-            abandoned.recv()
-            abandoned.send(pack(observation))
-        client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", server.port)
-        # (possibly batched with the abandoned request, hence a float tolerance)
-        np.testing.assert_allclose(client.infer(observation)["actions"], policy.predict_action(observation), atol=1e-5)
-        client._ws.close()
+    received = threading.Event()  # the server has read the killed client's request (its debug line)
+
+    class Requests(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "a request of" in record.getMessage():
+                received.set()
+
+    server_log = logging.getLogger("atlas_vla.serve")
+    handler, level = Requests(level=logging.DEBUG), server_log.level
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.DEBUG)
+    # an idle second connection holds the request in its batch for up to 60 s (a batch closes early only once
+    # every open connection has a request in it), so it is still unanswered when the client is killed
+    try:
+        with serve_in_background(policy, port=0, max_batch_size=2, max_wait_ms=60_000) as server, \
+                connect(f"ws://127.0.0.1:{server.port}") as idle:
+            idle.recv()  # its metadata
+            killed = subprocess.Popen([sys.executable, "-c", script, str(server.port)])
+            try:
+                assert received.wait(timeout=120), "the client's request never reached the server"
+                killed.send_signal(signal.SIGKILL)
+            finally:
+                killed.kill()
+                killed.wait()
+            assert killed.returncode == -signal.SIGKILL  # it died with its request in flight, not after a reply
+            received.clear()
+            idle.send(pack(observation))  # completes the held batch: the dead client's reply has nobody to go to
+            np.testing.assert_allclose(unpack(idle.recv())["actions"], policy.predict_action(observation), atol=1e-5)
+            with connect(f"ws://127.0.0.1:{server.port}") as abandoned:  # a request, and gone before the reply
+                abandoned.recv()
+                abandoned.send(pack(observation))
+            idle.close()
+            client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", server.port)
+            # (possibly batched with the abandoned request, hence a float tolerance)
+            np.testing.assert_allclose(client.infer(observation)["actions"], policy.predict_action(observation),
+                                       atol=1e-5)
+            client._ws.close()
+    finally:
+        server_log.removeHandler(handler)
+        server_log.setLevel(level)
 
 
 def test_temporal_context_is_kept_per_connection_and_reset_per_episode(stats, observation):

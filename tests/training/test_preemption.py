@@ -14,15 +14,21 @@ import subprocess
 import time
 from pathlib import Path
 
+import accelerate
 import helpers
 import pytest
 from helpers import ACCELERATE_CPU_1, ACCELERATE_CPU_2, offline_environment, synthetic_dataset
+from packaging.version import Version
 from safetensors.torch import load_file
 from wandb_records import find_run_files, read_run
 
 from atlas_vla.training.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, WAIT_AT_STEP_ENV, StopRequest
 
 REPO = Path(__file__).resolve().parents[2]
+# plain `accelerate launch`'s own exit status after a SIGTERM reached it: from 1.16 it handles the signal and exits
+# 128 + 15; earlier ones (1.15 measured) die of the signal itself, one process, or report torchrun's failure, 1
+LAUNCHER_SIGTERM_STATUS = ({128 + signal.SIGTERM} if Version(accelerate.__version__) >= Version("1.16")
+                           else {-signal.SIGTERM, 1})
 LAUNCH_2 = ["./launch.sh", "--mode", "cpu", "--num_processes", "2", "--"]
 
 
@@ -58,9 +64,7 @@ def stopped_run(command: list[str], out: Path, ranks: int, step: int, send) -> t
             time.sleep(0.05)
         for marker in markers:  # the ranks the signal did not reach learn it through the cross-process trigger
             marker.unlink(missing_ok=True)
-        started = time.monotonic()
-        output, _ = process.communicate(timeout=120)
-        assert time.monotonic() - started < 60
+        output, _ = process.communicate(timeout=300)  # a hang is a failure here, not a wait for the suite's limit
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -112,7 +116,7 @@ def test_sigterm_to_the_launcher_alone_stops_the_trainer_with_a_checkpoint_and_r
     finish([*ACCELERATE_CPU_1, *tiny_args(data_dir, straight)])
     code, _ = stopped_run([*ACCELERATE_CPU_1, *tiny_args(data_dir, stopped, "--report_to", "wandb")], stopped, 1, 3,
                           lambda launcher, ranks: os.kill(launcher, signal.SIGTERM))
-    assert code != 0  # the launcher itself was ended by the signal; the trainer went on to save
+    assert code in LAUNCHER_SIGTERM_STATUS  # the launcher itself was ended by the signal; the trainer went on to save
     deadline = time.monotonic() + 60
     while leftover_processes(stopped) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -186,8 +190,8 @@ def test_a_stop_signal_leaves_the_checkpoint_of_that_step_and_a_preempted_wandb_
     if launcher == "launch.sh":
         assert code == PREEMPTED_EXIT_CODE, output[-3000:]
         assert f"stopped by {name} after step 3 of 6" in output, output[-3000:]
-    else:  # the launcher's own status: 143 from Accelerate 1.16, the signal itself (-15) or 1 from earlier ones
-        assert code != 0, output[-3000:]
+    else:
+        assert code in LAUNCHER_SIGTERM_STATUS, output[-3000:]
     assert leftover_processes(out) == []
     assert (out / "checkpoints" / "checkpoint-3" / "training_state.json").is_file()
     assert not (out / "final").exists()
