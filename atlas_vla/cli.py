@@ -21,7 +21,7 @@ from atlas_vla.config import TrainConfig, is_train_option, load_config, parse_ov
 from atlas_vla.data.config import DataConfig
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import EvaluationFailed, check_episodes_ran
-from atlas_vla.hub import resolve_local
+from atlas_vla.hub import absolute_path, resolve_local
 from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
 from atlas_vla.serving.protocol import API_KEY_ENV
 
@@ -125,7 +125,8 @@ def _data_config(args: argparse.Namespace, source: str | list[str] | None) -> Da
     """The `data:` section of `--config` (or the defaults) and train.py's overrides, with `source` and the data
     flags applied on top."""
     config = _train_config(args).data
-    if args.config is None and source is None and "source" not in parse_overrides(args._train_overrides)[1].get("data", {}):
+    named = "source" in parse_overrides(args._train_overrides)[1].get("data", {})  # as train.py's --data.source
+    if args.config is None and source is None and not named:
         raise ValueError("name the data: a source (Hub dataset id or folder) or --config RUN.yaml")
     overrides = {"source": source, "revision": args.revision, "val_fraction": args.val_fraction,
                  "split_seed": args.split_seed}
@@ -586,7 +587,7 @@ def _resolve_paths(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is None:
             continue
-        resolve = resolve_local if name in _PATH_OR_HUB_ARGUMENTS else (lambda v: str(Path(v).expanduser().absolute()))
+        resolve = resolve_local if name in _PATH_OR_HUB_ARGUMENTS else absolute_path
         setattr(args, name, [resolve(str(v)) for v in value] if isinstance(value, list) else resolve(str(value)))
 
 

@@ -25,7 +25,7 @@ import yaml
 from atlas_vla.data.config import DataConfig, check_sources_exist
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.files import write_text_atomic
-from atlas_vla.hub import resolve_local
+from atlas_vla.hub import absolute_path, resolve_local
 from atlas_vla.models.config import MINILM, PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
 
@@ -344,7 +344,7 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     as they are): what the run reads, and what its `config.yaml` records, wherever that is read again."""
 
     def absolute(path: str | None, *keep: str) -> str | None:
-        return path if path is None or path in keep else str(Path(path).expanduser().absolute())
+        return path if path is None or path in keep else absolute_path(path)
 
     def local(name: str | None, *keep: str) -> str | None:
         return name if name is None or name in keep else resolve_local(name)

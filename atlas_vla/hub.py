@@ -26,13 +26,22 @@ def is_hub_id(name: str | os.PathLike) -> bool:
             and not text.lower().endswith(FILE_SUFFIXES))
 
 
+def absolute_path(path: str | os.PathLike) -> str:
+    """A local path fixed against the working directory (`~` expanded, symbolic links kept)."""
+    return str(Path(path).expanduser().absolute())
+
+
 def resolve_local(name: str) -> str:
-    """`name` with a local path made absolute against the working directory (`~` expanded): an existing path, or
-    a name that cannot be a Hub id; a Hub id that is not on disk is returned as it is."""
-    path = Path(name).expanduser()
-    if path.exists() or not is_hub_id(name):
-        return str(path.absolute())
+    """`name` with a local path made absolute (`absolute_path`): an existing path, or a name that cannot be a Hub
+    id; a Hub id that is not on disk is returned as it is."""
+    if Path(name).expanduser().exists() or not is_hub_id(name):
+        return absolute_path(name)
     return name
+
+
+def hub_failure(error: BaseException) -> str:
+    """Why a Hub download failed, on one line (not found, offline and not cached, a bad revision, ...)."""
+    return f"{type(error).__name__}: {error}".replace("\n", " ")
 
 
 def local_path_or_hub_id(name: str | os.PathLike, missing: str) -> Path | str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping
 
 from atlas_vla.constants import CANONICAL_COLUMNS, TASK_INDEX
-from atlas_vla.hub import local_path_or_hub_id
+from atlas_vla.hub import absolute_path, local_path_or_hub_id
 
 
 @dataclass
@@ -96,14 +96,15 @@ def check_sources_exist(data_cfg: DataConfig) -> None:
 
 def missing_source_message(source: str) -> str:
     """What a missing source is called: its absolute path, and the nearest existing path or known Hub id."""
-    return (f"data source {Path(source).expanduser().absolute()} does not exist: no such file or folder, and not a "
-            f"Hub dataset id of the form 'org/name'{nearest_source(source)}")
+    nearest = nearest_source(source)
+    return (f"data source {absolute_path(source)} does not exist: no such file or folder, and not a Hub dataset id "
+            f"of the form 'org/name'" + (f" (did you mean {nearest}?)" if nearest else ""))
 
 
-def nearest_source(source: str) -> str:
-    """' (did you mean X?)' for the closest existing path beside the missing part of `source`, else the closest
-    known Hub id; '' when nothing is close."""
-    path = Path(source).expanduser().absolute()
+def nearest_source(source: str) -> str | None:
+    """What `source` was probably meant to be: the closest existing path beside its missing part, else the
+    closest known Hub id ('the Hub dataset ...'); None when nothing is close."""
+    path = Path(absolute_path(source))
     base = next(parent for parent in path.parents if parent.is_dir())
     missing = path.relative_to(base).parts[0]
     try:
@@ -112,6 +113,6 @@ def nearest_source(source: str) -> str:
         names = []
     close = difflib.get_close_matches(missing, names, n=1, cutoff=0.6)
     if close:
-        return f" (did you mean {base / close[0]}?)"
+        return str(base / close[0])
     close = difflib.get_close_matches(source, KNOWN_HUB_IDS, n=1, cutoff=0.6)
-    return f" (did you mean the Hub dataset {close[0]}?)" if close else ""
+    return f"the Hub dataset {close[0]}" if close else None

@@ -35,7 +35,7 @@ from atlas_vla.constants import (
 from atlas_vla.data.config import check_column_overrides, missing_source_message, nearest_source
 from atlas_vla.data.hdf5 import convert_libero_hdf5, find_hdf5_files
 from atlas_vla.files import StagedFolder
-from atlas_vla.hub import local_path_or_hub_id
+from atlas_vla.hub import hub_failure, local_path_or_hub_id
 
 LAYOUT_LEROBOT_V2 = "lerobot-v2"  # meta/info.json (v2.x), meta/tasks.jsonl, data/chunk-*/episode_*.parquet
 LAYOUT_LEROBOT_V3 = "lerobot-v3"  # meta/info.json (v3.x), meta/tasks.parquet, data/chunk-*/file-*.parquet
@@ -274,10 +274,9 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patt
     try:
         folder = snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
     except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, bad revision
-        reason = f"{type(error).__name__}: {error}".replace("\n", " ")
-        raise ValueError(f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {reason}"
-                         f"{nearest_source(repo_id).replace(' (did you mean', ' (no such local folder either; did you mean')}"
-                         ) from error
+        nearest = nearest_source(repo_id)
+        raise ValueError(f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {hub_failure(error)}"
+                         + (f" (no such local folder either; did you mean {nearest}?)" if nearest else "")) from error
     return Path(folder)
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from atlas_vla.data.normalization import NormStats
 from atlas_vla.files import StagedFolder
-from atlas_vla.hub import local_path_or_hub_id
+from atlas_vla.hub import hub_failure, local_path_or_hub_id
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.language import LanguageEncoder
 from atlas_vla.models.vggt import VGGTAggregator, build_vggt
@@ -52,9 +52,8 @@ def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | No
     try:
         return Path(snapshot_download(found, revision=revision))
     except (OSError, ValueError) as error:  # hub errors: not found, offline and not cached, bad revision
-        reason = f"{type(error).__name__}: {error}".replace("\n", " ")
         raise FileNotFoundError(f"policy {found!r} is not a local folder and could not be had from the Hub "
-                                f"(revision {revision or 'main'}): {reason}") from error
+                                f"(revision {revision or 'main'}): {hub_failure(error)}") from error
 
 
 def read_policy_config(folder: Path) -> dict[str, Any]:
