@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -27,6 +27,21 @@ def valid_steps(batch: Mapping[str, Any]) -> torch.Tensor:
     return (~torch.as_tensor(batch[ACTIONS_PAD_MASK])).sum().float().cpu()
 
 
+def _step_weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None,
+                        metrics_of: Callable[[Mapping[str, Any]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`metrics_of(batch)` (a tensor of means over the batch's valid action steps) summed over up to `limit`
+    batches, each weighed by its valid steps, and the number of those steps."""
+    total, steps = None, torch.zeros(())
+    for count, batch in enumerate(batches, start=1):
+        weight = valid_steps(batch)
+        values = metrics_of(batch).detach().float().cpu() * weight
+        total = values if total is None else total + values
+        steps = steps + weight
+        if limit is not None and count >= limit:
+            break
+    return total, steps
+
+
 @torch.no_grad()
 def metric_sums(policy: torch.nn.Module, batches: Iterable[Mapping[str, Any]], limit: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +50,14 @@ def metric_sums(policy: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
     mean weighs as many steps as it has, so a short last batch is not counted like a full one)."""
     was_training = policy.training
     policy.eval()
-    total, steps = torch.zeros(len(VAL_METRICS)), torch.zeros(())
-    for count, batch in enumerate(batches, start=1):
+
+    def metrics_of(batch: Mapping[str, Any]) -> torch.Tensor:
         out = policy(batch)
-        weight = valid_steps(batch)
-        total = total + torch.stack([out[key].detach().float().cpu() for key in VAL_METRICS]) * weight
-        steps = steps + weight
-        if limit is not None and count >= limit:
-            break
+        return torch.stack([out[key].float() for key in VAL_METRICS])
+
+    total, steps = _step_weighted_sums(batches, limit, metrics_of)
     policy.train(was_training)
-    return total, steps
+    return (total if total is not None else torch.zeros(len(VAL_METRICS))), steps
 
 
 @torch.no_grad()
@@ -52,19 +65,16 @@ def baseline_sums(batches: Iterable[Mapping[str, Any]], stats: NormStats, limit:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`BASELINE_METRICS` of always predicting the training mean action with the majority gripper command, summed
     over every valid action step as `metric_sums` sums them, and the number of those steps."""
-    total, steps = torch.zeros(len(BASELINE_METRICS)), torch.zeros(())
-    for count, batch in enumerate(batches, start=1):
+
+    def metrics_of(batch: Mapping[str, Any]) -> torch.Tensor:
         actions = batch[ACTIONS].float()
         mean = torch.as_tensor(stats.action.mean, dtype=actions.dtype, device=actions.device).expand_as(actions).clone()
         mean[..., GRIPPER] = binarize_gripper(mean[..., GRIPPER])
-        valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=actions.device)
-        metrics = action_metrics(mean, actions, valid)
-        weight = valid_steps(batch)
-        total = total + torch.stack([metrics[key].float().cpu() for key in BASELINE_METRICS]) * weight
-        steps = steps + weight
-        if limit is not None and count >= limit:
-            break
-    return total, steps
+        metrics = action_metrics(mean, actions, ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=actions.device))
+        return torch.stack([metrics[key].float() for key in BASELINE_METRICS])
+
+    total, steps = _step_weighted_sums(batches, limit, metrics_of)
+    return (total if total is not None else torch.zeros(len(BASELINE_METRICS))), steps
 
 
 def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "val", val_fraction: float | None = None,
