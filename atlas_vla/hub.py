@@ -1,8 +1,8 @@
 """Local path or Hugging Face Hub id: the one rule every loader uses to tell them apart.
 
 A name that exists on disk is local. Otherwise it is a Hub id only if it looks like one: exactly
-`owner/name` (letters, digits, `_`, `.`, `-`; dots allowed, e.g. `org/atlas-v1.5`), not starting with
-`.`, `/` or `~`, and not ending in a file suffix (`weights.safetensors` is a missing file, not a
+`owner/name` (letters, digits, `_`, `.`, `-`; dots allowed, e.g. `org/atlas-v1.5`; so never starting with
+`/` or `~`), not starting with `.` (a hidden folder such as `.cache/x`), and not ending in a file suffix (`weights.safetensors` is a missing file, not a
 repo). Anything else is a missing local path, reported as such instead of as a Hub error.
 
 `resolve_local` applies the same rule once, where a name is read: a local path is fixed against the working
@@ -22,7 +22,7 @@ FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".json", ".yaml", ".yml"
 def is_hub_id(name: str | os.PathLike) -> bool:
     """Whether `name` has the shape of a Hub repo id (`owner/name`), whatever is on disk."""
     text = str(name)
-    return (not text.startswith((".", "/", "~")) and _HUB_ID.fullmatch(text) is not None
+    return (not text.startswith(".") and _HUB_ID.fullmatch(text) is not None
             and not text.lower().endswith(FILE_SUFFIXES))
 
 

@@ -33,4 +33,8 @@ def test_binarize_gripper_snaps_strictly_positive_to_close():
     array = binarize_gripper(np.asarray(values, dtype=np.float32))
     assert array.dtype == np.float32 and array.tolist() == expected
     assert float(binarize_gripper(np.float64(0.2))) == 1.0
+    # numpy keeps a float input's precision and turns integer (0/1) grippers into floats (uint8: float32)
+    assert binarize_gripper(np.asarray([0.5, -0.5])).dtype == np.float64
+    integers = binarize_gripper(np.asarray([1, 0], dtype=np.uint8))
+    assert integers.dtype == np.float32 and integers.tolist() == [1.0, -1.0]
     assert gripper_closed(torch.tensor([0.0, 1.0])).tolist() == [False, True]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_vla.hub import is_hub_id, local_path_or_hub_id
+from atlas_vla.hub import hub_failure, is_hub_id, local_path_or_hub_id
 
 
 @pytest.mark.parametrize("name", ["physical-intelligence/libero", "facebook/VGGT-1B", "org/atlas-libero-v1.5",
@@ -13,7 +13,7 @@ def test_hub_ids(name):
     assert is_hub_id(name)
 
 
-@pytest.mark.parametrize("name", ["./org/name", "/abs/path", "~/home/x", "not a hub id", "a/b/c", "name",
+@pytest.mark.parametrize("name", ["./org/name", ".cache/name", "/abs/path", "/abs", "~/home", "~user/x", "not a hub id", "a/b/c", "name",
                                   "weights/model.safetensors", "runs/config.yaml"])
 def test_not_hub_ids(name):
     assert not is_hub_id(name)
@@ -26,3 +26,9 @@ def test_existing_paths_are_local_and_missing_ones_are_named(tmp_path):
     assert local_path_or_hub_id("org/name", "missing") == "org/name"
     with pytest.raises(FileNotFoundError, match="thing not found: x.safetensors"):
         local_path_or_hub_id("x.safetensors", "thing not found: x.safetensors")
+
+
+def test_a_hub_failure_is_one_line_naming_the_error_type():
+    error = FileNotFoundError("404 Client Error.\nRepository Not Found for url: https://huggingface.co/x/y")
+    assert hub_failure(error) == ("FileNotFoundError: 404 Client Error. Repository Not Found for url: "
+                                  "https://huggingface.co/x/y")

@@ -132,3 +132,18 @@ def test_chunk_schedule_open_loop_and_temporal_ensembling():
     assert action[0] == pytest.approx(4.0) and action[6] == -1.0
     with pytest.raises(ValueError, match="ensemble_decay must be >= 0"):
         ChunkSchedule(ensemble_decay=-1.0)
+
+
+def test_chunk_schedule_edges():
+    """One action per query and a decay of 0 (a plain mean) are valid; 0 actions per query is not; a chunk's
+    actions are kept at float64 whatever the policy returned."""
+    every_step = ChunkSchedule(replan_steps=1)
+    every_step.add(0, np.full((4, 7), 0.5, dtype=np.float32))
+    assert every_step.action(0).dtype == np.float64 and every_step.needs_query(1)
+    with pytest.raises(ValueError) as raised:
+        ChunkSchedule(replan_steps=0)
+    assert str(raised.value) == "replan_steps must be >= 1 (or None for the whole chunk), got 0"
+    mean = ChunkSchedule(ensemble_decay=0.0)
+    mean.add(0, np.ones((2, 7), dtype=np.int64))
+    mean.add(1, np.full((2, 7), 0.5))
+    np.testing.assert_array_equal(mean.action(1), [0.75] * 6 + [1.0])

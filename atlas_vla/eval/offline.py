@@ -23,8 +23,8 @@ BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `actio
 
 def valid_steps(batch: Mapping[str, Any]) -> torch.Tensor:
     """How many action steps of a batch are real (not the padding after an episode's end): the weight of its
-    metrics, each a mean over those steps."""
-    return (~torch.as_tensor(batch[ACTIONS_PAD_MASK])).sum().float().cpu()
+    metrics, each a mean over those steps. A float tensor on the batch's device (reading it does not wait for one)."""
+    return (~torch.as_tensor(batch[ACTIONS_PAD_MASK])).sum().float()
 
 
 def _step_weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None,
@@ -33,7 +33,7 @@ def _step_weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None,
     batches, each weighed by its valid steps, and the number of those steps."""
     total, steps = None, torch.zeros(())
     for count, batch in enumerate(batches, start=1):
-        weight = valid_steps(batch)
+        weight = valid_steps(batch).cpu()
         values = metrics_of(batch).detach().float().cpu() * weight
         total = values if total is None else total + values
         steps = steps + weight

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from atlas_vla.config import CheckpointConfig, LoggingConfig, TrainingConfig, config_yaml
 from atlas_vla.constants import SOURCE_INDEX
 from atlas_vla.eval.config import EvalConfig
+from atlas_vla.eval.offline import valid_steps
 from atlas_vla.training.checkpointing import TrainingState, checkpoints_dir, save_checkpoint
 from atlas_vla.training.evaluation import (
     baseline_metrics,
@@ -35,28 +36,36 @@ TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
 
 @dataclass
 class TrainWindow:
-    """What the micro-batches since the last `train/*` log saw on this process: their undivided losses (the mean
-    is logged) and, with several data sources, how many samples came from each (`train/samples/source_<i>`)."""
+    """What the micro-batches since the last `train/*` log saw on this process: their losses weighed by their
+    valid action steps (the logged value is the mean over every such step of every process, as for `val/*`)
+    and, with several data sources, how many samples came from each (`train/samples/source_<i>`)."""
 
     num_sources: int = 1
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    micro_batches: int = 0
+    steps: torch.Tensor | float = 0.0
     source_samples: torch.Tensor | None = None
 
     def add(self, out: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
+        weight = valid_steps(batch).to(out["loss"].device)
         for key in TRAIN_METRICS:
-            self.sums[key] = self.sums.get(key, 0) + out[key].detach().float()
-        self.micro_batches += 1
+            self.sums[key] = self.sums.get(key, 0) + out[key].detach().float() * weight
+        self.steps = self.steps + weight
         if SOURCE_INDEX in batch:
             drawn = torch.bincount(torch.as_tensor(batch[SOURCE_INDEX]).cpu(), minlength=self.num_sources)
             self.source_samples = drawn if self.source_samples is None else self.source_samples + drawn
 
-    def means(self) -> torch.Tensor:
-        """The mean of each of `TRAIN_METRICS` on this process, as one tensor."""
-        return torch.stack([self.sums[key] / self.micro_batches for key in TRAIN_METRICS])
+    def totals(self) -> torch.Tensor:
+        """This process's step-weighted sum of each of `TRAIN_METRICS` and, last, its valid steps: one tensor
+        that sums over processes into the means of the whole run (`means_of`)."""
+        return torch.stack([*(self.sums[key] for key in TRAIN_METRICS), torch.as_tensor(self.steps).to(self.sums["loss"])])
+
+    @staticmethod
+    def means_of(totals: torch.Tensor) -> torch.Tensor:
+        """The mean of each of `TRAIN_METRICS` from `totals` (summed over processes or not)."""
+        return totals[:-1] / totals[-1].clamp(min=1)
 
     def reset(self) -> None:
-        self.sums, self.micro_batches, self.source_samples = {}, 0, None
+        self.sums, self.steps, self.source_samples = {}, 0.0, None
 
 
 @dataclass
@@ -145,19 +154,33 @@ def _train_batches(run: TrainingRun) -> Iterator[Any]:
 def update_policy(run: TrainingRun, batch: Mapping[str, Any], max_grad_norm: float | None) -> dict[str, torch.Tensor]:
     """Forward and backward one micro-batch; returns the policy's losses.
 
-    Under `accelerator.accumulate` the gradients are clipped and the optimizer, the schedule and
-    the zeroing take effect only on the micro-batch that completes an update (`sync_gradients`).
+    On several processes the gradient is that of the mean over every valid action step of all processes'
+    micro-batches, as one process with their union would compute (`process_share`). Under
+    `accelerator.accumulate` the gradients are clipped and the optimizer, the schedule and the zeroing take
+    effect only on the micro-batch that completes an update (`sync_gradients`).
     """
     accelerator = run.accelerator
     with accelerator.accumulate(run.policy):
         out = run.policy(batch)
-        accelerator.backward(out["loss"])
+        accelerator.backward(out["loss"] * process_share(accelerator, batch))
         if accelerator.sync_gradients and max_grad_norm:
             accelerator.clip_grad_norm_(run.policy.parameters(), max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def process_share(accelerator: Any, batch: Mapping[str, Any]) -> torch.Tensor | float:
+    """This process's valid action steps over the mean of all processes': the factor that turns its loss (a
+    mean over its own steps) into its part of the mean over everyone's, once DDP averages the gradients.
+
+    Without it a process whose micro-batch ends more episodes (more padded steps) would weigh each of its
+    steps more, and two processes of 8 would not train as one of 16."""
+    if accelerator.num_processes == 1:
+        return 1.0
+    steps = valid_steps(batch).to(accelerator.device)
+    return steps / accelerator.reduce(steps, "mean").clamp(min=1)
 
 
 def is_log_step(step: int, max_steps: int, logging_cfg: LoggingConfig) -> bool:
@@ -181,11 +204,11 @@ def is_checkpoint_step(step: int, max_steps: int, checkpoint_cfg: CheckpointConf
 
 
 def log_train_metrics(run: TrainingRun, window: TrainWindow, throughput: Throughput, progress: tqdm) -> None:
-    """Log the `train/*` metrics: losses averaged over the micro-batches since the last log and over processes,
+    """Log the `train/*` metrics: losses averaged over the valid action steps since the last log on every process,
     and with several sources the samples each gave since then, summed over processes (what the run trained on)."""
     state = run.state
     step = state.global_step
-    means = run.accelerator.reduce(window.means(), "mean")
+    means = window.means_of(run.accelerator.reduce(window.totals(), "sum"))
     logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
     logs.update({"train/lr": run.scheduler.get_last_lr()[0], "train/step": step,
                  "train/epoch": state.epoch + state.batches_in_epoch / (run.batches_per_epoch or math.inf),

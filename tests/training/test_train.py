@@ -96,8 +96,20 @@ def test_launch_logs_every_metric_config_tags_to_wandb(tmp_path, data_dir, obser
     np.testing.assert_array_equal(np.asarray(json.loads(result.stdout)["actions"]), expected)
 
 
+def train_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row["train/loss"] for row in rows if "train/loss" in row]
+
+
+def largest_weight_gap(a: Path, b: Path) -> float:
+    """The largest difference between two runs' trained weights."""
+    first, second = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert first.keys() == second.keys()
+    return max(float((first[key] - second[key]).abs().max()) for key in first)
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_one_run_same_weights_lr_schedule(tmp_path, data_dir):
+def test_two_cpu_processes_train_as_one_process_with_their_global_batch(tmp_path, data_dir, finished_run):
     out, log = tmp_path / "ddp", tmp_path / "logs" / "train.log"
     result = run(["./launch.sh", "--mode", "cpu", "--gpus", "2", "--wandb", "--log", str(log), "--",
                   *tiny_args(data_dir, out)])
@@ -106,6 +118,15 @@ def test_two_cpu_processes_one_run_same_weights_lr_schedule(tmp_path, data_dir):
     assert summary["num_processes"] == 2 and summary["global_batch_size"] == 2 * 8
     first, second = summary["rank_weight_checksums"]
     assert first == second
+    # Two processes of 8 are one process of 16: the same samples per update, each valid action step weighed
+    # the same. Measured: 1.3e-5 apart (float reduction order). Had both ranks trained on the same 8 samples,
+    # the run would equal the one-process run of 8 (`finished_run`), 4.7e-3 away.
+    one = tmp_path / "one-process"
+    assert train_main(tiny_args(data_dir, one, "--train_batch_size", "16")) == 0
+    assert largest_weight_gap(out, one) < 1e-4
+    assert largest_weight_gap(out, finished_run) > 1e-3
+    assert train_losses(out) == pytest.approx(train_losses(one), rel=1e-5)
+    assert train_losses(out) != pytest.approx(train_losses(finished_run), rel=1e-2)
     [run_file] = find_run_files(out)  # one W&B run for the whole job
     lr = dict(read_run(run_file).history["train/lr"])
     # warm-up of 2 updates then cosine to 0 at update 6, despite the scheduler stepping on 2 processes
