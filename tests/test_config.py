@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,14 +12,25 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from atlas_vla.config import (
     FLAG_ALIASES,
+    CheckpointConfig,
+    LoggingConfig,
     TrainConfig,
+    TrainingConfig,
+    check_args,
     config_from_args,
+    config_yaml,
+    is_train_option,
     load_config,
+    load_yaml,
     parse_overrides,
     save_config,
+    set_dotted,
     to_dict,
+    usage,
 )
-from atlas_vla.data.config import check_sources_exist
+from atlas_vla.data.config import DataConfig, check_sources_exist
+from atlas_vla.models.config import PolicyConfig
+from atlas_vla.schema import RenamedWarning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,3 +224,201 @@ def test_a_source_named_on_the_command_line_is_never_replaced_by_synthetic_data(
         check_sources_exist(named.data)
     check_sources_exist(asked.data)  # the run will write it
 
+
+
+# ----------------------------------------------------------------------------------------------
+# each section's own checks: the boundary on both sides, the whole message
+# ----------------------------------------------------------------------------------------------
+
+
+def value_error(make) -> str:
+    with pytest.raises(ValueError) as error:
+        make()
+    return str(error.value)
+
+
+@pytest.mark.parametrize("name", ["train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                                  "validate_every_steps", "cached_copies"])
+def test_training_counts_must_be_at_least_one(name):
+    assert getattr(TrainingConfig(**{name: 1}), name) == 1
+    assert value_error(lambda: TrainingConfig(**{name: 0})) == f"training.{name} must be >= 1, got 0"
+    assert value_error(lambda: TrainingConfig(**{name: -3})) == f"training.{name} must be >= 1, got -3"
+
+
+def test_max_train_steps_is_at_least_one_or_null():
+    assert TrainingConfig(max_train_steps=1).max_train_steps == 1
+    assert TrainingConfig(max_train_steps=None).max_train_steps is None
+    assert value_error(lambda: TrainingConfig(max_train_steps=0)) == \
+        "training.max_train_steps must be >= 1 or null, got 0"
+
+
+def test_learning_rate_is_positive_and_warmup_not_negative():
+    assert TrainingConfig(lr_warmup_steps=0, learning_rate=1e-12).lr_warmup_steps == 0
+    assert value_error(lambda: TrainingConfig(learning_rate=0.0)) == \
+        "training.learning_rate (0.0) must be > 0 and lr_warmup_steps (500) >= 0"
+    assert value_error(lambda: TrainingConfig(learning_rate=-1e-4)) == \
+        "training.learning_rate (-0.0001) must be > 0 and lr_warmup_steps (500) >= 0"
+    assert value_error(lambda: TrainingConfig(lr_warmup_steps=-1)) == \
+        "training.learning_rate (0.0001) must be > 0 and lr_warmup_steps (-1) >= 0"
+
+
+def test_feature_store_is_a_folder_auto_or_null():
+    assert TrainingConfig(feature_store="stores/s").feature_store == "stores/s"
+    assert value_error(lambda: TrainingConfig(feature_store="")) == \
+        "training.feature_store must be a folder, auto or null, got ''"
+    assert value_error(lambda: TrainingConfig(feature_store=5)) == \
+        "training.feature_store must be a folder, auto or null, got 5"
+
+
+def test_cache_frozen_features_means_feature_store_auto_with_a_warning():
+    with pytest.warns(RenamedWarning) as caught:
+        config = TrainingConfig(cache_frozen_features=True)
+    assert [str(w.message) for w in caught] == [
+        "training.cache_frozen_features: true is deprecated: use training.feature_store: auto"]
+    assert (config.feature_store, config.cache_frozen_features) == ("auto", False)
+    with pytest.warns(RenamedWarning):
+        config = TrainingConfig(cache_frozen_features=True, feature_store="mine")
+    assert (config.feature_store, config.cache_frozen_features) == ("mine", False)  # a named store is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TrainingConfig().feature_store is None
+
+
+def test_checkpoint_and_logging_intervals():
+    assert CheckpointConfig(save_every_steps=1, checkpoints_total_limit=1).checkpoints_total_limit == 1
+    assert CheckpointConfig(checkpoints_total_limit=None).checkpoints_total_limit is None
+    assert value_error(lambda: CheckpointConfig(save_every_steps=0)) == \
+        "checkpoint.save_every_steps must be >= 1, got 0"
+    assert value_error(lambda: CheckpointConfig(checkpoints_total_limit=0)) == \
+        "checkpoint.checkpoints_total_limit must be >= 1 or null, got 0"
+    assert LoggingConfig(log_every_steps=1).log_every_steps == 1
+    assert value_error(lambda: LoggingConfig(log_every_steps=0)) == "logging.log_every_steps must be >= 1, got 0"
+
+
+def test_a_feature_store_needs_indexed_data_and_a_frozen_backbone():
+    auto = TrainingConfig(feature_store="auto")
+    assert TrainConfig(training=auto).training.feature_store == "auto"
+    assert value_error(lambda: TrainConfig(training=auto, data=DataConfig(streaming=True))) == (
+        "training.feature_store: auto needs data.streaming: false (got True) and model.freeze_vggt: true (got True)")
+    assert value_error(lambda: TrainConfig(training=auto, model=PolicyConfig(freeze_vggt=False))) == (
+        "training.feature_store: auto needs data.streaming: false (got False) and model.freeze_vggt: true (got False)")
+
+
+def test_cached_copies_need_a_feature_store_and_random_shift():
+    two = TrainingConfig(cached_copies=2, feature_store="auto")
+    assert TrainConfig(training=two, data=DataConfig(random_shift=4)).training.cached_copies == 2
+    assert TrainConfig(training=TrainingConfig(cached_copies=1)).training.cached_copies == 1
+    assert value_error(lambda: TrainConfig(training=two)) == (
+        "training.cached_copies: 2 stores differently shifted copies of each sample: it needs training.feature_store "
+        "(got auto) and data.random_shift > 0 (got 0); otherwise every copy is the same")
+    assert value_error(lambda: TrainConfig(training=TrainingConfig(cached_copies=2),
+                                           data=DataConfig(random_shift=4))) == (
+        "training.cached_copies: 2 stores differently shifted copies of each sample: it needs training.feature_store "
+        "(got None) and data.random_shift > 0 (got 4); otherwise every copy is the same")
+
+
+# ----------------------------------------------------------------------------------------------
+# files, flags, the help text and the launcher's check
+# ----------------------------------------------------------------------------------------------
+
+
+def test_load_yaml_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(FileNotFoundError) as not_found:
+        load_yaml(missing)
+    assert str(not_found.value) == f"config file not found: {missing}"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [1, 2\n")
+    with pytest.raises(ValueError) as invalid:
+        load_yaml(broken)
+    assert isinstance(invalid.value.__cause__, yaml.YAMLError)
+    assert str(invalid.value) == f"{broken}: not valid YAML: {invalid.value.__cause__}"
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    with pytest.raises(ValueError) as not_mapping:
+        load_yaml(listed)
+    assert str(not_mapping.value) == f"{listed}: expected a mapping of sections (model, data, training, ...), got list"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_yaml(empty) == {}
+
+
+def test_parse_overrides_edge_cases():
+    with pytest.raises(ValueError) as error:
+        parse_overrides(["--"])
+    assert str(error.value) == "unexpected argument '--'; options look like --training.learning_rate 1e-4"
+    assert parse_overrides(["--wandb"]) == (None, {"wandb": {"enabled": True}})
+    assert parse_overrides(["--hub_model_id="]) == (None, {"training": {"hub_model_id": ""}})  # empty, not null
+    assert parse_overrides(["--output_dir", "a: b: c"]) == (None, {"training": {"output_dir": "a: b: c"}})  # not YAML
+    assert parse_overrides(["--config=c.yaml", "--allow_tf32", "--seed", "3"]) == \
+        ("c.yaml", {"training": {"allow_tf32": True, "seed": 3}})
+
+
+def test_set_dotted_refuses_a_value_where_a_section_belongs():
+    with pytest.raises(ValueError) as error:
+        set_dotted({"training": 5}, "training.seed", 1)
+    assert str(error.value) == "cannot set --training.seed: training is not a section"
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--config", True), ("--config=c.yaml", True), ("--seed", True), ("--seed=3", True), ("--seed=a=b", True),
+    ("--training.seed", True), ("--training.seed=3", True), ("--training.validation_steps", True),
+    ("--eval.libero_steps=2", True), ("--model.vggt.dino.depth", True), ("seed", True), ("training.seed", True),
+    ("--training.seedx", False), ("--bogus", False), ("--seed3", False), ("-seed", False), ("--", False),
+    ("--CONFIG", False),
+])
+def test_is_train_option(flag, expected):
+    assert is_train_option(flag) is expected
+
+
+def test_config_yaml_keeps_the_fields_in_their_declared_order():
+    text = config_yaml(TrainConfig())
+    values = yaml.safe_load(text)
+    assert list(values) == ["model", "data", "training", "checkpoint", "logging", "wandb", "eval"]
+    assert list(values["training"])[:4] == ["output_dir", "init_from", "seed", "train_batch_size"]
+    assert list(values["checkpoint"]) == ["save_every_steps", "checkpoints_total_limit", "resume_from_checkpoint"]
+    assert values == to_dict(TrainConfig())
+
+
+def test_usage_lists_the_sections_and_every_flag():
+    text = usage()
+    header, flags = text.split("Flags (aliases of config keys):\n")
+    assert header == (
+        "usage: train.py [--config FILE] [--section.key VALUE ...] [--flag VALUE ...]\n\n"
+        "Config sections (YAML keys, settable as --section.key): model, data, training, checkpoint, logging, wandb, "
+        "eval.\n"
+        "See configs/train_config.yaml for every key with a comment.\n\n")
+    lines = flags.split("\n")
+    assert lines[-1] == "" and len(lines) == len(FLAG_ALIASES) + 1
+    assert lines[0] == "  --output_dir                   = --training.output_dir"
+    assert lines[3] == "  --gradient_accumulation_steps  = --training.gradient_accumulation_steps"
+    assert lines[-2] == "  --eval_libero_steps            = --eval.every_steps"
+    assert [re.fullmatch(r"  --(\S+) += --(\S+)", line).groups() for line in lines[:-1]] == list(FLAG_ALIASES.items())
+    assert {line.index("=") for line in lines[:-1]} == {33}
+
+
+def test_check_args_prints_one_error_line_and_returns_2(tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check_args(["--training.validation_steps", "5", "--seed", "1"]) == 0
+    assert caught == []  # deprecations are the trainer's to print
+    assert capsys.readouterr() == ("", "")
+    assert check_args(["--training.seed", "x"]) == 2
+    assert capsys.readouterr() == ("", "train.py: error: config.training.seed must be an integer, got 'x'\n")
+    missing = tmp_path / "qqq"
+    assert check_args(["--data.source", str(missing)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"train.py: error: data source {missing} does not exist: ")
+    assert err.count("\n") == 1
+
+
+def test_every_local_path_of_the_config_is_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "lm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = config_from_args(["--config", str(REPO / "configs" / "demo.yaml"), "--data.cache_dir", "cache",
+                               "--model.vggt_pretrained", "weights/vggt.safetensors",
+                               "--model.language.model_name_or_path", "lm"])
+    assert config.data.cache_dir == str(tmp_path / "cache")
+    assert config.model.vggt_pretrained == str(tmp_path / "weights" / "vggt.safetensors")
+    assert config.model.language.model_name_or_path == str(tmp_path / "lm")
+    assert config_from_args(["--config", str(REPO / "configs" / "demo.yaml")]).data.cache_dir is None
