@@ -142,6 +142,11 @@ class WandbConfig:
     save_code: bool = True  # upload the training code with the run
     resume: Literal["allow", "must", "never", "auto"] = "allow"  # how a resumed job re-attaches to its run
     disable_stats: bool = False  # turn off system metrics (GPU/CPU utilisation and memory)
+    # the policy as a versioned W&B artifact (`atlas-policy-<run id>`): none | final (one version, at the end) |
+    # best (a version whenever best_metric improves at a checkpoint) | all (every checkpoint)
+    log_model: Literal["none", "final", "best", "all"] = "final"
+    best_metric: str | None = None  # null: eval/success_rate where simulator evaluations run, else val/pose_l1_error
+    log_checkpoints: bool = False  # also the full training state (`atlas-checkpoint-<run id>`), to resume elsewhere
 
 
 @dataclass

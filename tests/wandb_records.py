@@ -52,6 +52,19 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 
 @dataclass
+class LoggedArtifact:
+    """One `log_artifact` call as the run recorded it (W&B adds `latest` to the aliases it was given)."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    metadata: dict
+    digest: str  # of the manifest: equal for equal contents
+    files: dict[str, tuple[str, int]]  # path in the artifact -> (base64 MD5, size)
+    staged: dict[str, str]  # path in the artifact -> the staged copy `wandb sync` uploads
+
+
+@dataclass
 class OfflineRun:
     run_id: str = ""
     project: str = ""
@@ -62,6 +75,7 @@ class OfflineRun:
     files: list[str] = field(default_factory=list)
     preempting: bool = False  # the run was marked as being preempted
     exit_code: int | None = None  # None: the run never finished (a crash or a kill)
+    artifacts: list[LoggedArtifact] = field(default_factory=list)  # in the order they were logged
 
 
 def read_run(path: Path) -> OfflineRun:
@@ -93,6 +107,12 @@ def read_run(path: Path) -> OfflineRun:
             run.preempting = True
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "artifact":
+            artifact = record.artifact
+            run.artifacts.append(LoggedArtifact(
+                artifact.name, artifact.type, sorted(artifact.aliases), json.loads(artifact.metadata or "{}"),
+                artifact.digest, {entry.path: (entry.digest, entry.size) for entry in artifact.manifest.contents},
+                {entry.path: entry.local_path for entry in artifact.manifest.contents}))
     return run
 
 

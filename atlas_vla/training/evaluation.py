@@ -114,8 +114,8 @@ def run_sim_evaluation(run: TrainingRun, eval_cfg: EvalConfig) -> None:
     accelerator, step = run.accelerator, run.state.global_step
     if accelerator.is_main_process:
         try:
-            metrics, videos = evaluate_in_simulator(run.unwrapped_policy, eval_cfg, run.output_dir, run.references,
-                                                    step)
+            metrics, videos, run.evaluation = evaluate_in_simulator(run.unwrapped_policy, eval_cfg, run.output_dir,
+                                                                    run.references, step)
             run.record(metrics, step)
             log_videos(accelerator, step, videos)
         except Exception as error:
@@ -126,9 +126,10 @@ def run_sim_evaluation(run: TrainingRun, eval_cfg: EvalConfig) -> None:
 
 
 def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir: Path, references: dict,
-                          step: int) -> tuple[dict[str, float], dict[str, str]]:
-    """Closed-loop LIBERO success rates of the current policy (main process): the `eval/*` scalars and
-    the episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them.
+                          step: int) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
+    """Closed-loop LIBERO success rates of the current policy (main process): the `eval/*` scalars, the
+    episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them, and the evaluation in brief
+    (suite, step, episodes, successes, success rate and its 95% interval, the results file).
 
     An evaluation whose every episode ended in an error (e.g. the simulator cannot render) raises
     `EvaluationFailed` after writing its `results.json`."""
@@ -142,4 +143,6 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
     check_episodes_ran(results, path)
     metrics = sim.eval_metrics(eval_cfg.suite, summary)
     logger.info("step %d %s", step, metrics_table(metrics))
-    return metrics, sim.episode_videos(summary)
+    brief = {"suite": eval_cfg.suite, "step": step, "results": str(path),
+             **{key: summary[key] for key in ("episodes", "successes", "success_rate", "interval_95")}}
+    return metrics, sim.episode_videos(summary), brief

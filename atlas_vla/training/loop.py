@@ -222,13 +222,22 @@ def log_train_metrics(run: TrainingRun, window: TrainWindow, throughput: Through
 
 
 def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig) -> Path:
-    """Save `checkpoints/checkpoint-{step}` with the state a resumed run continues from, and apply retention."""
+    """Save `checkpoints/checkpoint-{step}` with the state a resumed run continues from, apply retention, and log
+    the W&B artifacts `wandb.log_model` / `log_checkpoints` ask for (`artifacts.ArtifactLog`)."""
     state = run.state
-    saved = TrainingState(state.global_step, state.epoch, state.batches_in_epoch, run.run_id)
+    step = state.global_step
+    is_best = run.artifacts.consider(run.latest) if run.artifacts is not None else False
+    best = run.artifacts.best if run.artifacts is not None else state.best_metric_value
+    saved = TrainingState(step, state.epoch, state.batches_in_epoch, run.run_id, best)
     if state.batches_in_epoch == run.batches_per_epoch:  # this update ended the epoch: resume at the next one
-        saved = TrainingState(state.global_step, state.epoch + 1, 0, run.run_id)
-    return save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
-                           {"config.yaml": config_yaml(run.config)})
+        saved = TrainingState(step, state.epoch + 1, 0, run.run_id, best)
+    folder = save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
+                             {"config.yaml": config_yaml(run.config)})
+    if run.artifacts is not None:
+        run.artifacts.after_checkpoint(run.accelerator.get_tracker("wandb", unwrap=True), folder, step,
+                                       final=step >= run.max_steps, is_best=is_best, metrics=run.latest,
+                                       evaluation=run.evaluation)
+    return folder
 
 
 def stop_training(run: TrainingRun, stop: StopRequest, saved: bool) -> None:

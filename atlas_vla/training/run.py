@@ -23,6 +23,7 @@ from atlas_vla.data.normalization import NormStats
 from atlas_vla.files import write_text_atomic
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.schema import flatten, to_dict
+from atlas_vla.training.artifacts import ArtifactLog, best_metric, run_metadata
 from atlas_vla.training.checkpointing import (
     TrainingState,
     apply_retention,
@@ -64,6 +65,9 @@ class TrainingRun:
     num_epochs: int  # epochs that `max_steps` spans (sys.maxsize for a stream)
     state: TrainingState = field(default_factory=lambda: TrainingState(global_step=0, epoch=0, batches_in_epoch=0))
     stopped_at: Path | None = None  # the checkpoint saved when a stop signal ended training early
+    latest: dict[str, Any] = field(default_factory=dict)  # the last value recorded of every metric
+    evaluation: dict[str, Any] | None = None  # the last simulator evaluation: suite, episodes, success rate, interval
+    artifacts: ArtifactLog | None = None  # main process with W&B: the artifacts each checkpoint logs
 
     @property
     def output_dir(self) -> Path:
@@ -91,6 +95,7 @@ class TrainingRun:
     def record(self, values: dict[str, Any], step: int) -> None:
         """Send scalars to the trackers and keep a local copy (`metrics.jsonl`) on the main process."""
         self.accelerator.log(values, step=step)
+        self.latest.update(values)
         if self.accelerator.is_main_process:
             with (self.output_dir / METRICS_NAME).open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
@@ -162,6 +167,10 @@ def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService) -> Non
             # inside a sweep wandb ignores the id we pass and uses the agent's: store the id of the run
             # that really exists (the main process alone writes the id file and the checkpoint state)
             run.state.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
+            if config.wandb.log_model != "none" or config.wandb.log_checkpoints:
+                run.artifacts = ArtifactLog(config.wandb, run.run_id, best_metric(config),
+                                            run_metadata(config, run.stats, run.references),
+                                            best=run.state.best_metric_value)
     if accelerator.is_main_process:
         write_text_atomic(output_dir / RUN_ID_FILE, run.run_id + "\n")
     logger.info("setup: %s; parameters: %s", setup, run.parameter_counts)

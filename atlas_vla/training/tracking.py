@@ -209,7 +209,7 @@ def log_media(accelerator: Accelerator, step: int, images: torch.Tensor, instruc
     media: dict[str, Any] = {"media/val_frames": pictures, "media/val_predictions": table}
     if video is not None:
         media["media/val_episode"] = wandb.Video(str(video), format="mp4")
-    run.log(media, step=step)
+    _log_media_values(run, media, step)
 
 
 def log_videos(accelerator: Accelerator, step: int, videos: Mapping[str, str]) -> None:
@@ -219,7 +219,17 @@ def log_videos(accelerator: Accelerator, step: int, videos: Mapping[str, str]) -
     import wandb
 
     run = accelerator.get_tracker("wandb", unwrap=True)
-    run.log({key: wandb.Video(path, format="mp4") for key, path in videos.items()}, step=step)
+    _log_media_values(run, {key: wandb.Video(path, format="mp4") for key, path in videos.items()}, step)
+
+
+def _log_media_values(run: Any, media: Mapping[str, Any], step: int) -> None:
+    """`run.log(media)`; media W&B cannot stage (a full disk, an unwritable `WANDB_DATA_DIR`) are one warning
+    line, and training goes on."""
+    try:
+        run.log(dict(media), step=step)
+    except Exception as error:
+        logger.warning("W&B media at step %d (%s) were not logged: %s: %s", step, ", ".join(media),
+                       type(error).__name__, error)
 
 
 def annotate_episode(frames: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,158 @@
+"""The W&B artifacts of a training run: the policy (type `model`) and, opt-in, the training state (`checkpoint`).
+
+A run has one policy artifact, `atlas-policy-<run id>`, whose versions are checkpoints: each holds the policy
+folder exactly as `from_pretrained` reads it (`config.json`, `model.safetensors` with the trainable weights,
+`norm_stats.json`) and the run's `config.yaml`, so a version loads on its own. `wandb.log_model` picks them:
+`final` (the default: one version per run, a few MB, however long the run and however full the quota),
+`best` (a version whenever `wandb.best_metric` beats every earlier checkpoint), `all` (every checkpoint) or
+`none`. Aliases: `latest` (W&B's own), `step-<N>`, `final` on the last update's and `best` on the best so far.
+Each version's metadata says what it is (`policy_metadata`).
+
+`wandb.log_checkpoints: true` also logs each checkpoint folder whole (optimizer, schedule, RNG states) as
+`atlas-checkpoint-<run id>` (alias `latest`), which `--resume_from_checkpoint wandb:...` continues from.
+
+Only the main process logs. Logging copies the files into W&B's staging folder (`WANDB_DATA_DIR`, default
+`~/.local/share/wandb`) and returns; the W&B service uploads them (an offline run records them for
+`wandb sync`, which reads that staging folder). The local checkpoint is never needed afterwards, so checkpoint
+retention is free to delete it. A version that cannot be staged (disk full, an unwritable staging folder) is
+one warning line, and training goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from atlas_vla.config import TrainConfig, WandbConfig
+
+logger = logging.getLogger("atlas_vla.train")
+
+POLICY_TYPE, CHECKPOINT_TYPE = "model", "checkpoint"
+TRAINING_CONFIG = "config.yaml"  # beside the policy files: the config the policy was trained with
+SUCCESS_METRIC, VALIDATION_METRIC = "eval/success_rate", "val/pose_l1_error"
+
+
+def policy_artifact_name(run_id: str) -> str:
+    return f"atlas-policy-{run_id}"
+
+
+def checkpoint_artifact_name(run_id: str) -> str:
+    return f"atlas-checkpoint-{run_id}"
+
+
+def best_metric(config: TrainConfig) -> str:
+    """The metric `best` follows: `wandb.best_metric`, else the success rate when the simulator evaluates the
+    policy during training, else the validation pose error."""
+    if config.wandb.best_metric:
+        return config.wandb.best_metric
+    return SUCCESS_METRIC if config.eval.every_steps else VALIDATION_METRIC
+
+
+def higher_is_better(metric: str) -> bool:
+    """Success rates grow as the policy improves; every other metric (losses, errors) shrinks."""
+    return "success_rate" in metric
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 (hex) of one file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """`file_hash` of every file in `folder` by relative POSIX path: what a downloaded copy is checked against."""
+    return {path.relative_to(folder).as_posix(): file_hash(path)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file())}
+
+
+def git_commit() -> str | None:
+    """The commit of the atlas-vla checkout this code runs from (None outside a git checkout)."""
+    try:
+        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+@dataclass
+class ArtifactLog:
+    """Decides, at each checkpoint of the main process, which artifacts to log and with which aliases."""
+
+    wandb: WandbConfig
+    run_id: str
+    metric: str  # the metric `best` follows (`best_metric`)
+    base_metadata: dict[str, Any]  # what every version shares: data, backbones, version, commit
+    best: float | None = None  # the best value of `metric` at a logged checkpoint so far
+
+    def consider(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether the checkpoint about to be saved is the best so far by `metric` (its latest value in
+        `metrics`); if so it becomes `best`. A run whose metric was never logged has no best."""
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best is not None and not (value > self.best if higher_is_better(self.metric) else value < self.best):
+            return False
+        self.best = float(value)
+        return True
+
+    def after_checkpoint(self, tracker: Any, checkpoint: Path, step: int, *, final: bool, is_best: bool,
+                         metrics: Mapping[str, Any], evaluation: Mapping[str, Any] | None) -> list[str] | None:
+        """Log what `wandb.log_model` and `log_checkpoints` ask for of `checkpoint` (the folder saved at `step`,
+        the last update when `final`; the best so far when `is_best`); `metrics` are the latest logged values.
+        Returns the aliases of the policy version logged (None when none was)."""
+        if self.wandb.log_checkpoints:
+            self._log(tracker, CHECKPOINT_TYPE, checkpoint_artifact_name(self.run_id), [checkpoint],
+                      ["latest", f"step-{step}"], {"step": step, "run_id": self.run_id, "files": file_hashes(checkpoint)})
+        mode = self.wandb.log_model
+        if mode == "none" or (mode == "final" and not final) or (mode == "best" and not is_best):
+            return None
+        aliases = [f"step-{step}"] + (["final"] if final else []) + (["best"] if is_best and mode != "final" else [])
+        policy = checkpoint / "policy"
+        files = {**file_hashes(policy), TRAINING_CONFIG: file_hash(checkpoint / TRAINING_CONFIG)}
+        metadata = {**self.base_metadata, **policy_metadata(step, metrics, evaluation), "metric": self.metric,
+                    "files": files}
+        logged = self._log(tracker, POLICY_TYPE, policy_artifact_name(self.run_id),
+                           [policy, checkpoint / TRAINING_CONFIG], aliases, metadata)
+        return aliases if logged else None
+
+    def _log(self, tracker: Any, kind: str, name: str, paths: list[Path], aliases: list[str],
+             metadata: dict[str, Any]) -> bool:
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+            for path in paths:
+                artifact.add_dir(str(path)) if path.is_dir() else artifact.add_file(str(path), name=path.name)
+            tracker.log_artifact(artifact, aliases=aliases)
+        except Exception as error:  # staging failed (disk full, unwritable folder): the run must go on
+            logger.warning("W&B artifact %s (%s) was not logged, the local checkpoint is intact: %s: %s", name,
+                           ", ".join(aliases), type(error).__name__, error)
+            return False
+        return True
+
+
+def policy_metadata(step: int, metrics: Mapping[str, float], evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a policy version was at `step`: its validation metrics and, when the simulator evaluated it, the
+    success rate with its episodes and 95% interval."""
+    return {"step": step, "validation": {key: value for key, value in metrics.items() if key.startswith("val/")},
+            "evaluation": dict(evaluation) if evaluation else None}
+
+
+def run_metadata(config: TrainConfig, stats: Any, references: Mapping[str, Any]) -> dict[str, Any]:
+    """What every policy version of a run shares: each data source with the fingerprint of its frames, the
+    frozen encoders (ids and weight hashes), the atlas-vla version and the git commit."""
+    from atlas_vla import __version__
+
+    sources = stats.sources or [{"source": config.data.sources[0], "num_frames": stats.num_frames,
+                                 "fingerprint": stats.fingerprint}]
+    return {"data": {"sources": list(sources), "fingerprint": stats.fingerprint, "num_frames": stats.num_frames},
+            "backbones": dict(references), "atlas_vla_version": __version__, "git_commit": git_commit()}
