@@ -84,7 +84,8 @@ def test_norm_stats_dict_round_trip_and_sources_only_when_there_are_some():
 def test_norm_stats_errors_name_what_is_wrong():
     with pytest.raises(ValueError) as error:
         NormStats.from_dict({"fingerprint": "abc", "action": feature(7)})
-    assert str(error.value) == "stats: missing keys ['num_frames', 'state']; expected fingerprint, num_frames, action, state"
+    assert str(error.value) == ("stats: missing keys ['num_frames', 'state']; "
+                                "expected fingerprint, num_frames, action, state")
     state = feature(8)
     del state["q99"]
     with pytest.raises(ValueError) as error:
@@ -107,7 +108,8 @@ def test_load_errors_name_the_file(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(ValueError) as error:
         NormStats.load(broken)
-    assert str(error.value) == f"{broken}: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    assert str(error.value) == (f"{broken}: not valid JSON "
+                                "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))")
     good = tmp_path / "good.json"
     good.write_text(json.dumps(stats_dict()))
     assert NormStats.load(good).to_dict() == stats_dict()
@@ -152,9 +154,9 @@ def test_statistics_of_a_single_frame():
 def test_statistics_are_taken_over_float32_frames_whatever_the_stored_precision():
     actions = [[0.1 * (i + 1)] * 7 for i in range(3)]  # stored as float64 lists, episodes as int32
     states = [[0.3 * (i + 1)] * 8 for i in range(3)]
-    dataset = datasets.Dataset.from_dict({ACTION: actions, STATE: states, EPISODE_INDEX: [2, 2, 5]}, features=datasets.Features(
-        {ACTION: datasets.List(datasets.Value("float64")), STATE: datasets.List(datasets.Value("float64")),
-         EPISODE_INDEX: datasets.Value("int32")}))
+    double = datasets.List(datasets.Value("float64"))
+    features = datasets.Features({ACTION: double, STATE: double, EPISODE_INDEX: datasets.Value("int32")})
+    dataset = datasets.Dataset.from_dict({ACTION: actions, STATE: states, EPISODE_INDEX: [2, 2, 5]}, features=features)
     stats = compute_norm_stats(dataset)
     a32, s32 = np.asarray(actions, np.float32), np.asarray(states, np.float32)
     assert stats.action.mean.tolist() == a32.astype(np.float64).mean(0).tolist()
@@ -162,6 +164,21 @@ def test_statistics_are_taken_over_float32_frames_whatever_the_stored_precision(
     assert stats.state.mean.tolist() == s32.astype(np.float64).mean(0).tolist()
     # the fingerprint hashes float32 frames and int64 episode indices, however they were stored
     assert stats.fingerprint == sha16(a32, s32, np.array([2, 2, 5], np.int64))
+
+
+@pytest.mark.parametrize("stored", ["int64", "float64", "float32"])
+def test_the_same_frames_give_the_same_statistics_and_fingerprint_however_they_are_stored(stored):
+    actions = np.array([[-1, 0, 1, 2, 3, 4, 1], [1, 2, 3, 4, 5, 6, -1]])
+    states = np.array([[0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0]])
+    values = datasets.List(datasets.Value(stored))
+    dataset = datasets.Dataset.from_dict(
+        {ACTION: actions.tolist(), STATE: states.tolist(), EPISODE_INDEX: [0, 0]},
+        features=datasets.Features({ACTION: values, STATE: values, EPISODE_INDEX: datasets.Value("int64")}))
+    stats = compute_norm_stats(dataset)
+    assert stats.fingerprint == sha16(actions.astype(np.float32), states.astype(np.float32), np.array([0, 0]))
+    assert stats.action.mean.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.0]
+    # two frames: the deviation is half their distance
+    assert stats.state.std.tolist() == (np.abs(states[0] - states[1]) / 2).tolist()
 
 
 def test_bad_tables_are_refused_with_exact_messages():
@@ -212,7 +229,8 @@ def test_check_matches_tolerates_a_relative_difference_of_one_in_a_million(relat
     if matches:
         NormStats.from_dict(base).check_matches(NormStats.from_dict(other))
     else:
-        with pytest.raises(ValueError, match=f"^{re.escape('statistics: state.mean differs from the expected values')}$"):
+        message = "statistics: state.mean differs from the expected values"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             NormStats.from_dict(base).check_matches(NormStats.from_dict(other))
 
 
