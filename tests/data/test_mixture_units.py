@@ -190,7 +190,8 @@ def test_tagging_a_stream_shifts_episodes_in_place_and_declares_the_new_columns(
 
 
 def test_tagging_a_stream_without_declared_features_gives_integers():
-    stream = datasets.IterableDataset.from_generator(lambda: iter([{EPISODE_INDEX: 1, "x": 2.5}, {EPISODE_INDEX: 3, "x": 1.0}]))
+    rows = [{EPISODE_INDEX: 1, "x": 2.5}, {EPISODE_INDEX: 3, "x": 1.0}]
+    stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
     assert stream.features is None
     rows = list(tag_source(stream, 1, 5))
     assert rows == [{EPISODE_INDEX: 6, "x": 2.5, SOURCE_INDEX: 1}, {EPISODE_INDEX: 8, "x": 1.0, SOURCE_INDEX: 1}]
@@ -246,7 +247,8 @@ def test_sampler_probabilities_give_each_source_its_share():
     ([1, 1], [1.0, 1.0, 1.0], 0),  # the first of several
 ])
 def test_a_weighted_source_without_samples_is_named(sources, weights, empty):
-    with pytest.raises(ValueError, match=f"^{re.escape(f'data.source_weights: source {empty} has no training samples')}$"):
+    message = f"data.source_weights: source {empty} has no training samples"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         SourceWeightedSampler(np.array(sources), weights, seed=0)
 
 

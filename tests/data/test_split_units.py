@@ -102,7 +102,8 @@ def test_split_messages_are_exact():
     assert error_message(lambda: split_episodes(stream, DataConfig(train_episodes=[1, 2]), episode_ids=ids)) == (
         "DataConfig.train_episodes has episode(s) [1] that are not in the dataset (4 episodes, indices 2..6)")
     assert error_message(lambda: split_episodes(stream, DataConfig(train_episodes=[2, 3, 5, 6]), episode_ids=ids)) == (
-        "the validation split is empty: train_episodes covers all 4 episodes; set val_fraction=0 to train without validation")
+        "the validation split is empty: train_episodes covers all 4 episodes; "
+        "set val_fraction=0 to train without validation")
 
 
 @pytest.mark.parametrize("fraction,count", [(0.01, 1), (0.04, 1), (0.06, 1), (0.15, 2), (0.25, 2), (0.35, 4)])
