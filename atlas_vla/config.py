@@ -28,6 +28,7 @@ from atlas_vla.files import write_text_atomic
 from atlas_vla.hub import absolute_path, resolve_local
 from atlas_vla.models.config import MINILM, PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
+from atlas_vla.wandb_artifacts import is_wandb_reference, parse_reference
 
 # `transformers.get_scheduler` names that every supported transformers has (a test checks them): a
 # config naming one is read without importing transformers (and with it torch); any other name is
@@ -41,7 +42,7 @@ class TrainingConfig:
     """Optimisation and the training loop."""
 
     output_dir: str = "outputs/atlas"  # checkpoints, the exported policy, W&B files and logs go here
-    init_from: str | None = None  # fine-tune: start from the trainable weights of a saved policy (folder or Hub id)
+    init_from: str | None = None  # fine-tune from a saved policy's trainable weights (folder, Hub id or wandb:...)
     seed: int = 0
     train_batch_size: int = 32  # micro-batch per process; global batch = this x processes x accumulation
     gradient_accumulation_steps: int = 1
@@ -71,6 +72,8 @@ class TrainingConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"validation_steps": "validate_every_steps"}
 
     def __post_init__(self) -> None:
+        if is_wandb_reference(self.init_from):
+            parse_reference(self.init_from)  # a malformed one fails here, naming the expected form
         if self.cache_frozen_features:
             warn_renamed("training.cache_frozen_features: true", "training.feature_store: auto")
             self.feature_store, self.cache_frozen_features = self.feature_store or "auto", False
@@ -101,11 +104,13 @@ class CheckpointConfig:
 
     save_every_steps: int = 1000  # save output_dir/checkpoints/checkpoint-{step} every N optimizer updates
     checkpoints_total_limit: int | None = 3  # keep the newest N checkpoints; null = keep all
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir/checkpoints
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, "latest" in output_dir/checkpoints, or wandb:...
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"checkpointing_steps": "save_every_steps"}
 
     def __post_init__(self) -> None:
+        if is_wandb_reference(self.resume_from_checkpoint):
+            parse_reference(self.resume_from_checkpoint)  # a malformed one fails here, naming the expected form
         if self.save_every_steps < 1:
             raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -365,8 +370,9 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
                                                                               MINILM)))
     training = replace(training, output_dir=absolute(training.output_dir), init_from=local(training.init_from),
                        feature_store=absolute(training.feature_store, "auto"))
+    resume = config.checkpoint.resume_from_checkpoint
     checkpoint = replace(config.checkpoint,
-                         resume_from_checkpoint=absolute(config.checkpoint.resume_from_checkpoint, "latest"))
+                         resume_from_checkpoint=resume if is_wandb_reference(resume) else absolute(resume, "latest"))
     logging_cfg = replace(config.logging, log_file=absolute(config.logging.log_file))
     return replace(config, data=data, model=model, training=training, checkpoint=checkpoint, logging=logging_cfg)
 

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from atlas_vla.wandb_artifacts import is_wandb_reference
+
 _HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".json", ".yaml", ".yml", ".parquet", ".hdf5", ".h5", ".npz")
 
@@ -33,7 +35,9 @@ def absolute_path(path: str | os.PathLike) -> str:
 
 def resolve_local(name: str) -> str:
     """`name` with a local path made absolute (`absolute_path`): an existing path, or a name that cannot be a Hub
-    id; a Hub id that is not on disk is returned as it is."""
+    id; a Hub id that is not on disk, and a W&B artifact reference (`wandb:...`), are returned as they are."""
+    if is_wandb_reference(name):
+        return name
     if Path(name).expanduser().exists() or not is_hub_id(name):
         return absolute_path(name)
     return name

@@ -16,7 +16,8 @@ LAYERS = [
     ["runtime"],
     ["models", "serving"],
     ["data", "chunk_schedule", "video"],
-    ["schema", "files", "hub", "constants", "action_layout", "__init__"],
+    ["hub"],
+    ["schema", "files", "wandb_artifacts", "constants", "action_layout", "__init__"],
 ]
 
 

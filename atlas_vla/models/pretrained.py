@@ -31,6 +31,7 @@ from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.language import LanguageEncoder
 from atlas_vla.models.vggt import VGGTAggregator, build_vggt
 from atlas_vla.schema import RenamedWarning, from_dict
+from atlas_vla.wandb_artifacts import POLICY_ARTIFACT_TYPE, download, is_wandb_reference
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -40,8 +41,11 @@ Policy = TypeVar("Policy", bound="PretrainedPolicy")
 
 
 def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder for a saved policy: the folder itself, or a Hub model id downloaded once (a Hub id that
-    cannot be had, e.g. offline and not cached, is a `FileNotFoundError` naming it and the Hub's reason)."""
+    """A local folder for a saved policy: the folder itself, a W&B artifact (`wandb:ENTITY/PROJECT/NAME:ALIAS`,
+    `wandb_artifacts.download`) or a Hub model id, each downloaded once (one that cannot be had, e.g. offline and
+    not cached, is a `FileNotFoundError` naming it and the reason)."""
+    if is_wandb_reference(name_or_path):
+        return download(str(name_or_path), POLICY_ARTIFACT_TYPE)
     found = local_path_or_hub_id(name_or_path, f"policy folder not found: {Path(name_or_path).expanduser()}")
     if isinstance(found, Path):
         if not found.is_dir():

@@ -20,7 +20,6 @@ one warning line, and training goes on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import subprocess
@@ -29,10 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from atlas_vla.config import TrainConfig, WandbConfig
+from atlas_vla.wandb_artifacts import CHECKPOINT_ARTIFACT_TYPE, POLICY_ARTIFACT_TYPE, file_hash, file_hashes
 
 logger = logging.getLogger("atlas_vla.train")
 
-POLICY_TYPE, CHECKPOINT_TYPE = "model", "checkpoint"
 TRAINING_CONFIG = "config.yaml"  # beside the policy files: the config the policy was trained with
 SUCCESS_METRIC, VALIDATION_METRIC = "eval/success_rate", "val/pose_l1_error"
 
@@ -56,21 +55,6 @@ def best_metric(config: TrainConfig) -> str:
 def higher_is_better(metric: str) -> bool:
     """Success rates grow as the policy improves; every other metric (losses, errors) shrinks."""
     return "success_rate" in metric
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 (hex) of one file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    """`file_hash` of every file in `folder` by relative POSIX path: what a downloaded copy is checked against."""
-    return {path.relative_to(folder).as_posix(): file_hash(path)
-            for path in sorted(p for p in folder.rglob("*") if p.is_file())}
 
 
 def git_commit() -> str | None:
@@ -110,7 +94,7 @@ class ArtifactLog:
         the last update when `final`; the best so far when `is_best`); `metrics` are the latest logged values.
         Returns the aliases of the policy version logged (None when none was)."""
         if self.wandb.log_checkpoints:
-            self._log(tracker, CHECKPOINT_TYPE, checkpoint_artifact_name(self.run_id), [checkpoint],
+            self._log(tracker, CHECKPOINT_ARTIFACT_TYPE, checkpoint_artifact_name(self.run_id), [checkpoint],
                       ["latest", f"step-{step}"], {"step": step, "run_id": self.run_id, "files": file_hashes(checkpoint)})
         mode = self.wandb.log_model
         if mode == "none" or (mode == "final" and not final) or (mode == "best" and not is_best):
@@ -120,7 +104,7 @@ class ArtifactLog:
         files = {**file_hashes(policy), TRAINING_CONFIG: file_hash(checkpoint / TRAINING_CONFIG)}
         metadata = {**self.base_metadata, **policy_metadata(step, metrics, evaluation), "metric": self.metric,
                     "files": files}
-        logged = self._log(tracker, POLICY_TYPE, policy_artifact_name(self.run_id),
+        logged = self._log(tracker, POLICY_ARTIFACT_TYPE, policy_artifact_name(self.run_id),
                            [policy, checkpoint / TRAINING_CONFIG], aliases, metadata)
         return aliases if logged else None
 

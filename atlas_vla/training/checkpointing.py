@@ -24,6 +24,7 @@ from atlas_vla.config import CheckpointConfig, load_yaml
 from atlas_vla.files import swap_in_folder
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.schema import flatten, from_dict, to_dict
+from atlas_vla.wandb_artifacts import CHECKPOINT_ARTIFACT_TYPE, download, is_wandb_reference
 
 logger = logging.getLogger("atlas_vla.train")
 
@@ -120,13 +121,14 @@ def check_fresh_output_dir(output_dir: str | os.PathLike) -> None:
 
 
 def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
-    """The checkpoint folder to resume from: `latest` (None if there is none yet) or a given path."""
+    """The checkpoint folder to resume from: `latest` (None if there is none yet), a given path, or a checkpoint a
+    run logged to W&B (`wandb:ENTITY/PROJECT/NAME:ALIAS`, downloaded once and checked)."""
     if resume_from is None:
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
-    path = Path(resume_from)
+    path = download(resume_from, CHECKPOINT_ARTIFACT_TYPE) if is_wandb_reference(resume_from) else Path(resume_from)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
     TrainingState.load(path)  # fails clearly on an incomplete folder

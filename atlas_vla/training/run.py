@@ -111,7 +111,8 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     """
     output_dir = Path(config.training.output_dir)
     check_output_dir(output_dir)
-    resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
+    with accelerator.local_main_process_first():  # a W&B checkpoint is downloaded once per machine
+        resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
     if config.checkpoint.resume_from_checkpoint is None:
         check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
     train_samples, val_samples, stats = load_data(accelerator, config.data, config.model.sample_spec)  # 2

@@ -1,0 +1,117 @@
+"""`wandb:ENTITY/PROJECT/NAME:ALIAS` references: parsed or refused with the expected form, kept as they are where
+paths are made absolute, and a downloaded copy checked file by file against the hashes its run recorded.
+
+The download itself needs W&B's servers: here it is run up to the point where W&B says it cannot be had."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import wandb
+
+from atlas_vla.cli import main as cli
+from atlas_vla.config import config_from_args
+from atlas_vla.hub import resolve_local
+from atlas_vla.wandb_artifacts import (
+    FORM,
+    WandbReference,
+    check_files,
+    download,
+    fetch_version,
+    file_hashes,
+    parse_reference,
+)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("wandb:my-team/atlas-vla/atlas-policy-3x7k2m9q:best", WandbReference("my-team", "atlas-vla", "atlas-policy-3x7k2m9q", "best")),
+    ("wandb:me/p.1/atlas-checkpoint-abc:step-400", WandbReference("me", "p.1", "atlas-checkpoint-abc", "step-400")),
+    ("wandb:a_b/c/d:v3", WandbReference("a_b", "c", "d", "v3")),
+])
+def test_references_name_entity_project_name_and_alias(text, expected):
+    assert parse_reference(text) == expected
+    assert str(expected) == text and expected.path == text[len("wandb:"):]
+
+
+@pytest.mark.parametrize("text", ["wandb:team/project/name", "wandb:project/name:best", "wandb:a/b/c:", "wandb:/b/c:d",
+                                  "wandb:a/b/c:d/e", "wandb:a b/c/d:e", "wandb:", "team/project/name:best"])
+def test_a_malformed_reference_names_the_expected_form(text):
+    with pytest.raises(ValueError) as raised:
+        parse_reference(text)
+    assert str(raised.value) == f"{text!r} is not a W&B artifact reference: expected {FORM}"
+
+
+def test_references_stay_as_they_are_where_paths_become_absolute():
+    reference = "wandb:team/atlas-vla/atlas-checkpoint-abc:latest"
+    assert resolve_local(reference) == reference
+    config = config_from_args(["--config", "configs/demo.yaml", "--resume_from_checkpoint", reference,
+                               "--training.init_from", "wandb:team/atlas-vla/atlas-policy-abc:best"])
+    assert config.checkpoint.resume_from_checkpoint == reference
+    assert config.training.init_from == "wandb:team/atlas-vla/atlas-policy-abc:best"
+    for flag in ("--resume_from_checkpoint", "--training.init_from"):
+        with pytest.raises(ValueError) as raised:
+            config_from_args(["--config", "configs/demo.yaml", flag, "wandb:atlas-policy-abc"])
+        assert str(raised.value) == (f"configs/demo.yaml: 'wandb:atlas-policy-abc' is not a W&B artifact reference: "
+                                     f"expected {FORM}")
+
+
+def test_a_malformed_policy_reference_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli(["predict", "--policy", "wandb:atlas-policy-abc:best", "--observation", str(tmp_path / "o.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"atlas-vla predict: error: 'wandb:atlas-policy-abc:best' is not a W&B artifact reference: expected {FORM}\n"
+
+
+def test_a_version_w_and_b_cannot_give_is_a_file_not_found_naming_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no stored login either
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("ATLAS_VLA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError) as raised:
+        download("wandb:team/atlas-vla/atlas-policy-abc:best", "model")
+    message = str(raised.value)
+    assert message.startswith("wandb:team/atlas-vla/atlas-policy-abc:best could not be had from W&B (a model "
+                              "artifact; needs a network and `wandb login`): ")
+    assert "\n" not in message and not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def policy_files(tmp_path) -> Path:
+    folder = tmp_path / "policy"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "model.safetensors").write_bytes(b"\x00\x01" * 100)
+    (folder / "sub" / "x.txt").write_text("x")
+    return folder
+
+
+def test_check_files_accepts_the_recorded_files_and_names_every_difference(policy_files, tmp_path):
+    recorded = file_hashes(policy_files)
+    assert sorted(recorded) == ["config.json", "model.safetensors", "sub/x.txt"]
+    assert recorded["sub/x.txt"] == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"  # sha256("x")
+    check_files(policy_files, recorded, "the copy")
+    (policy_files / "model.safetensors").write_bytes(b"\x00\x02" * 100)
+    (policy_files / "extra.bin").write_bytes(b"")
+    (policy_files / "sub" / "x.txt").unlink()
+    with pytest.raises(ValueError) as raised:
+        check_files(policy_files, recorded, "the copy")
+    found = file_hashes(policy_files)["model.safetensors"]
+    assert str(raised.value) == (
+        f"the copy does not match the hashes its training run recorded: sub/x.txt is missing; extra.bin was not "
+        f"recorded; model.safetensors has SHA-256 {found[:16]}..., {recorded['model.safetensors'][:16]}... recorded")
+
+
+def test_a_cached_version_is_reused_only_while_it_matches_its_hashes(policy_files, tmp_path):
+    artifact = wandb.Artifact("atlas-policy-abc", type="model", metadata={"files": file_hashes(policy_files)})
+    cached = tmp_path / "cache" / "digest"
+    shutil.copytree(policy_files, cached)
+    assert fetch_version(artifact, cached, "wandb:t/p/atlas-policy-abc:best") == cached  # no download needed
+    (cached / "config.json").write_text('{"a": 2}')
+    with pytest.raises(ValueError, match=r"^the cached copy of wandb:t/p/atlas-policy-abc:best in .*/cache/digest "
+                                         r"does not match the hashes its training run recorded: config\.json has"):
+        fetch_version(artifact, cached, "wandb:t/p/atlas-policy-abc:best")
+    unrecorded = wandb.Artifact("atlas-policy-abc", type="model", metadata={})
+    with pytest.raises(ValueError) as raised:
+        fetch_version(unrecorded, tmp_path / "elsewhere", "the version")
+    assert str(raised.value) == "the version has no file hashes in its metadata: it was not logged by atlas-vla's training"
