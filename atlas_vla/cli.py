@@ -107,8 +107,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def _add_policy_argument(parser: argparse.ArgumentParser) -> None:
     """`--policy PATH_OR_HUB_ID` (a saved policy folder; `--checkpoint` is its old name)."""
     # not required=True: argparse would then refuse the old spelling alone (`main` checks it is given)
-    parser.add_argument("--policy", default=None, help="saved policy folder (e.g. OUTPUT_DIR/final) or Hub model id "
-                                                       "(required)")
+    parser.add_argument("--policy", default=None, help="saved policy folder (e.g. OUTPUT_DIR/final), Hub model id or "
+                                                       "W&B artifact wandb:ENTITY/PROJECT/NAME:ALIAS (required)")
     _renamed_flag(parser, "--checkpoint", "--policy")
 
 
@@ -576,8 +576,50 @@ def _run_eval_report(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("model-card", "Write README.md into a saved policy folder: what it is, its training, its closed-loop "
+                        "results (Hub metadata with a model-index).")
+def _add_model_card(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("policy_dir", metavar="POLICY", help="saved policy folder (e.g. OUTPUT_DIR/final)")
+    parser.add_argument("--repo-id", default=None, help="the Hub repo the card's usage snippet loads from")
+    _add_card_arguments(parser)
+
+
+def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eval", dest="results", nargs="+", default=[], metavar="RESULTS",
+                        help="eval-libero results files: one model-index result per suite evaluated")
+    parser.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
+
+
+@_add_model_card.runner
+def _run_model_card(args: argparse.Namespace) -> int:
+    from atlas_vla.training.model_card import write_model_card
+
+    print(f"wrote {write_model_card(args.policy_dir, args.results, license=args.license, repo_id=args.repo_id)}")
+    return 0
+
+
+@_command("push", "Upload a saved policy folder to the Hugging Face Hub with its model card (written first when "
+                  "--eval is given or the folder has none); needs `huggingface-cli login` or HF_TOKEN.")
+def _add_push(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("policy_dir", metavar="POLICY", help="saved policy folder (e.g. OUTPUT_DIR/final)")
+    parser.add_argument("--repo-id", required=True, help="the Hub model repo, e.g. my-team/atlas-libero-spatial")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    _add_card_arguments(parser)
+
+
+@_add_push.runner
+def _run_push(args: argparse.Namespace) -> int:
+    from atlas_vla.models.pretrained import push_policy_folder
+    from atlas_vla.training.model_card import CARD_NAME, write_model_card
+
+    if args.results or not (Path(args.policy_dir) / CARD_NAME).is_file():
+        write_model_card(args.policy_dir, args.results, license=args.license, repo_id=args.repo_id)
+    print(f"uploaded {args.policy_dir} to {push_policy_folder(args.policy_dir, args.repo_id, private=args.private)}")
+    return 0
+
+
 # argument names that hold local paths, and those that hold a local path or a Hub id
-_PATH_ARGUMENTS = ("config", "output", "output_dir", "video_dir", "observation", "inputs")
+_PATH_ARGUMENTS = ("config", "output", "output_dir", "video_dir", "observation", "inputs", "policy_dir", "results")
 _PATH_OR_HUB_ARGUMENTS = ("policy", "data", "source")
 
 
@@ -643,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, EvaluationFailed) as error:
+    except (ValueError, FileNotFoundError, ConnectionError, EvaluationFailed) as error:
         print(f"atlas-vla {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ The download itself needs W&B's servers: here it is run up to the point where W&
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from atlas_vla.hub import resolve_local
 from atlas_vla.wandb_artifacts import (
     FORM,
     WandbReference,
+    cache_root,
     check_files,
     download,
     fetch_version,
@@ -36,7 +38,8 @@ def test_references_name_entity_project_name_and_alias(text, expected):
 
 
 @pytest.mark.parametrize("text", ["wandb:team/project/name", "wandb:project/name:best", "wandb:a/b/c:", "wandb:/b/c:d",
-                                  "wandb:a/b/c:d/e", "wandb:a b/c/d:e", "wandb:", "team/project/name:best"])
+                                  "wandb:a/b/c:d/e", "wandb:a b/c/d:e", "wandb:", "team/project/name:best",
+                                  "wandb-team/project/name:best"])
 def test_a_malformed_reference_names_the_expected_form(text):
     with pytest.raises(ValueError) as raised:
         parse_reference(text)
@@ -71,9 +74,24 @@ def test_a_version_w_and_b_cannot_give_is_a_file_not_found_naming_it(monkeypatch
     with pytest.raises(FileNotFoundError) as raised:
         download("wandb:team/atlas-vla/atlas-policy-abc:best", "model")
     message = str(raised.value)
-    assert message.startswith("wandb:team/atlas-vla/atlas-policy-abc:best could not be had from W&B (a model "
-                              "artifact; needs a network and `wandb login`): ")
-    assert "\n" not in message and not (tmp_path / "cache").exists()
+    assert re.fullmatch(r"wandb:team/atlas-vla/atlas-policy-abc:best could not be had from W&B \(a model artifact; "
+                        r"needs a network and `wandb login`\): UsageError: [^\n]*API key[^\n]*", message), message
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(FileNotFoundError, match=r"^wandb:t/p/atlas-checkpoint-abc:latest could not be had from W&B "
+                                                r"\(a checkpoint artifact;"):
+        download(WandbReference("t", "p", "atlas-checkpoint-abc", "latest"), "checkpoint")
+    with pytest.raises(ValueError, match="is not a W&B artifact reference"):  # refused before W&B is asked
+        download("wandb:atlas-policy-abc:best", "model")
+
+
+def test_the_cache_is_under_atlas_vla_cache_or_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATLAS_VLA_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c" / "wandb"
+    monkeypatch.setenv("ATLAS_VLA_CACHE", "~/elsewhere")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / "elsewhere" / "wandb"
+    monkeypatch.delenv("ATLAS_VLA_CACHE")
+    assert cache_root() == tmp_path / "home" / ".cache" / "atlas-vla" / "wandb"
 
 
 @pytest.fixture
@@ -100,6 +118,11 @@ def test_check_files_accepts_the_recorded_files_and_names_every_difference(polic
     assert str(raised.value) == (
         f"the copy does not match the hashes its training run recorded: sub/x.txt is missing; extra.bin was not "
         f"recorded; model.safetensors has SHA-256 {found[:16]}..., {recorded['model.safetensors'][:16]}... recorded")
+    (policy_files / "config.json").unlink()  # a fourth difference: the first three are named
+    with pytest.raises(ValueError) as raised:
+        check_files(policy_files, recorded, "the copy")
+    assert str(raised.value) == ("the copy does not match the hashes its training run recorded: config.json is "
+                                 "missing; sub/x.txt is missing; extra.bin was not recorded; and 1 more")
 
 
 def test_a_cached_version_is_reused_only_while_it_matches_its_hashes(policy_files, tmp_path):

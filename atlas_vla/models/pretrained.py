@@ -153,15 +153,28 @@ class PretrainedPolicy:
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
                     commit_message: str = "Upload Atlas policy") -> str:
-        """Upload the saved policy folder to the Hub (the token is used, never written anywhere)."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        """Save the policy and upload it to the Hub (`push_policy_folder`)."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "policy")
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
-        return str(info)
+            return push_policy_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def push_policy_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+                       commit_message: str = "Upload Atlas policy") -> str:
+    """Upload a saved policy folder (its model card `README.md` too, if written) to the Hub model repo `repo_id`,
+    created if needed; returns the commit's URL. The token is used, never written anywhere; a folder that is not a
+    whole policy is refused before anything is uploaded, and a failed upload is a `ConnectionError` with the Hub's
+    reason."""
+    from huggingface_hub import HfApi
+
+    read_policy_config(Path(folder))
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    except Exception as error:  # no network, no login, no write access: the Hub's reason on one line
+        raise ConnectionError(f"uploading {folder} to the Hub repo {repo_id} failed: {hub_failure(error)}") from error
+    return str(info)
 
 
 def load_weights(module: torch.nn.Module, path: Path, fits: str) -> None:

@@ -10,7 +10,9 @@ import torch
 from accelerate import Accelerator
 
 from atlas_vla.files import write_json_atomic
+from atlas_vla.models.pretrained import push_policy_folder
 from atlas_vla.training.loop import Throughput
+from atlas_vla.training.model_card import write_model_card
 from atlas_vla.training.run import TrainingRun
 from atlas_vla.training.run_folder import FINAL_DIR, SUMMARY_NAME
 
@@ -18,7 +20,8 @@ logger = logging.getLogger("atlas_vla.train")
 
 
 def export_policy(run: TrainingRun, throughput: Throughput) -> Path:
-    """Stage 7 of `train`: the final policy in `final/`, `train_summary.json`, and the Hub upload if asked for."""
+    """Stage 7 of `train`: the final policy in `final/`, `train_summary.json`, and the Hub upload (with its model
+    card) if asked for."""
     accelerator, output_dir, training_cfg = run.accelerator, run.output_dir, run.config.training
     checksums = _rank_checksums(accelerator, run.unwrapped_policy)
     final_dir = output_dir / FINAL_DIR
@@ -31,11 +34,23 @@ def export_policy(run: TrainingRun, throughput: Throughput) -> Path:
                    "parameters": run.parameter_counts, "seconds": time.perf_counter() - throughput.start,
                    "train_steps_per_second": throughput.steps_per_second}
         write_json_atomic(output_dir / SUMMARY_NAME, summary)
-        if training_cfg.push_to_hub:
-            policy.push_to_hub(training_cfg.hub_model_id or output_dir.name)
         logger.info("exported the policy to %s", final_dir)
+        if training_cfg.push_to_hub:
+            push_final_policy(final_dir, training_cfg.hub_model_id or output_dir.name, run.evaluation)
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def push_final_policy(final_dir: Path, repo_id: str, evaluation: dict | None) -> None:
+    """`--push_to_hub`: the model card (with the run's last simulator evaluation, if any) and the upload. A failed
+    upload is an error line with the command that retries it; the policy stays in `final/`."""
+    results = [evaluation["results"]] if evaluation else []
+    write_model_card(final_dir, results, repo_id=repo_id)
+    try:
+        logger.info("pushed the policy to the Hub: %s", push_policy_folder(final_dir, repo_id))
+    except ConnectionError as error:
+        logger.error("%s; the policy is in %s: upload it later with `atlas-vla push %s --repo-id %s`", error,
+                     final_dir, final_dir, repo_id)
 
 
 def _rank_checksums(accelerator: Accelerator, policy: torch.nn.Module) -> list[float]:

@@ -32,8 +32,14 @@ def lifted(height: float, eef_offset=(0.0, 0.0, 0.05)) -> dict[str, np.ndarray]:
 
 
 def test_the_rest_height_is_read_from_the_first_observation():
-    assert ObjectTracker("bowl_1", observation([0.1, 0.2, 0.9], [0.1, 0.2, 1.2])).rest_height == 0.9
-    assert tracker().phase() == failures.NO_GRASP
+    on_the_table = ObjectTracker("bowl_1", observation([0.1, 0.2, 0.9], [0.1, 0.2, 1.2]))
+    assert on_the_table.rest_height == 0.9
+    assert (on_the_table.held, on_the_table.ever_held, on_the_table.grip_offset, on_the_table.last_loss) == (
+        False, False, None, None)
+    on_the_table.observe(observation([0.1, 0.2, 0.9], [0.1, 0.2, 0.95]), CLOSE)  # closed around it, not lifted
+    assert not on_the_table.held and on_the_table.phase() == failures.NO_GRASP
+    on_the_table.observe(observation([0.1, 0.2, 0.95], [0.1, 0.2, 1.0]), CLOSE)  # 5 cm above its rest
+    assert on_the_table.held and on_the_table.phase() == failures.TIMED_OUT_HOLDING
 
 
 def test_a_closed_gripper_near_a_lifted_bowl_holds_it_until_time_runs_out():

@@ -16,8 +16,8 @@ def test_wilson_interval_by_value(successes, episodes, low, high):
 
 
 def test_the_interval_never_leaves_0_to_1():
-    # 16/16 and 0/21 are where the unclamped formula rounds to 1 + 2e-16 and -1e-17
-    assert wilson_interval(16, 16)[1] == 1.0 and wilson_interval(0, 21)[0] == 0.0
+    # 9/9 and 0/21 are where the unclamped formula rounds to 1 + 2e-16 and -1e-17
+    assert wilson_interval(9, 9)[1] == 1.0 and wilson_interval(0, 21)[0] == 0.0
 
 
 def test_confidence_widens_the_interval():

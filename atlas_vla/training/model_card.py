@@ -1,0 +1,227 @@
+"""The model card of a saved policy: what it is, what it was trained on, and how well it does in closed loop.
+
+`write_model_card` writes `README.md` into a policy folder: Hugging Face Hub metadata (`huggingface_hub.
+ModelCardData`: library, `pipeline_tag: robotics`, license, tags, the data sources that are Hub datasets, the
+frozen encoders as base models, and a `model-index` with one result per evaluated suite: success rate,
+episodes, successes, 95% Wilson interval, initial states, seed), then the training steps and data, the W&B run
+and artifact, the results table and a usage snippet. Everything comes from files: the policy folder's
+`config.json`, the training run beside it (`config.yaml`, `train_summary.json` or a checkpoint's
+`training_state.json`) and `eval-libero` results files. A policy with no evaluation says so; no number is made up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from atlas_vla.config import TrainConfig, load_config
+from atlas_vla.data.normalization import NormStats
+from atlas_vla.eval import libero_sim
+from atlas_vla.eval.intervals import format_rate
+from atlas_vla.files import write_text_atomic
+from atlas_vla.hub import is_hub_id
+from atlas_vla.models.config import MINILM
+from atlas_vla.models.pretrained import STATS_NAME, read_policy_config
+from atlas_vla.training.artifacts import policy_artifact_name
+from atlas_vla.training.checkpointing import STATE_NAME
+from atlas_vla.training.run_folder import RUN_ID_FILE, SUMMARY_NAME
+
+CARD_NAME = "README.md"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged `minilm` folder is
+TAGS = ["robotics", "vision-language-action", "libero", "atlas-vla"]
+
+
+def write_model_card(policy_dir: str | Path, results: Sequence[str | Path] = (), *, license: str = "apache-2.0",
+                     repo_id: str | None = None) -> Path:
+    """Write `README.md` into the saved policy `policy_dir` from it, its training run and `results` (eval-libero
+    results files); returns the card's path. `repo_id` is the Hub repo the card's usage snippet loads from (a card
+    names no local path: it is written to be published)."""
+    folder = Path(policy_dir)
+    card = model_card(folder, results, license=license, repo_id=repo_id)
+    return write_text_atomic(folder / CARD_NAME, card)
+
+
+def model_card(folder: Path, results: Sequence[str | Path] = (), *, license: str = "apache-2.0",
+               repo_id: str | None = None) -> str:
+    """The text of the card `write_model_card` writes."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    saved = read_policy_config(folder)
+    training = _training_run(folder)
+    suites = [row for path in results for row in suite_results(path)]
+    name = repo_id.split("/")[-1] if repo_id else _default_name(folder, training.get("config"))
+    data = ModelCardData(
+        model_name=name, library_name="atlas-vla", pipeline_tag="robotics", license=license, tags=TAGS,
+        datasets=_hub_datasets(training.get("config")) or None, base_model=_base_models(saved) or None,
+        eval_results=[_eval_result(row) for row in suites] or None)
+    body = "\n\n".join(part for part in (
+        f"# {name}", _summary(saved), _training_section(training, NormStats.load(folder / STATS_NAME)),
+        _results_section(suites),
+        _usage_section(repo_id or "path/to/this/folder")) if part)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
+
+
+def suite_results(path: str | Path) -> list[dict[str, Any]]:
+    """One row per suite of an `eval-libero` results file: suite, episodes, successes, success rate, 95% interval,
+    initial states and seed (None where the file does not record them), and the file."""
+    results = libero_sim.load_results(path)
+    evaluated = (results.get("settings") or {}).get("eval") or {}
+    return [{"suite": suite, "episodes": int(row["episodes"]), "successes": int(row["successes"]),
+             "success_rate": float(row["success_rate"]),
+             "interval_95": [float(v) for v in row.get("interval_95") or _interval(row)],
+             "initial_states": evaluated.get("initial_states"), "seed": evaluated.get("seed"),
+             "tasks": sorted(int(task) for task in row.get("tasks", {})), "file": str(path)}
+            for suite, row in results["suites"].items()]
+
+
+def _interval(row: dict[str, Any]) -> list[float]:
+    from atlas_vla.eval.intervals import wilson_interval
+
+    return list(wilson_interval(int(row["successes"]), int(row["episodes"])))
+
+
+def _eval_result(row: dict[str, Any]) -> Any:
+    from huggingface_hub import EvalResult
+
+    states = row["initial_states"]
+    return EvalResult(
+        task_type="robotics", task_name="closed-loop manipulation", dataset_type="libero", dataset_name=row["suite"],
+        dataset_config=row["suite"],
+        dataset_args={"initial_states": _ranges(states) if states else None, "seed": row["seed"],
+                      "tasks": row["tasks"]},
+        metric_type="success_rate", metric_name="success rate", metric_value=row["success_rate"],
+        metric_args={"episodes": row["episodes"], "successes": row["successes"],
+                     "interval_95": [round(v, 4) for v in row["interval_95"]]})
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """`30-49` or `0-4,10`: a list of initial states as eval-libero's `--initial-states` takes it."""
+    values, parts, start = sorted(values), [], None
+    for index, value in enumerate(values):
+        start = value if start is None else start
+        if index + 1 == len(values) or values[index + 1] != value + 1:
+            parts.append(f"{start}-{value}" if value != start else str(value))
+            start = None
+    return ",".join(parts)
+
+
+def _training_run(folder: Path) -> dict[str, Any]:
+    """What is known of the run that trained the policy in `folder`: its config (`config.yaml` in the folder, as a
+    W&B version holds it, or beside it, in a run's or a checkpoint's folder), its steps and its W&B run id."""
+    found: dict[str, Any] = {}
+    for place in (folder, folder.parent):
+        if "config" not in found and (place / "config.yaml").is_file():
+            found["config"] = load_config(place / "config.yaml")
+        if (place / SUMMARY_NAME).is_file():
+            summary = json.loads((place / SUMMARY_NAME).read_text())
+            found.setdefault("steps", summary.get("global_step"))
+            found.setdefault("run_id", summary.get("wandb_run_id"))
+        if (place / STATE_NAME).is_file():
+            state = json.loads((place / STATE_NAME).read_text())
+            found.setdefault("steps", state.get("global_step"))
+            found.setdefault("run_id", state.get("wandb_run_id"))
+        if (place / RUN_ID_FILE).is_file():
+            found.setdefault("run_id", (place / RUN_ID_FILE).read_text().strip())
+    return found
+
+
+def _default_name(folder: Path, config: TrainConfig | None) -> str:
+    """The run's name for a run's `final/` or a checkpoint's `policy/` (their own names say nothing), else the
+    folder's."""
+    folder = folder.resolve()
+    if folder.name in ("final", "policy") and config is not None:
+        return Path(config.training.output_dir).name
+    return folder.name
+
+
+def _hub_datasets(config: TrainConfig | None) -> list[str]:
+    """The training sources that are Hub datasets (local folders have no public name)."""
+    if config is None:
+        return []
+    return [source for source in config.data.sources if is_hub_id(source) and not Path(source).exists()]
+
+
+def _base_models(saved: dict[str, Any]) -> list[str]:
+    """The frozen encoders that are Hub models: the VGGT backbone and the text encoder."""
+    backbones = saved.get("backbones", {})
+    names = [backbones.get("vggt", {}).get("pretrained"), backbones.get("language", {}).get("model_name_or_path")]
+    names = [MINILM_HUB_ID if name == MINILM else name for name in names]
+    return [name for name in names if name and is_hub_id(name) and not Path(name).exists()]
+
+
+def _summary(saved: dict[str, Any]) -> str:
+    policy = saved.get("policy", {})
+    backbones = saved.get("backbones", {})
+    vggt = backbones.get("vggt", {})
+    language = backbones.get("language", {})
+    vggt_name = vggt.get("pretrained") or f"a randomly initialised VGGT (seed {vggt.get('init_seed')})"
+    text_name = language.get("model_name_or_path")
+    text_name = MINILM_HUB_ID if text_name == MINILM else text_name
+    return (f"An Atlas vision-language-action policy for LIBERO, trained with atlas-vla: a frozen "
+            f"VGGT geometry backbone ({vggt_name}, weights hash `{vggt.get('weights_hash')}`) sees the cameras, a "
+            f"frozen text encoder ({text_name}, weights hash `{language.get('weights_hash')}`) reads the "
+            f"instruction, and a trainable fusion module and action head predict chunks of "
+            f"{policy.get('action_horizon', '?')} 7-D actions (end-effector pose delta and gripper). Only the "
+            f"trainable weights are in `model.safetensors`; the frozen encoders are loaded from their ids and "
+            f"checked against these hashes. Normalisation statistics: fingerprint "
+            f"`{saved.get('norm_stats_fingerprint')}`. atlas-vla {saved.get('atlas_vla_version')}.")
+
+
+def _training_section(training: dict[str, Any], stats: NormStats) -> str:
+    """Steps, data and the W&B run. Local data sources are named by their folder's name, not their path (a card
+    is public), with the number and fingerprint of the frames the policy was trained on."""
+    sources = stats.sources or [{"source": None, "num_frames": stats.num_frames, "fingerprint": stats.fingerprint}]
+    config: TrainConfig | None = training.get("config")
+    names = config.data.sources if config is not None else [source["source"] for source in sources]
+    data = [f"{_source_label(name)}: {source['num_frames']} frames, fingerprint `{source['fingerprint']}`"
+            for name, source in zip(names, sources)]
+    if config is None:
+        return "\n".join(["## Training", "", *[f"- data: {line}" for line in data],
+                          "- the training run's `config.yaml` was not found beside this policy"])
+    steps = training.get("steps")
+    lines = ["## Training", "",
+             f"- steps: {steps if steps is not None else f'{config.training.max_train_steps} configured'} optimizer "
+             f"updates, batch {config.training.train_batch_size} per process, learning rate "
+             f"{config.training.learning_rate}, seed {config.training.seed}",
+             *[f"- data: {line}" for line in data]]
+    run_id = training.get("run_id")
+    if run_id and config.trackers and "wandb" in config.trackers:
+        where = f"{config.wandb.entity}/{config.wandb.project}" if config.wandb.entity else config.wandb.project
+        lines.append(f"- W&B run: `{run_id}` in `{where}`"
+                     + (f" (https://wandb.ai/{where}/runs/{run_id})" if config.wandb.entity else ""))
+        if config.wandb.log_model != "none":
+            lines.append(f"- W&B artifact: `{policy_artifact_name(run_id)}` (`wandb.log_model: {config.wandb.log_model}`;"
+                         f" load it with `--policy wandb:ENTITY/{config.wandb.project}/{policy_artifact_name(run_id)}"
+                         f":final`)")
+    return "\n".join(lines)
+
+
+def _source_label(name: str | None) -> str:
+    if not name:
+        return "data of unknown origin"
+    if is_hub_id(name) and not Path(name).exists():
+        return f"`{name}`"
+    return f"`{Path(name).name}` (a local folder)"
+
+
+def _results_section(suites: Sequence[dict[str, Any]]) -> str:
+    if not suites:
+        return ("## Results\n\nThis policy has not been evaluated in closed loop: no `eval-libero` results were given "
+                "(`atlas-vla model-card POLICY --eval RESULTS.json`), so this card reports none.")
+    rows = ["## Results", "", "Closed-loop success in the LIBERO simulator (95% Wilson intervals):", "",
+            "| suite | success | initial states | seed |", "|---|---|---|---|"]
+    for row in suites:
+        states = _ranges(row["initial_states"]) if row["initial_states"] else "?"
+        seed = row["seed"] if row["seed"] is not None else "?"
+        rows.append(f"| {row['suite']} | {format_rate(row['successes'], row['episodes'])} | {states} | {seed} |")
+    return "\n".join(rows)
+
+
+def _usage_section(where: str) -> str:
+    return "\n".join([
+        "## Use it", "", "```python", "from atlas_vla.models.policy import AtlasPolicy", "",
+        f'policy = AtlasPolicy.from_pretrained("{where}")',
+        "actions = policy.predict_action(observation)  # (action_horizon, 7) in LIBERO units", "```", "",
+        "Serve it to a robot or a simulator (openpi's websocket protocol):", "", "```bash",
+        f"atlas-vla serve --policy {where}", "```"])
