@@ -11,6 +11,7 @@ checked copy. The W&B API key comes from `wandb login` or `WANDB_API_KEY`, never
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from atlas_vla.files import StagedFolder
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "wandb:"
 POLICY_ARTIFACT_TYPE, CHECKPOINT_ARTIFACT_TYPE = "model", "checkpoint"
@@ -118,3 +121,45 @@ def fetch_version(artifact: Any, target: Path, what: str) -> Path:
         artifact.download(root=str(staged.path))
         check_files(staged.path, recorded, what)
     return target
+
+
+def attach_evaluation(run: Any, reference: WandbReference, evaluation: Mapping[str, Any]) -> bool:
+    """After a closed-loop evaluation of the policy version `reference`: record in the eval `run` that it used that
+    version (W&B lineage), append `evaluation` (suite, episodes, successes, success rate, 95% interval, initial
+    states, seed, the eval run's id) to the version's `evaluations` metadata, and give it the alias `best` when its
+    success rate on that suite is the highest any version of the artifact has recorded. Needs W&B's servers: where
+    they cannot be reached (offline, no access) it is one warning line and returns False."""
+    try:
+        artifact = run.use_artifact(reference.path, type=POLICY_ARTIFACT_TYPE)
+        artifact.metadata = {**artifact.metadata,
+                             "evaluations": [*artifact.metadata.get("evaluations", []), dict(evaluation)]}
+        if _is_best_evaluated(artifact, evaluation):
+            artifact.aliases.append("best")
+        artifact.save()
+    except Exception as error:  # offline, no access, a version since deleted: the evaluation itself stands
+        logger.warning("the evaluation was not attached to the W&B artifact %s: %s", reference,
+                       " ".join(f"{type(error).__name__}: {error}".split()))
+        return False
+    return True
+
+
+def _is_best_evaluated(artifact: Any, evaluation: Mapping[str, Any]) -> bool:
+    """Whether `evaluation`'s success rate beats every rate another version of `artifact` recorded on its suite."""
+    import wandb
+
+    others = wandb.Api(timeout=60).artifacts(artifact.type, f"{artifact.entity}/{artifact.project}/"
+                                                            f"{artifact.name.split(':')[0]}")
+    rates = [recorded["success_rate"] for version in others if version.version != artifact.version
+             for recorded in (version.metadata or {}).get("evaluations", [])
+             if recorded.get("suite") == evaluation["suite"]]
+    return all(evaluation["success_rate"] > rate for rate in rates)
+
+
+def evaluation_record(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], run_id: str
+                      ) -> dict[str, Any]:
+    """What `attach_evaluation` appends for an eval-libero summary: the suite's counts, rate and interval, the
+    initial states and seed it ran, and the eval run."""
+    evaluated = settings.get("eval") or {}
+    return {"suite": suite, "episodes": summary["episodes"], "successes": summary["successes"],
+            "success_rate": summary["success_rate"], "interval_95": list(summary["interval_95"]),
+            "initial_states": evaluated.get("initial_states"), "seed": evaluated.get("seed"), "eval_run": run_id}

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import wandb
+from helpers import offline_environment
 
 from atlas_vla.cli import main as cli
 from atlas_vla.config import config_from_args
@@ -21,6 +24,7 @@ from atlas_vla.wandb_artifacts import (
     cache_root,
     check_files,
     download,
+    evaluation_record,
     fetch_version,
     file_hashes,
     parse_reference,
@@ -138,3 +142,26 @@ def test_a_cached_version_is_reused_only_while_it_matches_its_hashes(policy_file
     with pytest.raises(ValueError) as raised:
         fetch_version(unrecorded, tmp_path / "elsewhere", "the version")
     assert str(raised.value) == "the version has no file hashes in its metadata: it was not logged by atlas-vla's training"
+
+
+def test_an_evaluation_offline_is_one_warning_and_the_record_holds_the_counts(tmp_path):
+    """Attaching results to a version needs W&B's servers: an offline eval run says so in one line and goes on."""
+    script = (
+        "import logging, sys, wandb\n"
+        "from atlas_vla.wandb_artifacts import WandbReference, attach_evaluation\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        f"run = wandb.init(project='p', dir={str(tmp_path)!r})\n"
+        "attached = attach_evaluation(run, WandbReference('e', 'p', 'atlas-policy-x', 'step-2'), {'suite': 's'})\n"
+        "run.finish()\n"
+        "sys.exit(0 if attached is False else 1)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=offline_environment(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING ")]
+    assert warnings == ["WARNING the evaluation was not attached to the W&B artifact wandb:e/p/atlas-policy-x:step-2: "
+                        "TypeError: Cannot use artifact when in offline mode."]
+    summary = {"episodes": 20, "successes": 18, "success_rate": 0.9, "interval_95": (0.7, 0.97), "tasks": {}}
+    settings = {"eval": {"initial_states": [30, 31], "seed": 3}, "policy": "wandb:e/p/atlas-policy-x:best"}
+    assert evaluation_record("libero_spatial", summary, settings, "run1") == {
+        "suite": "libero_spatial", "episodes": 20, "successes": 18, "success_rate": 0.9, "interval_95": [0.7, 0.97],
+        "initial_states": [30, 31], "seed": 3, "eval_run": "run1"}

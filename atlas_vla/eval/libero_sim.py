@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from atlas_vla.wandb_artifacts import attach_evaluation, evaluation_record, is_wandb_reference, parse_reference
 from atlas_vla.action_layout import GRIPPER, GRIPPER_OPEN
 from atlas_vla.data.transforms import libero_state, rotate_180
 from atlas_vla.eval.config import EvalConfig
@@ -489,13 +490,18 @@ def episode_videos(summary: Mapping[str, Any]) -> dict[str, str]:
 
 
 def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], project: str = "atlas-vla") -> str:
-    """`eval_metrics` and `episode_videos` in a new W&B eval run; returns its id."""
+    """`eval_metrics` and `episode_videos` in a new W&B eval run; returns its id. A policy read from W&B
+    (`--policy wandb:...`) gets each suite's result attached to its version (`wandb_artifacts.attach_evaluation`)."""
     import wandb
 
     run = wandb.init(project=project, job_type="eval", config=dict(settings))
     logs: dict[str, Any] = dict(eval_metrics(suite, summary))
     logs.update({key: wandb.Video(path, format="mp4") for key, path in episode_videos(summary).items()})
     run.log(logs)
+    policy = settings.get("policy")
+    if is_wandb_reference(policy):
+        for name, suite_summary in (summary.get("suites") or {suite: summary}).items():
+            attach_evaluation(run, parse_reference(policy), evaluation_record(name, suite_summary, settings, run.id))
     run_id = run.id
     run.finish()
     return run_id

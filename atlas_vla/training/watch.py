@@ -30,9 +30,11 @@ from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import check_episodes_ran
 from atlas_vla.files import write_json_atomic
 from atlas_vla.schema import to_dict
+from atlas_vla.training.artifacts import policy_artifact_name
 from atlas_vla.training.checkpointing import list_checkpoints
 from atlas_vla.training.run_folder import FINAL_DIR, RUN_ID_FILE, SUMMARY_NAME
 from atlas_vla.training.tracking import run_group
+from atlas_vla.wandb_artifacts import WandbReference, attach_evaluation, evaluation_record
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME = "eval_results.json"
@@ -148,18 +150,27 @@ class EvalWatcher:
             logger.warning("step %d: %s was removed during its evaluation; its results are logged, not written",
                            snapshot.step, snapshot.folder)
         if self.report_to == "wandb":
-            self._log(snapshot.step, summary)
+            self._log(snapshot, summary)
         self._done.add(snapshot.step)
         return True
 
-    def _log(self, step: int, summary: dict[str, Any]) -> None:
+    def _log(self, snapshot: Snapshot, summary: dict[str, Any]) -> None:
+        """The snapshot's `eval/*` metrics and videos in the eval run, at its step; and its result attached to the
+        policy version the training run logged of it (`wandb.log_model: all`, or `final` for `final/`)."""
         import wandb
 
         if self._wandb_run is None:
             self._wandb_run = wandb.init(**eval_run_kwargs(self.output_dir))
         logs: dict[str, Any] = dict(self._sim.eval_metrics(self.config.suite, summary))
         logs.update({key: wandb.Video(path, format="mp4") for key, path in self._sim.episode_videos(summary).items()})
-        self._wandb_run.log(logs, step=step)  # snapshots come in step order, so W&B's steps only grow
+        self._wandb_run.log(logs, step=snapshot.step)  # snapshots come in step order, so W&B's steps only grow
+        config = _run_config(self.output_dir)
+        if config.wandb.log_model == "all" or (config.wandb.log_model == "final" and snapshot.is_final):
+            run_id = (self.output_dir / RUN_ID_FILE).read_text().strip()
+            reference = WandbReference(config.wandb.entity or self._wandb_run.entity, config.wandb.project,
+                                       policy_artifact_name(run_id), f"step-{snapshot.step}")
+            record = evaluation_record(self.config.suite, summary, {"eval": to_dict(self.config)}, self._wandb_run.id)
+            attach_evaluation(self._wandb_run, reference, record)
 
 
 def eval_run_kwargs(output_dir: Path) -> dict[str, Any]:

@@ -117,3 +117,34 @@ def test_artifacts_that_cannot_be_staged_are_one_warning_and_the_run_finishes(tm
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-6" / "policy").iterdir()) == sorted(POLICY_FILES)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_logged_checkpoint_continues_the_same_run_elsewhere(tmp_path, data_dir):
+    """`wandb.log_checkpoints`: the step-4 checkpoint version, rebuilt from the files the offline run staged (what a
+    download of it holds), passes the hash check and continues the run in another folder: the same W&B run, steps
+    5 and 6, and the weights of a run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    from atlas_vla.wandb_artifacts import check_files
+
+    straight, logged = tmp_path / "straight", tmp_path / "logged"
+    train(straight, data_dir, "--wandb.log_model", "none")
+    train(logged, data_dir, "--wandb.log_checkpoints", "true", "--wandb.log_model", "none")
+    run = read_run(find_run_files(logged)[0])
+    checkpoints = [a for a in run.artifacts if a.type == "checkpoint"]
+    assert {a.name for a in checkpoints} == {f"atlas-checkpoint-{run.run_id}"}
+    assert [a.aliases for a in checkpoints] == [["latest", f"step-{step}"] for step in (2, 4, 6)]
+    [version] = [a for a in checkpoints if a.metadata["step"] == 4]
+    assert {"training_state.json", "optimizer.bin", "model.safetensors", "policy/model.safetensors"} <= set(version.files)
+    downloaded = tmp_path / "elsewhere" / "download"
+    for name, staged in version.staged.items():
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / name).write_bytes(Path(staged).read_bytes())
+    check_files(downloaded, version.metadata["files"], "the step-4 checkpoint")
+    resumed = tmp_path / "elsewhere" / "run"
+    train(resumed, data_dir, "--wandb.log_model", "none", "--resume_from_checkpoint", str(downloaded))
+    [again] = [read_run(f) for f in find_run_files(resumed)]
+    assert again.run_id == run.run_id
+    assert [step for step, _ in again.history["train/loss"]] == [5, 6]
+    a, b = load_file(str(straight / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[key] == b[key]).all() for key in a)
