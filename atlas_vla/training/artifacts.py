@@ -3,7 +3,7 @@
 A run has one policy artifact, `atlas-policy-<run id>`, whose versions are checkpoints: each holds the policy
 folder exactly as `from_pretrained` reads it (`config.json`, `model.safetensors` with the trainable weights,
 `norm_stats.json`) and the run's `config.yaml`, so a version loads on its own. `wandb.log_model` picks them:
-`final` (the default: one version per run, a few MB, however long the run and however full the quota),
+`final` (the default: one version per run, 10-112 MB, however long the run and however full the quota),
 `best` (a version whenever `wandb.best_metric` beats every earlier checkpoint), `all` (every checkpoint) or
 `none`. Aliases: `latest` (W&B's own), `step-<N>`, `final` on the last update's and `best` on the best so far.
 Each version's metadata says what it is (`policy_metadata`).

@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import offline_environment, synthetic_dataset, tiny_args
 from wandb_records import find_run_files, read_run
 
 import atlas_vla
 from atlas_vla.data.normalization import NormStats
+from atlas_vla.models.policy import AtlasPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILES = ("config.json", "model.safetensors", "norm_stats.json")
@@ -46,7 +48,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path, data_dir):
+def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path, data_dir, observation_file):
     out = tmp_path / "run"
     train(out, data_dir, "--wandb.log_model", "all")
     [run_file] = find_run_files(out)
@@ -92,6 +94,14 @@ def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path,
         assert last.files[name] == (md5_base64(final / name), (final / name).stat().st_size)
         assert last.metadata["files"][name] == sha256(final / name)
     assert last.metadata["files"]["config.yaml"] == sha256(out / "checkpoints" / "checkpoint-6" / "config.yaml")
+    # a version loads on its own: its files, as a download of it holds them, are a policy
+    version = tmp_path / "version"
+    version.mkdir()
+    for name, staged in last.staged.items():
+        (version / name).write_bytes(Path(staged).read_bytes())
+    observation = dict(np.load(observation_file))
+    np.testing.assert_array_equal(AtlasPolicy.from_pretrained(version).predict_action(observation),
+                                  AtlasPolicy.from_pretrained(final).predict_action(observation))
 
 
 def test_log_model_none_logs_no_artifact_and_final_logs_one_version(tmp_path, data_dir):
