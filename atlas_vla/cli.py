@@ -383,7 +383,9 @@ def _add_eval_libero(parser: argparse.ArgumentParser) -> None:
                         help=f"the --server's API key (default: the {API_KEY_ENV} environment variable)")
     parser.add_argument("--episode-timeout", type=float, default=900.0, help="seconds before a hung episode is killed")
     parser.add_argument("--output", default="eval_results.json",
-                        help="results JSON file (default: eval_results.json in the working directory)")
+                        help="results JSON file (default: eval_results.json in the working directory); finished "
+                             "episodes are logged beside it (RESULTS.episodes.jsonl) and a rerun continues from them")
+    parser.add_argument("--fresh", action="store_true", help="start over: discard the episode log of an earlier run")
     parser.add_argument("--report-to", choices=("none", "wandb"), default="none", help="also log to W&B")
     _renamed_flag(parser, "--report_to", "--report-to", choices=("none", "wandb"))
 
@@ -440,9 +442,23 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _policy_identity(policy: str | None, server: str | None) -> str:
+    """What an episode log records of the policy: the SHA-256 of its folder's files, or the server asked."""
+    import hashlib
+    import json
+
+    from atlas_vla.files import file_hashes
+
+    if policy is None:
+        return f"server {server}"
+    digest = hashlib.sha256(json.dumps(file_hashes(Path(policy)), sort_keys=True).encode()).hexdigest()
+    return f"sha256 {digest}"
+
+
 @_add_eval_libero.runner
 def _run_eval_libero(args: argparse.Namespace) -> int:
     from atlas_vla.eval import libero_sim as sim
+    from atlas_vla.eval.episode_log import EpisodeLog, episode_key, identity, log_path
 
     try:
         sim.require_simulator()
@@ -459,9 +475,22 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
               f"({result.seconds:.1f} s)" + (f": {result.error.splitlines()[0]}" if result.error else ""), flush=True)
 
     start = time.perf_counter()
-    results = sim.evaluate(policy, specs, num_workers=config.num_workers, server=args.server,
-                           api_key=args.api_key or os.environ.get(API_KEY_ENV), episode_timeout=args.episode_timeout,
-                           on_result=report)
+    if args.fresh:
+        log_path(args.output).unlink(missing_ok=True)
+    log = EpisodeLog(log_path(args.output), identity(_policy_identity(policy, args.server), to_dict(config)))
+    remaining, earlier = log.remaining(specs), list(log.finished.values())
+    if earlier:
+        print(f"continuing the evaluation in {log.path}: {len(specs) - len(remaining)} of {len(specs)} episodes "
+              f"are done", flush=True)
+
+    def record(result: "sim.EpisodeResult") -> None:
+        log.append(result)
+        report(result)
+
+    fresh = sim.evaluate(policy, remaining, num_workers=config.num_workers, server=args.server,
+                         api_key=args.api_key or os.environ.get(API_KEY_ENV), episode_timeout=args.episode_timeout,
+                         on_result=record) if remaining else []
+    results = sorted([*earlier, *fresh], key=episode_key)
     summary = sim.summarize(results)
     settings = {**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "api_key"},
                 "eval": to_dict(config),

@@ -4,10 +4,12 @@ Every file atlas-vla writes (JSON results, statistics, configs, videos) and ever
 assembles (a saved policy, a converted dataset, a checkpoint) is written under a temporary name
 beside its target, flushed to disk, and only then renamed into place. A crash, a kill or a full
 disk leaves the previous version (or nothing), never a truncated file or a folder that looks complete.
+`file_hash` / `file_hashes` are the content hashes a copy is checked with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -129,3 +131,19 @@ class StagedFolder:
             self.commit()
         else:
             self.abort()
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 (hex) of one file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """`file_hash` of every file in `folder` by relative POSIX path (what a W&B policy version records and is
+    checked with)."""
+    return {path.relative_to(folder).as_posix(): file_hash(path)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file())}

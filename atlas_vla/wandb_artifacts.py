@@ -10,7 +10,6 @@ checked copy. The W&B API key comes from `wandb login` or `WANDB_API_KEY`, never
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from atlas_vla.files import StagedFolder
+from atlas_vla.files import StagedFolder, file_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +57,6 @@ def parse_reference(text: str) -> WandbReference:
     if match is None:
         raise ValueError(f"{text!r} is not a W&B artifact reference: expected {FORM}")
     return WandbReference(*match.groups())
-
-
-def file_hash(path: Path) -> str:
-    """SHA-256 (hex) of one file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_hashes(folder: Path) -> dict[str, str]:
-    """`file_hash` of every file in `folder` by relative POSIX path: what a version records and is checked with."""
-    return {path.relative_to(folder).as_posix(): file_hash(path)
-            for path in sorted(p for p in folder.rglob("*") if p.is_file())}
 
 
 def check_files(folder: Path, recorded: Mapping[str, str], what: str) -> None:

@@ -17,6 +17,7 @@ from helpers import offline_environment
 
 from atlas_vla.cli import main as cli
 from atlas_vla.config import config_from_args
+from atlas_vla.files import file_hashes
 from atlas_vla.hub import resolve_local
 from atlas_vla.wandb_artifacts import (
     FORM,
@@ -26,7 +27,6 @@ from atlas_vla.wandb_artifacts import (
     download,
     evaluation_record,
     fetch_version,
-    file_hashes,
     parse_reference,
 )
 

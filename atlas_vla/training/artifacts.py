@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from atlas_vla.config import TrainConfig, WandbConfig
-from atlas_vla.wandb_artifacts import CHECKPOINT_ARTIFACT_TYPE, POLICY_ARTIFACT_TYPE, file_hash, file_hashes
+from atlas_vla.files import file_hash, file_hashes
+from atlas_vla.wandb_artifacts import CHECKPOINT_ARTIFACT_TYPE, POLICY_ARTIFACT_TYPE
 
 logger = logging.getLogger("atlas_vla.train")
 

@@ -326,8 +326,9 @@ def test_libero_pro_suites_run_and_a_suite_that_cannot_run_says_which_can(tmp_pa
     assert instructions["libero_spatial_lan"] != instructions["libero_spatial"]  # the paraphrased instruction
     table = printed[printed.index("suite "):].splitlines()
     assert [line.split()[0] for line in table[1:5]] == sorted(suites)
-    assert cli(["eval-libero", "--suite", "libero_spatial_with_mug", *common, "--output", str(output)]) == 0
-    [episode] = json.loads(output.read_text())["episodes_detail"]
+    mug = tmp_path / "mug.json"  # another evaluation: its own results and episode log
+    assert cli(["eval-libero", "--suite", "libero_spatial_with_mug", *common, "--output", str(mug)]) == 0
+    [episode] = json.loads(mug.read_text())["episodes_detail"]
     assert episode["suite"] == "libero_spatial_with_mug" and episode["error"] is None
 
 
