@@ -443,16 +443,10 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
 
 
 def _policy_identity(policy: str | None, server: str | None) -> str:
-    """What an episode log records of the policy: the SHA-256 of its folder's files, or the server asked."""
-    import hashlib
-    import json
+    """What an evaluation records of the policy it ran: the hash of its saved files, or the server it asked."""
+    from atlas_vla.models.pretrained import policy_hash
 
-    from atlas_vla.files import file_hashes
-
-    if policy is None:
-        return f"server {server}"
-    digest = hashlib.sha256(json.dumps(file_hashes(Path(policy)), sort_keys=True).encode()).hexdigest()
-    return f"sha256 {digest}"
+    return f"server {server}" if policy is None else f"sha256 {policy_hash(policy)}"
 
 
 @_add_eval_libero.runner
@@ -477,7 +471,8 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.fresh:
         log_path(args.output).unlink(missing_ok=True)
-    log = EpisodeLog(log_path(args.output), identity(_policy_identity(policy, args.server), to_dict(config)))
+    policy_identity = _policy_identity(policy, args.server)
+    log = EpisodeLog(log_path(args.output), identity(policy_identity, to_dict(config)))
     remaining, earlier = log.remaining(specs), list(log.finished.values())
     if earlier:
         print(f"continuing the evaluation in {log.path}: {len(specs) - len(remaining)} of {len(specs)} episodes "
@@ -493,7 +488,7 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
     results = sorted([*earlier, *fresh], key=episode_key)
     summary = sim.summarize(results)
     settings = {**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "api_key"},
-                "eval": to_dict(config),
+                "eval": to_dict(config), "policy_folder": policy, "policy_identity": policy_identity,
                 "seconds": time.perf_counter() - start}
     for suite, suite_summary in summary["suites"].items():
         print(sim.format_table(suite, suite_summary))
@@ -616,7 +611,9 @@ def _add_model_card(parser: argparse.ArgumentParser) -> None:
 def _add_card_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", dest="results", nargs="+", default=[], metavar="RESULTS",
                         help="eval-libero results files: one model-index result per suite evaluated")
-    parser.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
+    parser.add_argument("--license", default=None, help="the card's license (default: cc-by-nc-4.0 for a policy on "
+                                                        "facebook/VGGT-1B, whose weights are non-commercial; else "
+                                                        "apache-2.0)")
 
 
 @_add_model_card.runner

@@ -167,6 +167,13 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        metric = self.wandb.best_metric
+        if metric is not None and not (metric.startswith("val/") or metric.startswith("eval/")):
+            raise ValueError(f"wandb.best_metric: {metric} is not a validation (val/...) or simulator (eval/...) "
+                             f"metric, e.g. val/pose_l1_error or eval/success_rate")
+        if metric is not None and metric.startswith("eval/") and not self.eval.every_steps:
+            raise ValueError(f"wandb.best_metric: {metric} is logged only by simulator evaluations during training: "
+                             f"set eval.every_steps, or follow a val/... metric")
         store = self.training.feature_store
         if store and (self.data.streaming or not self.model.freeze_vggt):
             raise ValueError(f"training.feature_store: {store} needs data.streaming: false (got "

@@ -93,57 +93,50 @@ def download(reference: str | WandbReference, kind: str) -> Path:
 
 
 def fetch_version(artifact: Any, target: Path, what: str) -> Path:
-    """`artifact`'s files in `target`: reused when already there, else downloaded beside it, checked against the
-    hashes in its metadata and moved into place."""
+    """`artifact`'s files in `target`: reused when a checked copy is already there, else downloaded beside it,
+    checked against the hashes in its metadata and moved into place. Processes that fetch the same version at once
+    (the ranks of a job) take turns on a lock file beside `target`: one downloads, the others find its copy."""
+    from filelock import FileLock
+
     recorded = dict((artifact.metadata or {}).get("files") or {})
     if not recorded:
         raise ValueError(f"{what} has no file hashes in its metadata: it was not logged by atlas-vla's training")
-    if target.is_dir():
-        check_files(target, recorded, f"the cached copy of {what} in {target}")
-        return target
-    with StagedFolder(target) as staged:
-        artifact.download(root=str(staged.path))
-        check_files(staged.path, recorded, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.is_dir():
+            try:
+                check_files(target, recorded, f"the cached copy of {what} in {target}")
+                return target
+            except ValueError as error:  # damaged since it was checked: fetched again
+                logger.warning("%s; downloading it again", error)
+        with StagedFolder(target) as staged:
+            try:
+                artifact.download(root=str(staged.path))
+            except Exception as error:  # the network went away, the version was deleted, ...
+                raise FileNotFoundError(f"{what} could not be downloaded from W&B: "
+                                        f"{' '.join(f'{type(error).__name__}: {error}'.split())}") from error
+            check_files(staged.path, recorded, what)
     return target
 
 
-def attach_evaluation(run: Any, reference: WandbReference, evaluation: Mapping[str, Any]) -> bool:
+def attach_evaluation(run: Any, reference: WandbReference, evaluation: Mapping[str, Any],
+                      digest: str | None = None) -> bool:
     """After a closed-loop evaluation of the policy version `reference`: record in the eval `run` that it used that
-    version (W&B lineage), append `evaluation` (suite, episodes, successes, success rate, 95% interval, initial
-    states, seed, the eval run's id) to the version's `evaluations` metadata, and give it the alias `best` when its
-    success rate on that suite is the highest any version of the artifact has recorded. Needs W&B's servers: where
-    they cannot be reached (offline, no access) it is one warning line and returns False."""
+    version (W&B lineage) and append `evaluation` (suite, episodes, successes, success rate, 95% interval, initial
+    states, seed, the eval run's id) to the version's `evaluations` metadata. `digest`, when given, is the digest of
+    the version that was evaluated: an alias that has moved since (to another version) is not written to. The
+    `best` alias is left to the training run's rule (`training.artifacts`). Needs W&B's servers: where they cannot
+    be reached (offline, no access) it is one warning line and returns False."""
     try:
         artifact = run.use_artifact(reference.path, type=POLICY_ARTIFACT_TYPE)
+        if digest is not None and artifact.digest != digest:
+            raise ValueError(f"{reference} now names version {artifact.version} (digest {artifact.digest}), not the "
+                             f"one evaluated (digest {digest})")
         artifact.metadata = {**artifact.metadata,
                              "evaluations": [*artifact.metadata.get("evaluations", []), dict(evaluation)]}
-        if _is_best_evaluated(artifact, evaluation):
-            artifact.aliases.append("best")
         artifact.save()
     except Exception as error:  # offline, no access, a version since deleted: the evaluation itself stands
         logger.warning("the evaluation was not attached to the W&B artifact %s: %s", reference,
                        " ".join(f"{type(error).__name__}: {error}".split()))
         return False
     return True
-
-
-def _is_best_evaluated(artifact: Any, evaluation: Mapping[str, Any]) -> bool:
-    """Whether `evaluation`'s success rate beats every rate another version of `artifact` recorded on its suite."""
-    import wandb
-
-    others = wandb.Api(timeout=60).artifacts(artifact.type, f"{artifact.entity}/{artifact.project}/"
-                                                            f"{artifact.name.split(':')[0]}")
-    rates = [recorded["success_rate"] for version in others if version.version != artifact.version
-             for recorded in (version.metadata or {}).get("evaluations", [])
-             if recorded.get("suite") == evaluation["suite"]]
-    return all(evaluation["success_rate"] > rate for rate in rates)
-
-
-def evaluation_record(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], run_id: str
-                      ) -> dict[str, Any]:
-    """What `attach_evaluation` appends for an eval-libero summary: the suite's counts, rate and interval, the
-    initial states and seed it ran, and the eval run."""
-    evaluated = settings.get("eval") or {}
-    return {"suite": suite, "episodes": summary["episodes"], "successes": summary["successes"],
-            "success_rate": summary["success_rate"], "interval_95": list(summary["interval_95"]),
-            "initial_states": evaluated.get("initial_states"), "seed": evaluated.get("seed"), "eval_run": run_id}

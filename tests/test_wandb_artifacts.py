@@ -5,6 +5,7 @@ The download itself needs W&B's servers: here it is run up to the point where W&
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from helpers import offline_environment
 
 from atlas_vla.cli import main as cli
 from atlas_vla.config import config_from_args
+from atlas_vla.eval.libero_sim import evaluation_record
 from atlas_vla.files import file_hashes
 from atlas_vla.hub import resolve_local
 from atlas_vla.wandb_artifacts import (
@@ -25,7 +27,6 @@ from atlas_vla.wandb_artifacts import (
     cache_root,
     check_files,
     download,
-    evaluation_record,
     fetch_version,
     parse_reference,
 )
@@ -129,15 +130,20 @@ def test_check_files_accepts_the_recorded_files_and_names_every_difference(polic
                                  "missing; sub/x.txt is missing; extra.bin was not recorded; and 1 more")
 
 
-def test_a_cached_version_is_reused_only_while_it_matches_its_hashes(policy_files, tmp_path):
+def test_a_cached_version_is_reused_only_while_it_matches_its_hashes(policy_files, tmp_path, caplog):
     artifact = wandb.Artifact("atlas-policy-abc", type="model", metadata={"files": file_hashes(policy_files)})
     cached = tmp_path / "cache" / "digest"
     shutil.copytree(policy_files, cached)
     assert fetch_version(artifact, cached, "wandb:t/p/atlas-policy-abc:best") == cached  # no download needed
-    (cached / "config.json").write_text('{"a": 2}')
-    with pytest.raises(ValueError, match=r"^the cached copy of wandb:t/p/atlas-policy-abc:best in .*/cache/digest "
-                                         r"does not match the hashes its training run recorded: config\.json has"):
+    (cached / "config.json").write_text('{"a": 2}')  # damaged: fetched again (this version was never logged)
+    with caplog.at_level(logging.WARNING, logger="atlas_vla.wandb_artifacts"), \
+            pytest.raises(FileNotFoundError, match=r"^wandb:t/p/atlas-policy-abc:best could not be downloaded from "
+                                                   r"W&B: \w+"):
         fetch_version(artifact, cached, "wandb:t/p/atlas-policy-abc:best")
+    [warning] = caplog.messages
+    assert re.fullmatch(r"the cached copy of wandb:t/p/atlas-policy-abc:best in .*/cache/digest does not match the "
+                        r"hashes its training run recorded: config\.json has SHA-256 .*; downloading it again", warning)
+    assert (cached / "config.json").read_text() == '{"a": 2}'  # the damaged copy is not replaced by nothing
     unrecorded = wandb.Artifact("atlas-policy-abc", type="model", metadata={})
     with pytest.raises(ValueError) as raised:
         fetch_version(unrecorded, tmp_path / "elsewhere", "the version")

@@ -77,6 +77,13 @@ class NormStats:
     # with several data sources: per source (in data.source order) its name, frames and fingerprint
     sources: list[dict[str, Any]] = field(default_factory=list)
 
+    def per_source(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Each source's `source`, `num_frames` and `fingerprint`; statistics of one source (which record no
+        `sources`) give one row named `name`."""
+        if self.sources:
+            return [dict(source) for source in self.sources]
+        return [{"source": name, "num_frames": self.num_frames, "fingerprint": self.fingerprint}]
+
     def to_dict(self) -> dict[str, Any]:
         values = {"fingerprint": self.fingerprint, "num_frames": self.num_frames,
                   "action": self.action.to_dict(), "state": self.state.to_dict()}

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from atlas_vla.wandb_artifacts import attach_evaluation, evaluation_record, is_wandb_reference, parse_reference
+from atlas_vla.wandb_artifacts import attach_evaluation, is_wandb_reference, parse_reference
 from atlas_vla.action_layout import GRIPPER, GRIPPER_OPEN
 from atlas_vla.data.transforms import libero_state, rotate_180
 from atlas_vla.eval.config import EvalConfig
@@ -489,6 +489,19 @@ def episode_videos(summary: Mapping[str, Any]) -> dict[str, str]:
             for e in summary["episodes_detail"] if e["video"]}
 
 
+def evaluation_record(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], run_id: str | None = None
+                      ) -> dict[str, Any]:
+    """One suite's result in brief, as a W&B policy version's `evaluations` metadata and a model card hold it:
+    the counts, rate and 95% interval, the initial states and seed it ran (None where `settings` does not say),
+    and the eval run."""
+    evaluated = settings.get("eval") or {}
+    return {"suite": suite, "episodes": int(summary["episodes"]), "successes": int(summary["successes"]),
+            "success_rate": float(summary["success_rate"]),
+            "interval_95": [float(v) for v in summary.get("interval_95")
+                            or wilson_interval(int(summary["successes"]), int(summary["episodes"]))],
+            "initial_states": evaluated.get("initial_states"), "seed": evaluated.get("seed"), "eval_run": run_id}
+
+
 def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], project: str = "atlas-vla") -> str:
     """`eval_metrics` and `episode_videos` in a new W&B eval run; returns its id. A policy read from W&B
     (`--policy wandb:...`) gets each suite's result attached to its version (`wandb_artifacts.attach_evaluation`)."""
@@ -499,9 +512,11 @@ def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, 
     logs.update({key: wandb.Video(path, format="mp4") for key, path in episode_videos(summary).items()})
     run.log(logs)
     policy = settings.get("policy")
-    if is_wandb_reference(policy):
+    if is_wandb_reference(policy):  # attached to the version evaluated: its digest names the folder it was read into
+        digest = Path(settings["policy_folder"]).name if settings.get("policy_folder") else None
         for name, suite_summary in (summary.get("suites") or {suite: summary}).items():
-            attach_evaluation(run, parse_reference(policy), evaluation_record(name, suite_summary, settings, run.id))
+            attach_evaluation(run, parse_reference(policy), evaluation_record(name, suite_summary, settings, run.id),
+                              digest)
     run_id = run.id
     run.finish()
     return run_id

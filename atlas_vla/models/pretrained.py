@@ -14,6 +14,7 @@ reason, weights or statistics that are not the ones the policy was trained with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atlas_vla.data.normalization import NormStats
-from atlas_vla.files import StagedFolder
+from atlas_vla.files import StagedFolder, file_hash
 from atlas_vla.hub import hub_failure, local_path_or_hub_id
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.language import LanguageEncoder
@@ -36,6 +37,7 @@ from atlas_vla.wandb_artifacts import POLICY_ARTIFACT_TYPE, download, is_wandb_r
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 STATS_NAME = "norm_stats.json"
+UPLOADED = (CONFIG_NAME, WEIGHTS_NAME, STATS_NAME, "README.md")  # what push_policy_folder sends to the Hub
 
 Policy = TypeVar("Policy", bound="PretrainedPolicy")
 
@@ -69,6 +71,15 @@ def read_policy_config(folder: Path) -> dict[str, Any]:
         return json.loads((folder / CONFIG_NAME).read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{folder / CONFIG_NAME}: not valid JSON ({error})") from error
+
+
+def policy_hash(folder: str | os.PathLike) -> str:
+    """SHA-256 (hex) over the files that make a saved policy (`config.json`, `model.safetensors`,
+    `norm_stats.json`): what an evaluation records of the policy it ran, unchanged by a card written beside them."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME, STATS_NAME):
+        digest.update(f"{name}:{file_hash(Path(folder) / name)}\n".encode())
+    return digest.hexdigest()
 
 
 class PretrainedPolicy:
@@ -161,7 +172,8 @@ class PretrainedPolicy:
 
 def push_policy_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
                        commit_message: str = "Upload Atlas policy") -> str:
-    """Upload a saved policy folder (its model card `README.md` too, if written) to the Hub model repo `repo_id`,
+    """Upload a saved policy folder (`UPLOADED`: the policy's files and its model card `README.md`, if written; not
+    results files or a training config, which name local paths) to the Hub model repo `repo_id`,
     created if needed; returns the commit's URL. The token is used, never written anywhere; a folder that is not a
     whole policy is refused before anything is uploaded, and a failed upload is a `ConnectionError` with the Hub's
     reason."""
@@ -171,7 +183,8 @@ def push_policy_folder(folder: str | os.PathLike, repo_id: str, *, private: bool
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 allow_patterns=list(UPLOADED))
     except Exception as error:  # no network, no login, no write access: the Hub's reason on one line
         raise ConnectionError(f"uploading {folder} to the Hub repo {repo_id} failed: {hub_failure(error)}") from error
     return str(info)

@@ -25,9 +25,10 @@ import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from atlas_vla.config import TrainConfig, WandbConfig
+from atlas_vla.data.normalization import NormStats
 from atlas_vla.files import file_hash, file_hashes
 from atlas_vla.wandb_artifacts import CHECKPOINT_ARTIFACT_TYPE, POLICY_ARTIFACT_TYPE
 
@@ -54,18 +55,28 @@ def best_metric(config: TrainConfig) -> str:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Success rates grow as the policy improves; every other metric (losses, errors) shrinks."""
-    return "success_rate" in metric
+    """Success rates (`eval/success_rate`, `eval/<suite>/...`) grow as the policy improves; validation losses and
+    errors, and failure counts (`eval/failures/...`), shrink."""
+    return metric.startswith("eval/") and not metric.startswith("eval/failures/")
 
 
-def git_commit() -> str | None:
-    """The commit of the atlas-vla checkout this code runs from (None outside a git checkout)."""
-    try:
-        result = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
+def git_commit() -> dict[str, Any] | None:
+    """The commit of the atlas-vla checkout this code runs from and whether it has uncommitted changes (None when
+    atlas-vla is not run from its own git checkout, e.g. installed into a virtual environment inside another
+    repository)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    toplevel = git("rev-parse", "--show-toplevel")
+    if toplevel is None or Path(toplevel).resolve() != root:
         return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 @dataclass
@@ -76,11 +87,12 @@ class ArtifactLog:
     run_id: str
     metric: str  # the metric `best` follows (`best_metric`)
     base_metadata: dict[str, Any]  # what every version shares: data, backbones, version, commit
-    best: float | None = None  # the best value of `metric` at a logged checkpoint so far
+    best: float | None = None  # the best value of `metric` at a checkpoint so far (kept in every checkpoint)
 
     def consider(self, metrics: Mapping[str, Any]) -> bool:
         """Whether the checkpoint about to be saved is the best so far by `metric` (its latest value in
-        `metrics`); if so it becomes `best`. A run whose metric was never logged has no best."""
+        `metrics`, measured at or before the checkpoint); if so it becomes `best`. A run whose metric was never
+        logged has no best."""
         value = metrics.get(self.metric)
         if value is None or not math.isfinite(value):
             return False
@@ -90,54 +102,63 @@ class ArtifactLog:
         return True
 
     def after_checkpoint(self, tracker: Any, checkpoint: Path, step: int, *, final: bool, is_best: bool,
-                         metrics: Mapping[str, Any], evaluation: Mapping[str, Any] | None) -> list[str] | None:
+                         metrics: Mapping[str, Any], measured: Mapping[str, int],
+                         evaluation: Mapping[str, Any] | None) -> list[str] | None:
         """Log what `wandb.log_model` and `log_checkpoints` ask for of `checkpoint` (the folder saved at `step`,
-        the last update when `final`; the best so far when `is_best`); `metrics` are the latest logged values.
-        Returns the aliases of the policy version logged (None when none was)."""
+        the last update when `final`; the best so far when `is_best`); `metrics` are the latest logged values and
+        `measured` the step each was logged at. Returns the aliases of the policy version logged (None when none
+        was)."""
         if self.wandb.log_checkpoints:
             self._log(tracker, CHECKPOINT_ARTIFACT_TYPE, checkpoint_artifact_name(self.run_id), [checkpoint],
-                      ["latest", f"step-{step}"], {"step": step, "run_id": self.run_id, "files": file_hashes(checkpoint)})
+                      ["latest", f"step-{step}"], lambda: {"step": step, "run_id": self.run_id,
+                                                          "files": file_hashes(checkpoint)})
         mode = self.wandb.log_model
         if mode == "none" or (mode == "final" and not final) or (mode == "best" and not is_best):
             return None
         aliases = [f"step-{step}"] + (["final"] if final else []) + (["best"] if is_best and mode != "final" else [])
         policy = checkpoint / "policy"
-        files = {**file_hashes(policy), TRAINING_CONFIG: file_hash(checkpoint / TRAINING_CONFIG)}
-        metadata = {**self.base_metadata, **policy_metadata(step, metrics, evaluation), "metric": self.metric,
+
+        def metadata() -> dict[str, Any]:
+            files = {**file_hashes(policy), TRAINING_CONFIG: file_hash(checkpoint / TRAINING_CONFIG)}
+            return {**self.base_metadata, **policy_metadata(step, metrics, measured, evaluation), "metric": self.metric,
                     "files": files}
+
         logged = self._log(tracker, POLICY_ARTIFACT_TYPE, policy_artifact_name(self.run_id),
                            [policy, checkpoint / TRAINING_CONFIG], aliases, metadata)
         return aliases if logged else None
 
     def _log(self, tracker: Any, kind: str, name: str, paths: list[Path], aliases: list[str],
-             metadata: dict[str, Any]) -> bool:
+             metadata: Callable[[], dict[str, Any]]) -> bool:
         import wandb
 
         try:
-            artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+            artifact = wandb.Artifact(name, type=kind, metadata=metadata())
             for path in paths:
                 artifact.add_dir(str(path)) if path.is_dir() else artifact.add_file(str(path), name=path.name)
             tracker.log_artifact(artifact, aliases=aliases)
-        except Exception as error:  # staging failed (disk full, unwritable folder): the run must go on
+        except Exception as error:  # hashing or staging failed (disk full, unwritable folder): the run must go on
             logger.warning("W&B artifact %s (%s) was not logged, the local checkpoint is intact: %s: %s", name,
                            ", ".join(aliases), type(error).__name__, error)
             return False
         return True
 
 
-def policy_metadata(step: int, metrics: Mapping[str, float], evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What a policy version was at `step`: its validation metrics and, when the simulator evaluated it, the
-    success rate with its episodes and 95% interval."""
-    return {"step": step, "validation": {key: value for key, value in metrics.items() if key.startswith("val/")},
+def policy_metadata(step: int, metrics: Mapping[str, float], measured: Mapping[str, int],
+                    evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a policy version was at `step`: its latest validation metrics with the step they were measured at
+    (`validation_step`: the checkpoint's own step when validation and checkpoints share a schedule) and, when the
+    simulator evaluated it, the success rate with its episodes, 95% interval and step."""
+    validation = {key: value for key, value in metrics.items() if key.startswith("val/")}
+    return {"step": step, "validation": validation,
+            "validation_step": measured.get(VALIDATION_METRIC) if validation else None,
             "evaluation": dict(evaluation) if evaluation else None}
 
 
-def run_metadata(config: TrainConfig, stats: Any, references: Mapping[str, Any]) -> dict[str, Any]:
+def run_metadata(config: TrainConfig, stats: NormStats, references: Mapping[str, Any]) -> dict[str, Any]:
     """What every policy version of a run shares: each data source with the fingerprint of its frames, the
-    frozen encoders (ids and weight hashes), the atlas-vla version and the git commit."""
+    frozen encoders (ids and weight hashes), the atlas-vla version and the git commit (`git_commit`)."""
     from atlas_vla import __version__
 
-    sources = stats.sources or [{"source": config.data.sources[0], "num_frames": stats.num_frames,
-                                 "fingerprint": stats.fingerprint}]
-    return {"data": {"sources": list(sources), "fingerprint": stats.fingerprint, "num_frames": stats.num_frames},
-            "backbones": dict(references), "atlas_vla_version": __version__, "git_commit": git_commit()}
+    return {"data": {"sources": stats.per_source(config.data.sources[0]), "fingerprint": stats.fingerprint,
+                     "num_frames": stats.num_frames},
+            "backbones": dict(references), "atlas_vla_version": __version__, "git": git_commit()}

@@ -41,7 +41,8 @@ class TrainingState:
     epoch: int  # epoch the next batch belongs to
     batches_in_epoch: int  # micro-batches of that epoch already consumed (skipped on resume)
     wandb_run_id: str | None = None
-    best_metric_value: float | None = None  # the best `wandb.best_metric` at a checkpoint so far (W&B `best` alias)
+    best_metric: str | None = None  # the metric of the W&B `best` alias (`training.artifacts.best_metric`)
+    best_metric_value: float | None = None  # its best value at a checkpoint so far
 
     def save(self, folder: Path) -> None:
         (folder / STATE_NAME).write_text(json.dumps(asdict(self), indent=2))

@@ -36,19 +36,21 @@ def export_policy(run: TrainingRun, throughput: Throughput) -> Path:
         write_json_atomic(output_dir / SUMMARY_NAME, summary)
         logger.info("exported the policy to %s", final_dir)
         if training_cfg.push_to_hub:
-            push_final_policy(final_dir, training_cfg.hub_model_id or output_dir.name, run.evaluation)
+            push_final_policy(final_dir, training_cfg.hub_model_id or output_dir.name, run.evaluation,
+                              run.state.global_step)
     accelerator.wait_for_everyone()
     return final_dir
 
 
-def push_final_policy(final_dir: Path, repo_id: str, evaluation: dict | None) -> None:
-    """`--push_to_hub`: the model card (with the run's last simulator evaluation, if any) and the upload. A failed
-    upload is an error line with the command that retries it; the policy stays in `final/`."""
-    results = [evaluation["results"]] if evaluation else []
-    write_model_card(final_dir, results, repo_id=repo_id)
+def push_final_policy(final_dir: Path, repo_id: str, evaluation: dict | None, step: int) -> None:
+    """`--push_to_hub`: the model card (with the run's simulator evaluation when it measured this final `step`) and
+    the upload. A card or an upload that fails is an error line with the command that retries it; the policy stays
+    in `final/` and the run ends as it would have."""
+    results = [evaluation["results"]] if evaluation and evaluation.get("step") == step else []
     try:
+        write_model_card(final_dir, results, repo_id=repo_id)
         logger.info("pushed the policy to the Hub: %s", push_policy_folder(final_dir, repo_id))
-    except ConnectionError as error:
+    except (OSError, ValueError) as error:  # ConnectionError is an OSError
         logger.error("%s; the policy is in %s: upload it later with `atlas-vla push %s --repo-id %s`", error,
                      final_dir, final_dir, repo_id)
 

@@ -227,16 +227,17 @@ def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig)
     state = run.state
     step = state.global_step
     is_best = run.artifacts.consider(run.latest) if run.artifacts is not None else False
-    best = run.artifacts.best if run.artifacts is not None else state.best_metric_value
-    saved = TrainingState(step, state.epoch, state.batches_in_epoch, run.run_id, best)
+    best = ((run.artifacts.metric, run.artifacts.best) if run.artifacts is not None
+            else (state.best_metric, state.best_metric_value))
+    saved = TrainingState(step, state.epoch, state.batches_in_epoch, run.run_id, *best)
     if state.batches_in_epoch == run.batches_per_epoch:  # this update ended the epoch: resume at the next one
-        saved = TrainingState(step, state.epoch + 1, 0, run.run_id, best)
+        saved = TrainingState(step, state.epoch + 1, 0, run.run_id, *best)
     folder = save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
                              {"config.yaml": config_yaml(run.config)})
     if run.artifacts is not None:
         run.artifacts.after_checkpoint(run.accelerator.get_tracker("wandb", unwrap=True), folder, step,
                                        final=step >= run.max_steps, is_best=is_best, metrics=run.latest,
-                                       evaluation=run.evaluation)
+                                       measured=run.measured, evaluation=run.evaluation)
     return folder
 
 

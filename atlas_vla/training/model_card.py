@@ -22,7 +22,7 @@ from atlas_vla.eval.intervals import format_rate
 from atlas_vla.files import write_text_atomic
 from atlas_vla.hub import is_hub_id
 from atlas_vla.models.config import MINILM
-from atlas_vla.models.pretrained import STATS_NAME, read_policy_config
+from atlas_vla.models.pretrained import STATS_NAME, policy_hash, read_policy_config
 from atlas_vla.training.artifacts import policy_artifact_name
 from atlas_vla.training.checkpointing import STATE_NAME
 from atlas_vla.training.run_folder import RUN_ID_FILE, SUMMARY_NAME
@@ -32,7 +32,7 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged `m
 TAGS = ["robotics", "vision-language-action", "libero", "atlas-vla"]
 
 
-def write_model_card(policy_dir: str | Path, results: Sequence[str | Path] = (), *, license: str = "apache-2.0",
+def write_model_card(policy_dir: str | Path, results: Sequence[str | Path] = (), *, license: str | None = None,
                      repo_id: str | None = None) -> Path:
     """Write `README.md` into the saved policy `policy_dir` from it, its training run and `results` (eval-libero
     results files); returns the card's path. `repo_id` is the Hub repo the card's usage snippet loads from (a card
@@ -42,17 +42,18 @@ def write_model_card(policy_dir: str | Path, results: Sequence[str | Path] = (),
     return write_text_atomic(folder / CARD_NAME, card)
 
 
-def model_card(folder: Path, results: Sequence[str | Path] = (), *, license: str = "apache-2.0",
+def model_card(folder: Path, results: Sequence[str | Path] = (), *, license: str | None = None,
                repo_id: str | None = None) -> str:
-    """The text of the card `write_model_card` writes."""
+    """The text of the card `write_model_card` writes. `license` None: the backbone's terms (`default_license`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     saved = read_policy_config(folder)
     training = _training_run(folder)
-    suites = [row for path in results for row in suite_results(path)]
+    suites = [row for path in results for row in suite_results(path, folder)]
     name = repo_id.split("/")[-1] if repo_id else _default_name(folder, training.get("config"))
     data = ModelCardData(
-        model_name=name, library_name="atlas-vla", pipeline_tag="robotics", license=license, tags=TAGS,
+        model_name=name, library_name="atlas-vla", pipeline_tag="robotics", license=license or default_license(saved),
+        tags=TAGS,
         datasets=_hub_datasets(training.get("config")) or None, base_model=_base_models(saved) or None,
         eval_results=[_eval_result(row) for row in suites] or None)
     body = "\n\n".join(part for part in (
@@ -62,23 +63,17 @@ def model_card(folder: Path, results: Sequence[str | Path] = (), *, license: str
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
 
 
-def suite_results(path: str | Path) -> list[dict[str, Any]]:
-    """One row per suite of an `eval-libero` results file: suite, episodes, successes, success rate, 95% interval,
-    initial states and seed (None where the file does not record them), and the file."""
+def suite_results(path: str | Path, folder: Path | None = None) -> list[dict[str, Any]]:
+    """One row per suite of an `eval-libero` results file (`libero_sim.evaluation_record`, with the tasks and the
+    file). A file that records evaluating another policy than the one in `folder` is refused."""
     results = libero_sim.load_results(path)
-    evaluated = (results.get("settings") or {}).get("eval") or {}
-    return [{"suite": suite, "episodes": int(row["episodes"]), "successes": int(row["successes"]),
-             "success_rate": float(row["success_rate"]),
-             "interval_95": [float(v) for v in row.get("interval_95") or _interval(row)],
-             "initial_states": evaluated.get("initial_states"), "seed": evaluated.get("seed"),
-             "tasks": sorted(int(task) for task in row.get("tasks", {})), "file": str(path)}
-            for suite, row in results["suites"].items()]
-
-
-def _interval(row: dict[str, Any]) -> list[float]:
-    from atlas_vla.eval.intervals import wilson_interval
-
-    return list(wilson_interval(int(row["successes"]), int(row["episodes"])))
+    settings = results.get("settings") or {}
+    recorded = settings.get("policy_identity")
+    if folder is not None and recorded and recorded.startswith("sha256 ") and recorded != f"sha256 {policy_hash(folder)}":
+        raise ValueError(f"{path} evaluated another policy ({recorded[:23]}...) than the one in {folder} "
+                         f"(sha256 {policy_hash(folder)[:16]}...)")
+    return [{**libero_sim.evaluation_record(suite, row, settings), "tasks": sorted(int(t) for t in row.get("tasks", {})),
+             "file": str(path)} for suite, row in results["suites"].items()]
 
 
 def _eval_result(row: dict[str, Any]) -> Any:
@@ -104,6 +99,13 @@ def _ranges(values: Sequence[int]) -> str:
             parts.append(f"{start}-{value}" if value != start else str(value))
             start = None
     return ",".join(parts)
+
+
+def default_license(saved: dict[str, Any]) -> str:
+    """`cc-by-nc-4.0` for a policy on the original VGGT-1B weights (released for non-commercial use only), else
+    `apache-2.0` (atlas-vla's); `--license` overrides it."""
+    pretrained = saved.get("backbones", {}).get("vggt", {}).get("pretrained")
+    return "cc-by-nc-4.0" if pretrained == "facebook/VGGT-1B" else "apache-2.0"
 
 
 def _training_run(folder: Path) -> dict[str, Any]:
@@ -155,9 +157,9 @@ def _summary(saved: dict[str, Any]) -> str:
     backbones = saved.get("backbones", {})
     vggt = backbones.get("vggt", {})
     language = backbones.get("language", {})
-    vggt_name = vggt.get("pretrained") or f"a randomly initialised VGGT (seed {vggt.get('init_seed')})"
+    vggt_name = _public_name(vggt.get("pretrained")) or f"a randomly initialised VGGT (seed {vggt.get('init_seed')})"
     text_name = language.get("model_name_or_path")
-    text_name = MINILM_HUB_ID if text_name == MINILM else text_name
+    text_name = MINILM_HUB_ID if text_name == MINILM else _public_name(text_name)
     return (f"An Atlas vision-language-action policy for LIBERO, trained with atlas-vla: a frozen "
             f"VGGT geometry backbone ({vggt_name}, weights hash `{vggt.get('weights_hash')}`) sees the cameras, a "
             f"frozen text encoder ({text_name}, weights hash `{language.get('weights_hash')}`) reads the "
@@ -171,7 +173,7 @@ def _summary(saved: dict[str, Any]) -> str:
 def _training_section(training: dict[str, Any], stats: NormStats) -> str:
     """Steps, data and the W&B run. Local data sources are named by their folder's name, not their path (a card
     is public), with the number and fingerprint of the frames the policy was trained on."""
-    sources = stats.sources or [{"source": None, "num_frames": stats.num_frames, "fingerprint": stats.fingerprint}]
+    sources = stats.per_source()
     config: TrainConfig | None = training.get("config")
     names = config.data.sources if config is not None else [source["source"] for source in sources]
     data = [f"{_source_label(name)}: {source['num_frames']} frames, fingerprint `{source['fingerprint']}`"
@@ -190,11 +192,19 @@ def _training_section(training: dict[str, Any], stats: NormStats) -> str:
         where = f"{config.wandb.entity}/{config.wandb.project}" if config.wandb.entity else config.wandb.project
         lines.append(f"- W&B run: `{run_id}` in `{where}`"
                      + (f" (https://wandb.ai/{where}/runs/{run_id})" if config.wandb.entity else ""))
-        if config.wandb.log_model != "none":
-            lines.append(f"- W&B artifact: `{policy_artifact_name(run_id)}` (`wandb.log_model: {config.wandb.log_model}`;"
-                         f" load it with `--policy wandb:ENTITY/{config.wandb.project}/{policy_artifact_name(run_id)}"
-                         f":final`)")
+        if config.wandb.log_model != "none" and steps is not None:
+            entity = config.wandb.entity or "ENTITY"
+            lines.append(f"- W&B artifact: `{policy_artifact_name(run_id)}` (`wandb.log_model: {config.wandb.log_model}`),"
+                         f" once the run is synced: `--policy wandb:{entity}/{config.wandb.project}/"
+                         f"{policy_artifact_name(run_id)}:step-{steps}`")
     return "\n".join(lines)
+
+
+def _public_name(name: str | None) -> str | None:
+    """A Hub id as it is; a local file or folder by its name only (a card is public)."""
+    if not name or (is_hub_id(name) and not Path(name).exists()):
+        return name
+    return f"a local copy named `{Path(name).name}`"
 
 
 def _source_label(name: str | None) -> str:

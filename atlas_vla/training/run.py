@@ -66,6 +66,7 @@ class TrainingRun:
     state: TrainingState = field(default_factory=lambda: TrainingState(global_step=0, epoch=0, batches_in_epoch=0))
     stopped_at: Path | None = None  # the checkpoint saved when a stop signal ended training early
     latest: dict[str, Any] = field(default_factory=dict)  # the last value recorded of every metric
+    measured: dict[str, int] = field(default_factory=dict)  # the step each of them was recorded at
     evaluation: dict[str, Any] | None = None  # the last simulator evaluation: suite, episodes, success rate, interval
     artifacts: ArtifactLog | None = None  # main process with W&B: the artifacts each checkpoint logs
 
@@ -96,6 +97,7 @@ class TrainingRun:
         """Send scalars to the trackers and keep a local copy (`metrics.jsonl`) on the main process."""
         self.accelerator.log(values, step=step)
         self.latest.update(values)
+        self.measured.update(dict.fromkeys(values, step))
         if self.accelerator.is_main_process:
             with (self.output_dir / METRICS_NAME).open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
@@ -169,9 +171,10 @@ def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService) -> Non
             # that really exists (the main process alone writes the id file and the checkpoint state)
             run.state.wandb_run_id = accelerator.get_tracker("wandb", unwrap=True).id
             if config.wandb.log_model != "none" or config.wandb.log_checkpoints:
-                run.artifacts = ArtifactLog(config.wandb, run.run_id, best_metric(config),
-                                            run_metadata(config, run.stats, run.references),
-                                            best=run.state.best_metric_value)
+                metric = best_metric(config)  # a resumed run goes on comparing with its best, by the same metric
+                best = run.state.best_metric_value if run.state.best_metric == metric else None
+                run.artifacts = ArtifactLog(config.wandb, run.run_id, metric,
+                                            run_metadata(config, run.stats, run.references), best=best)
     if accelerator.is_main_process:
         write_text_atomic(output_dir / RUN_ID_FILE, run.run_id + "\n")
     logger.info("setup: %s; parameters: %s", setup, run.parameter_counts)

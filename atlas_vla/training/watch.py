@@ -34,7 +34,7 @@ from atlas_vla.training.artifacts import policy_artifact_name
 from atlas_vla.training.checkpointing import list_checkpoints
 from atlas_vla.training.run_folder import FINAL_DIR, RUN_ID_FILE, SUMMARY_NAME
 from atlas_vla.training.tracking import run_group
-from atlas_vla.wandb_artifacts import WandbReference, attach_evaluation, evaluation_record
+from atlas_vla.wandb_artifacts import WandbReference, attach_evaluation
 
 logger = logging.getLogger(__name__)
 RESULTS_NAME = "eval_results.json"
@@ -86,6 +86,7 @@ class EvalWatcher:
             raise ValueError(f"{self.output_dir} does not log to W&B (its config.yaml has no wandb tracker), so there "
                              f"is no run to log the evaluation beside; use --report-to none")
         self._done: set[int] = set()  # steps evaluated (or found evaluated) by this watcher
+        self._attached: set[int] = set()  # steps whose result went to their W&B policy version
         self._wandb_run: Any = None
 
     def run(self, *, once: bool = False) -> int:
@@ -119,6 +120,8 @@ class EvalWatcher:
             results = json.loads(same.read_text())
             results["settings"] = {**results["settings"], "policy": str(final.policy), "copied_from": str(same)}
             write_json_atomic(final.folder / RESULTS_NAME, results)
+            if self._wandb_run is not None:  # the last step's version may be known only now
+                self._attach(final.step, results)
             return 0
         return int(self.evaluate(final))
 
@@ -165,12 +168,23 @@ class EvalWatcher:
         logs.update({key: wandb.Video(path, format="mp4") for key, path in self._sim.episode_videos(summary).items()})
         self._wandb_run.log(logs, step=snapshot.step)  # snapshots come in step order, so W&B's steps only grow
         config = _run_config(self.output_dir)
-        if config.wandb.log_model == "all" or (config.wandb.log_model == "final" and snapshot.is_final):
-            run_id = (self.output_dir / RUN_ID_FILE).read_text().strip()
-            reference = WandbReference(config.wandb.entity or self._wandb_run.entity, config.wandb.project,
-                                       policy_artifact_name(run_id), f"step-{snapshot.step}")
-            record = evaluation_record(self.config.suite, summary, {"eval": to_dict(self.config)}, self._wandb_run.id)
-            attach_evaluation(self._wandb_run, reference, record)
+        self._attach(snapshot.step, summary)
+
+    def _attach(self, step: int, summary: dict[str, Any]) -> None:
+        """Attach the result of `step` to the policy version the training run logged of it: every checkpoint's with
+        `wandb.log_model: all`, the last step's with `final` (`best` versions are not known from here)."""
+        config = _run_config(self.output_dir)
+        last = _last_step(self.output_dir, config)
+        if step in self._attached or not (config.wandb.log_model == "all"
+                                          or (config.wandb.log_model == "final" and step == last)):
+            return
+        run_id = (self.output_dir / RUN_ID_FILE).read_text().strip()
+        reference = WandbReference(config.wandb.entity or self._wandb_run.entity, config.wandb.project,
+                                   policy_artifact_name(run_id), f"step-{step}")
+        record = self._sim.evaluation_record(self.config.suite, summary, {"eval": to_dict(self.config)},
+                                             self._wandb_run.id)
+        attach_evaluation(self._wandb_run, reference, record)
+        self._attached.add(step)
 
 
 def eval_run_kwargs(output_dir: Path) -> dict[str, Any]:
@@ -190,6 +204,14 @@ def eval_run_kwargs(output_dir: Path) -> dict[str, Any]:
     if config.wandb.entity:
         kwargs["entity"] = config.wandb.entity
     return kwargs
+
+
+def _last_step(output_dir: Path, config: TrainConfig) -> int | None:
+    """The run's last update: from `train_summary.json` once it is written, else the configured length."""
+    try:
+        return int(json.loads((output_dir / SUMMARY_NAME).read_text())["global_step"])
+    except (OSError, ValueError, KeyError):
+        return config.training.max_train_steps
 
 
 def _run_config(output_dir: Path) -> TrainConfig:

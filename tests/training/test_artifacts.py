@@ -69,6 +69,7 @@ def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path,
         ["latest", "step-2"], ["best", "latest", "step-4"],
         sorted(["final", "latest", "step-6"] + (["best"] if improved else []))]
     assert [artifact.metadata["validation"] for artifact in policies] == [{}, validations[3], validations[6]]
+    assert [artifact.metadata["validation_step"] for artifact in policies] == [None, 3, 6]  # when it was measured
 
     stats = NormStats.load(out / "norm_stats.json")
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -80,7 +81,7 @@ def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path,
                                                  "fingerprint": stats.fingerprint}],
                                     "fingerprint": stats.fingerprint, "num_frames": stats.num_frames}
         assert metadata["backbones"] == json.loads((final / "config.json").read_text())["backbones"]
-        assert metadata["atlas_vla_version"] == atlas_vla.__version__ and metadata["git_commit"] == commit
+        assert metadata["atlas_vla_version"] == atlas_vla.__version__ and metadata["git"]["commit"] == commit
         assert set(artifact.files) == {*POLICY_FILES, "config.yaml"}
         # staged copies outlive the checkpoints retention deleted (checkpoint-2): `wandb sync` uploads them
         for name, (digest, size) in artifact.files.items():

@@ -93,6 +93,33 @@ def test_a_policy_without_an_evaluation_says_so_and_names_hub_datasets(run_folde
     assert "W&B run" not in card.text and "- steps: 400 configured optimizer updates" in card.text
 
 
+def test_results_of_another_policy_are_refused_and_local_paths_stay_out(run_folder, tmp_path, capsys):
+    from atlas_vla.models.pretrained import policy_hash
+
+    other = results_file(tmp_path / "other.json", "libero_spatial", [True], [30])
+    written = json.loads(other.read_text())
+    written["settings"]["policy_identity"] = "sha256 " + "0" * 64  # what eval-libero records of what it ran
+    other.write_text(json.dumps(written))
+    assert cli(["model-card", str(run_folder / "final"), "--eval", str(other)]) == 2
+    assert capsys.readouterr().err == (
+        f"atlas-vla model-card: error: {other} evaluated another policy (sha256 0000000000000000...) than the one in "
+        f"{run_folder / 'final'} (sha256 {policy_hash(run_folder / 'final')[:16]}...)\n")
+    written["settings"]["policy_identity"] = f"sha256 {policy_hash(run_folder / 'final')}"
+    other.write_text(json.dumps(written))
+    assert cli(["model-card", str(run_folder / "final"), "--eval", str(other)]) == 0
+    card = ModelCard.load(run_folder / "final" / "README.md")
+    assert card.data.license == "apache-2.0"  # a random VGGT: atlas-vla's own licence (VGGT-1B's is non-commercial)
+    # a backbone read from a local file is named by its file name only
+    folder = tmp_path / "local-backbone"
+    AtlasPolicy.from_pretrained(run_folder / "final").save_pretrained(
+        folder, references={"vggt": {"pretrained": str(tmp_path / "weights" / "vggt.safetensors"),
+                                     "weights_hash": "abc"},
+                            "language": {"model_name_or_path": "minilm", "weights_hash": "def"}})
+    assert cli(["model-card", str(folder)]) == 0
+    text = (folder / "README.md").read_text()
+    assert "a local copy named `vggt.safetensors`" in text and str(tmp_path) not in text
+
+
 def test_bad_inputs_are_one_line_and_write_nothing(run_folder, tmp_path, capsys):
     assert cli(["model-card", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"atlas-vla model-card: error: {tmp_path} is not an Atlas policy: config.json is missing\n"
