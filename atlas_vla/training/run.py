@@ -37,6 +37,7 @@ from atlas_vla.training.loaders import check_one_batch, load_data, source_sample
 from atlas_vla.training.optimization import build_policy, prepare_optimization
 from atlas_vla.training.run_folder import METRICS_NAME, RUN_ID_FILE
 from atlas_vla.training.tracking import WandbService, new_run_id, wandb_init_kwargs
+from atlas_vla.wandb_artifacts import is_wandb_reference, parse_reference
 
 logger = logging.getLogger("atlas_vla.train")
 
@@ -115,6 +116,7 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     check_output_dir(output_dir)
     with accelerator.local_main_process_first():  # a W&B checkpoint is downloaded once per machine
         resume_dir = resolve_resume(output_dir, config.checkpoint.resume_from_checkpoint)
+    _check_resumed_project(config)
     if config.checkpoint.resume_from_checkpoint is None:
         check_fresh_output_dir(output_dir)  # retention would delete the new run's checkpoints, not the old
     train_samples, val_samples, stats = load_data(accelerator, config.data, config.model.sample_spec)  # 2
@@ -136,6 +138,20 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
     _start_trackers(run, fresh=resume_dir is None, service=service)  # 5
     return run
+
+
+def _check_resumed_project(config: TrainConfig) -> None:
+    """A checkpoint read from W&B continues its run in the config's `wandb.project` and `entity`: say so when they
+    are not the ones the checkpoint came from (the run would then continue in another project)."""
+    resume = config.checkpoint.resume_from_checkpoint
+    if not is_wandb_reference(resume):
+        return
+    reference, wandb_cfg = parse_reference(resume), config.wandb
+    if reference.project != wandb_cfg.project or (wandb_cfg.entity and reference.entity != wandb_cfg.entity):
+        logger.warning("the checkpoint comes from the W&B project %s/%s but this run logs to %s/%s: its W&B run "
+                       "continues there (set --wandb.entity and --wandb.project to continue it where it was)",
+                       reference.entity, reference.project, wandb_cfg.entity or "(your default entity)",
+                       wandb_cfg.project)
 
 
 def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService) -> None:

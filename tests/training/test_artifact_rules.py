@@ -46,3 +46,21 @@ def test_a_checkpoint_is_best_when_it_beats_every_earlier_one():
     successes = ArtifactLog(WandbConfig(), "abc", "eval/success_rate", {}, best=0.6)  # resumed with its best
     assert not successes.consider({"eval/success_rate": 0.55})
     assert successes.consider({"eval/success_rate": 0.65}) and successes.best == 0.65
+
+
+def test_a_checkpoint_from_another_wandb_project_says_where_its_run_continues(caplog):
+    from atlas_vla.training.run import _check_resumed_project
+
+    def check(reference: str, *extra: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="atlas_vla.train"):
+            _check_resumed_project(config_from_args(["--config", "configs/demo.yaml", "--resume_from_checkpoint",
+                                                     reference, *extra]))
+        return caplog.messages
+
+    assert check("wandb:team/atlas-vla/atlas-checkpoint-x:latest") == []  # the config's project, any entity
+    assert check("wandb:team/atlas-vla/atlas-checkpoint-x:latest", "--wandb.entity", "team") == []
+    assert check("wandb:team/other/atlas-checkpoint-x:latest") == [
+        "the checkpoint comes from the W&B project team/other but this run logs to (your default entity)/atlas-vla: "
+        "its W&B run continues there (set --wandb.entity and --wandb.project to continue it where it was)"]
+    assert len(check("wandb:team/atlas-vla/atlas-checkpoint-x:latest", "--wandb.entity", "me")) == 1
