@@ -81,6 +81,18 @@ def test_norm_stats_dict_round_trip_and_sources_only_when_there_are_some():
     assert with_sources.sources == sources and with_sources.to_dict() == {**values, "sources": sources}
 
 
+def test_per_source_rows_come_from_the_sources_or_name_the_one_source():
+    one = NormStats.from_dict(stats_dict())
+    assert one.per_source("data/demos") == [{"source": "data/demos", "num_frames": 3, "fingerprint": "abc"}]
+    assert one.per_source() == [{"source": None, "num_frames": 3, "fingerprint": "abc"}]
+    sources = [{"source": "a", "num_frames": 1, "fingerprint": "f"}, {"source": "b", "num_frames": 2, "fingerprint": "g"}]
+    several = NormStats.from_dict({**stats_dict(), "sources": sources})
+    rows = several.per_source("ignored")
+    assert rows == sources
+    rows[0]["source"] = "changed"  # copies: the statistics are not edited through them
+    assert several.sources[0]["source"] == "a"
+
+
 def test_norm_stats_errors_name_what_is_wrong():
     with pytest.raises(ValueError) as error:
         NormStats.from_dict({"fingerprint": "abc", "action": feature(7)})
