@@ -10,6 +10,7 @@ checked copy. The W&B API key comes from `wandb login` or `WANDB_API_KEY`, never
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from atlas_vla.files import StagedFolder, file_hashes
+from atlas_vla.files import StagedFolder, file_hashes, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,9 @@ def cache_root() -> Path:
 
 def download(reference: str | WandbReference, kind: str) -> Path:
     """A checked local copy of the artifact version `reference` (of W&B type `kind`: `model` or `checkpoint`),
-    downloaded once. `FileNotFoundError` with W&B's reason when it cannot be had (no network, no such version,
-    no access); `ValueError` when its files differ from the hashes recorded with it."""
+    downloaded once. Where W&B cannot be reached (a compute node without a network), the copy this reference
+    last resolved to is used, with a warning that the alias may have moved since. `FileNotFoundError` with W&B's
+    reason when it cannot be had at all; `ValueError` when its files differ from the hashes recorded with it."""
     reference = parse_reference(reference) if isinstance(reference, str) else reference
     try:
         import wandb
@@ -87,9 +89,32 @@ def download(reference: str | WandbReference, kind: str) -> Path:
         artifact = wandb.Api(timeout=60).artifact(reference.path, type=kind)
     except Exception as error:  # wandb raises CommError, UsageError, ValueError, ... for these
         reason = " ".join(f"{type(error).__name__}: {error}".split())
+        cached = _last_resolved(reference)
+        if cached is not None:
+            logger.warning("W&B cannot be reached (%s): using the copy %s last resolved to, %s (the alias may have "
+                           "moved since)", reason, reference, cached)
+            return cached
         raise FileNotFoundError(f"{reference} could not be had from W&B (a {kind} artifact; needs a network and "
                                 f"`wandb login`): {reason}") from error
-    return fetch_version(artifact, cache_root() / artifact.digest, f"{reference} ({artifact.name})")
+    folder = fetch_version(artifact, cache_root() / artifact.digest, f"{reference} ({artifact.name})")
+    write_json_atomic(_resolution_file(reference), {"digest": artifact.digest, "files": artifact.metadata["files"]})
+    return folder
+
+
+def _resolution_file(reference: WandbReference) -> Path:
+    """Where the cache remembers which version `reference` last named, and that version's file hashes."""
+    return cache_root() / "resolved" / reference.entity / reference.project / f"{reference.name}:{reference.alias}.json"
+
+
+def _last_resolved(reference: WandbReference) -> Path | None:
+    """The cached copy `reference` last resolved to, if it is still there and whole (None otherwise)."""
+    try:
+        resolved = json.loads(_resolution_file(reference).read_text())
+        folder = cache_root() / resolved["digest"]
+        check_files(folder, resolved["files"], f"the cached copy of {reference}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return folder
 
 
 def fetch_version(artifact: Any, target: Path, what: str) -> Path:

@@ -5,6 +5,7 @@ The download itself needs W&B's servers: here it is run up to the point where W&
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -171,3 +172,29 @@ def test_an_evaluation_offline_is_one_warning_and_the_record_holds_the_counts(tm
     assert evaluation_record("libero_spatial", summary, settings, "run1") == {
         "suite": "libero_spatial", "episodes": 20, "successes": 18, "success_rate": 0.9, "interval_95": [0.7, 0.97],
         "initial_states": [30, 31], "seed": 3, "eval_run": "run1"}
+
+
+def test_without_w_and_b_the_copy_a_reference_last_resolved_to_is_used(policy_files, monkeypatch, tmp_path, caplog):
+    """A compute node without a network: the version downloaded earlier (on a login node) is used, checked, with a
+    warning; a copy damaged since is not."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("ATLAS_VLA_CACHE", str(tmp_path / "cache"))
+    reference = "wandb:team/atlas-vla/atlas-policy-abc:best"
+    cached = cache_root() / "0123abcd"
+    shutil.copytree(policy_files, cached)
+    resolved = cache_root() / "resolved" / "team" / "atlas-vla" / "atlas-policy-abc:best.json"
+    resolved.parent.mkdir(parents=True)
+    resolved.write_text(json.dumps({"digest": "0123abcd", "files": file_hashes(policy_files)}))
+    with caplog.at_level(logging.WARNING, logger="atlas_vla.wandb_artifacts"):
+        assert download(reference, "model") == cached
+    [warning] = caplog.messages
+    assert re.fullmatch(r"W&B cannot be reached \(UsageError: .*\): using the copy wandb:team/atlas-vla/"
+                        r"atlas-policy-abc:best last resolved to, .*/cache/wandb/0123abcd \(the alias may have moved "
+                        r"since\)", warning)
+    with pytest.raises(FileNotFoundError, match="could not be had from W&B"):
+        download("wandb:team/atlas-vla/atlas-policy-abc:latest", "model")  # never resolved here
+    (cached / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="could not be had from W&B"):
+        download(reference, "model")
