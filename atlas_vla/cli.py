@@ -24,7 +24,7 @@ from atlas_vla.eval.failures import EvaluationFailed, check_episodes_ran
 from atlas_vla.hub import absolute_path, resolve_local
 from atlas_vla.schema import print_renames_as_one_line, to_dict, warn_renamed
 from atlas_vla.serving.protocol import API_KEY_ENV
-from atlas_vla.wandb_artifacts import is_wandb_reference, parse_reference
+from atlas_vla.wandb_artifacts import check_reference
 
 # Each entry: (name, help, add_arguments, run). Subcommands register below, one section each.
 _COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
@@ -656,8 +656,8 @@ def _resolve_paths(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is None:
             continue
-        if name == "policy" and is_wandb_reference(value):
-            parse_reference(value)  # a malformed W&B reference is refused before the command reads anything
+        if name == "policy":
+            check_reference(value)  # a malformed W&B reference is refused before the command reads anything
         resolve = resolve_local if name in _PATH_OR_HUB_ARGUMENTS else absolute_path
         setattr(args, name, [resolve(str(v)) for v in value] if isinstance(value, list) else resolve(str(value)))
 

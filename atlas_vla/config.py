@@ -28,7 +28,7 @@ from atlas_vla.files import write_text_atomic
 from atlas_vla.hub import absolute_path, resolve_local
 from atlas_vla.models.config import MINILM, PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
-from atlas_vla.wandb_artifacts import is_wandb_reference, parse_reference
+from atlas_vla.wandb_artifacts import check_reference, is_wandb_reference
 
 # `transformers.get_scheduler` names that every supported transformers has (a test checks them): a
 # config naming one is read without importing transformers (and with it torch); any other name is
@@ -72,8 +72,7 @@ class TrainingConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"validation_steps": "validate_every_steps"}
 
     def __post_init__(self) -> None:
-        if is_wandb_reference(self.init_from):
-            parse_reference(self.init_from)  # a malformed one fails here, naming the expected form
+        check_reference(self.init_from)
         if self.cache_frozen_features:
             warn_renamed("training.cache_frozen_features: true", "training.feature_store: auto")
             self.feature_store, self.cache_frozen_features = self.feature_store or "auto", False
@@ -109,8 +108,7 @@ class CheckpointConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"checkpointing_steps": "save_every_steps"}
 
     def __post_init__(self) -> None:
-        if is_wandb_reference(self.resume_from_checkpoint):
-            parse_reference(self.resume_from_checkpoint)  # a malformed one fails here, naming the expected form
+        check_reference(self.resume_from_checkpoint)
         if self.save_every_steps < 1:
             raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -2,8 +2,9 @@
 
 A name that exists on disk is local. Otherwise it is a Hub id only if it looks like one: exactly
 `owner/name` (letters, digits, `_`, `.`, `-`; dots allowed, e.g. `org/atlas-v1.5`; so never starting with
-`/` or `~`), not starting with `.` (a hidden folder such as `.cache/x`), and not ending in a file suffix (`weights.safetensors` is a missing file, not a
-repo). Anything else is a missing local path, reported as such instead of as a Hub error.
+`/` or `~`), not starting with `.` (a hidden folder such as `.cache/x`), and not ending in a file suffix
+(`weights.safetensors` is a missing file, not a repo). Anything else is a missing local path, reported as
+such instead of as a Hub error. A W&B artifact reference (`wandb:...`) is neither and stays as it is.
 
 `resolve_local` applies the same rule once, where a name is read: a local path is fixed against the working
 directory of the command that named it, so that it means the same wherever it is read again.

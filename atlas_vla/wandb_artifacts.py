@@ -60,6 +60,13 @@ def parse_reference(text: str) -> WandbReference:
     return WandbReference(*match.groups())
 
 
+def check_reference(name: str | None) -> None:
+    """`ValueError` (naming the expected form) when `name` is meant as a W&B reference but is malformed: what a
+    config or a command checks where it reads a name, before anything runs."""
+    if is_wandb_reference(name):
+        parse_reference(name)
+
+
 def check_files(folder: Path, recorded: Mapping[str, str], what: str) -> None:
     """`ValueError` unless `folder` holds exactly the files `recorded` (relative path -> SHA-256) names, with those
     hashes: a download that was tampered with, truncated or mixed up is refused, naming the first difference."""

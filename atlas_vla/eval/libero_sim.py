@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from atlas_vla.wandb_artifacts import attach_evaluation, is_wandb_reference, parse_reference
 from atlas_vla.action_layout import GRIPPER, GRIPPER_OPEN
 from atlas_vla.data.transforms import libero_state, rotate_180
 from atlas_vla.eval.config import EvalConfig
@@ -40,6 +39,7 @@ from atlas_vla.eval.intervals import format_rate, wilson_interval
 from atlas_vla.eval.suites import base_suite, check_runnable, max_episode_steps, perturbed_suites, runnable_suites
 from atlas_vla.files import write_json_atomic
 from atlas_vla.runtime import ChunkPredictor, PolicyRuntime
+from atlas_vla.wandb_artifacts import attach_evaluation, is_wandb_reference, parse_reference
 
 NUM_WAIT_STEPS = 10
 WAIT_ACTION = (0.0,) * GRIPPER + (GRIPPER_OPEN,)  # hold still, gripper open

@@ -20,6 +20,7 @@ from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import check_episodes_ran
 from atlas_vla.eval.offline import BASELINE_METRICS, VAL_METRICS, baseline_sums, metric_sums
 from atlas_vla.models.policy import AtlasPolicy
+from atlas_vla.schema import to_dict
 from atlas_vla.training.run import TrainingRun
 from atlas_vla.training.tracking import annotate_episode, log_media, log_videos, metrics_table
 from atlas_vla.video import write_mp4
@@ -129,7 +130,8 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
                           step: int) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
     """Closed-loop LIBERO success rates of the current policy (main process): the `eval/*` scalars, the
     episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them, and the evaluation in brief
-    (suite, step, episodes, successes, success rate and its 95% interval, the results file).
+    (`libero_sim.evaluation_record`: suite, episodes, successes, success rate, 95% interval, initial states and
+    seed; and the step and the results file).
 
     An evaluation whose every episode ended in an error (e.g. the simulator cannot render) raises
     `EvaluationFailed` after writing its `results.json`."""
@@ -143,6 +145,6 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
     check_episodes_ran(results, path)
     metrics = sim.eval_metrics(eval_cfg.suite, summary)
     logger.info("step %d %s", step, metrics_table(metrics))
-    brief = {"suite": eval_cfg.suite, "step": step, "results": str(path),
-             **{key: summary[key] for key in ("episodes", "successes", "success_rate", "interval_95")}}
+    brief = {**sim.evaluation_record(eval_cfg.suite, summary, {"eval": to_dict(eval_cfg)}), "step": step,
+             "results": str(path)}
     return metrics, sim.episode_videos(summary), brief
