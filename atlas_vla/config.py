@@ -28,7 +28,7 @@ from atlas_vla.files import write_text_atomic
 from atlas_vla.hub import absolute_path, resolve_local
 from atlas_vla.models.config import MINILM, PolicyConfig
 from atlas_vla.schema import dotted_keys, from_dict, renamed_dotted_keys, suggest, to_dict, warn_renamed
-from atlas_vla.wandb_artifacts import check_reference, is_wandb_reference
+from atlas_vla.wandb_artifacts import check_reference, is_wandb_reference, success_rate_suite
 
 # `transformers.get_scheduler` names that every supported transformers has (a test checks them): a
 # config naming one is read without importing transformers (and with it torch); any other name is
@@ -148,7 +148,9 @@ class WandbConfig:
     # the policy as a versioned W&B artifact (`atlas-policy-<run id>`): none | final (one version, at the end) |
     # best (a version whenever best_metric improves at a checkpoint) | all (every checkpoint)
     log_model: Literal["none", "final", "best", "all"] = "final"
-    best_metric: str | None = None  # null: eval/success_rate where simulator evaluations run, else val/pose_l1_error
+    # null: eval/success_rate where simulator evaluations run during training, else val/pose_l1_error; a suite's
+    # success rate (eval/success_rate, eval/<suite>/success_rate) is also measured by evaluations attached later
+    best_metric: str | None = None
     log_checkpoints: bool = False  # also the full training state (`atlas-checkpoint-<run id>`), to resume elsewhere
 
 
@@ -170,8 +172,14 @@ class TrainConfig:
             raise ValueError(f"wandb.best_metric: {metric} is not a validation (val/...) or simulator (eval/...) "
                              f"metric, e.g. val/pose_l1_error or eval/success_rate")
         if metric is not None and metric.startswith("eval/") and not self.eval.every_steps:
-            raise ValueError(f"wandb.best_metric: {metric} is logged only by simulator evaluations during training: "
-                             f"set eval.every_steps, or follow a val/... metric")
+            if success_rate_suite(metric, self.eval.suite) is None:
+                raise ValueError(f"wandb.best_metric: {metric} is logged only by simulator evaluations during "
+                                 f"training: set eval.every_steps, or follow a val/... metric or a suite's success "
+                                 f"rate (which evaluations attached later measure)")
+            if self.wandb.log_model == "best":
+                raise ValueError(f"wandb.log_model: best logs a version only when the training run measures "
+                                 f"wandb.best_metric ({metric}), and it runs no simulator evaluation: set "
+                                 f"eval.every_steps, or log_model: all (eval-watch's results then move best)")
         store = self.training.feature_store
         if store and (self.data.streaming or not self.model.freeze_vggt):
             raise ValueError(f"training.feature_store: {store} needs data.streaming: false (got "

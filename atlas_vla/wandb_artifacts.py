@@ -151,24 +151,89 @@ def fetch_version(artifact: Any, target: Path, what: str) -> Path:
     return target
 
 
+def success_rate_suite(metric: str, suite: str) -> str | None:
+    """The suite whose closed-loop success rate `metric` is (`eval/success_rate`: `suite`, the run's `eval.suite`;
+    `eval/<name>/success_rate`: that suite), None for any other metric (validation errors, failure counts, one
+    task's rate): only a suite's rate is measured again, by the same rule, when a version is evaluated later."""
+    if metric == "eval/success_rate":
+        return suite
+    parts = metric.split("/")
+    return parts[1] if len(parts) == 3 and parts[0] == "eval" and parts[2] == "success_rate" else None
+
+
+def _records(metadata: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every evaluation a version's metadata holds: the training run's (`evaluation`) and attached ones."""
+    return [*([metadata["evaluation"]] if metadata.get("evaluation") else []), *metadata.get("evaluations", [])]
+
+
+def _comparable(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two results rate the same episodes: same suite, initial states and number of episodes."""
+    return all(a.get(key) == b.get(key) for key in ("suite", "initial_states", "episodes"))
+
+
+def best_moves(metadata: Mapping[str, Any], evaluation: Mapping[str, Any], best: Mapping[str, Any] | None
+               ) -> tuple[bool, str]:
+    """Whether `evaluation`, attached to a version with `metadata`, moves the `best` alias to it, and why (one
+    line). `best` is the metadata of the version that holds the alias now (None: no version does). It moves only
+    where the run's `best` follows this suite's success rate (`metric`, `metric_suite`), and the evaluated rate
+    beats the latest result of the same episodes (suite, initial states, count) on the version holding `best`; a
+    `best` chosen on other episodes stays (rates of different episodes are not compared), and a tie keeps it."""
+    metric = str(metadata.get("metric"))
+    suite = success_rate_suite(metric, str(metadata.get("metric_suite")))
+    if suite != evaluation.get("suite"):
+        return False, (f"best follows {metric}" + (f" on {suite}" if suite else "") +
+                       f", not the success rate on {evaluation.get('suite')}")
+    rate = float(evaluation["success_rate"])
+    if best is None:
+        return True, f"no version was best yet; this one succeeded {rate:.3f} on {suite}"
+    if best.get("files") == metadata.get("files"):  # the same files are the same version (W&B's digest)
+        return False, "this version is already best"
+    same = [record for record in _records(best) if _comparable(record, evaluation)]
+    if not same:
+        return False, (f"the best version (step {best.get('step')}) was not evaluated on the same episodes "
+                       f"({suite}, initial states {evaluation.get('initial_states')}, {evaluation.get('episodes')} "
+                       f"episodes), so the rates are not compared")
+    held = float(same[-1]["success_rate"])
+    if rate > held:
+        return True, f"{rate:.3f} beats {held:.3f} of the best version (step {best.get('step')}) on {suite}"
+    return False, f"{rate:.3f} does not beat {held:.3f} of the best version (step {best.get('step')}) on {suite}"
+
+
 def attach_evaluation(run: Any, reference: WandbReference, evaluation: Mapping[str, Any],
                       digest: str | None = None) -> bool:
     """After a closed-loop evaluation of the policy version `reference`: record in the eval `run` that it used that
-    version (W&B lineage) and append `evaluation` (suite, episodes, successes, success rate, 95% interval, initial
-    states, seed, the eval run's id) to the version's `evaluations` metadata. `digest`, when given, is the digest of
-    the version that was evaluated: an alias that has moved since (to another version) is not written to. The
-    `best` alias is left to the training run's rule (`training.artifacts`). Needs W&B's servers: where they cannot
-    be reached (offline, no access) it is one warning line and returns False."""
+    version (W&B lineage), append `evaluation` (suite, episodes, successes, success rate, 95% interval, initial
+    states, seed, the eval run's id) to the version's `evaluations` metadata, and move the `best` alias to it
+    where `best_moves` says so (one info line either way). `digest`, when given, is the digest of the version that
+    was evaluated: an alias that has moved since (to another version) is not written to. Needs W&B's servers:
+    where they cannot be reached (offline, no access) it is one warning line and returns False."""
     try:
         artifact = run.use_artifact(reference.path, type=POLICY_ARTIFACT_TYPE)
         if digest is not None and artifact.digest != digest:
             raise ValueError(f"{reference} now names version {artifact.version} (digest {artifact.digest}), not the "
                              f"one evaluated (digest {digest})")
-        artifact.metadata = {**artifact.metadata,
-                             "evaluations": [*artifact.metadata.get("evaluations", []), dict(evaluation)]}
+        metadata = {**artifact.metadata, "evaluations": [*artifact.metadata.get("evaluations", []), dict(evaluation)]}
+        moves, why = best_moves(metadata, evaluation, _best_metadata(reference))
+        artifact.metadata = metadata
+        if moves:
+            artifact.aliases = [*artifact.aliases, "best"]  # W&B moves an alias: one version of a name holds it
         artifact.save()
     except Exception as error:  # offline, no access, a version since deleted: the evaluation itself stands
         logger.warning("the evaluation was not attached to the W&B artifact %s: %s", reference,
                        " ".join(f"{type(error).__name__}: {error}".split()))
         return False
+    logger.info("evaluation attached to %s; best %s: %s", reference, "moves to it" if moves else "stays", why)
     return True
+
+
+def _best_metadata(reference: WandbReference) -> Mapping[str, Any] | None:
+    """The metadata of the version of `reference`'s artifact that holds `best` now (None when none does)."""
+    import wandb
+
+    try:
+        return wandb.Api().artifact(f"{reference.entity}/{reference.project}/{reference.name}:best",
+                                    type=POLICY_ARTIFACT_TYPE).metadata
+    except ValueError as error:  # W&B's answer when no version of the name has the alias
+        if "not found" not in str(error):
+            raise
+        return None

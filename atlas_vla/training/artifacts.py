@@ -88,6 +88,7 @@ class ArtifactLog:
     metric: str  # the metric `best` follows (`best_metric`)
     base_metadata: dict[str, Any]  # what every version shares: data, backbones, version, commit
     best: float | None = None  # the best value of `metric` at a checkpoint so far (kept in every checkpoint)
+    suite: str | None = None  # the suite `eval/success_rate` is measured on (`eval.suite`)
 
     def consider(self, metrics: Mapping[str, Any]) -> bool:
         """Whether the checkpoint about to be saved is the best so far by `metric` (its latest value in
@@ -121,7 +122,7 @@ class ArtifactLog:
         def metadata() -> dict[str, Any]:
             files = {**file_hashes(policy), TRAINING_CONFIG: file_hash(checkpoint / TRAINING_CONFIG)}
             return {**self.base_metadata, **policy_metadata(step, metrics, measured, evaluation), "metric": self.metric,
-                    "files": files}
+                    "metric_suite": self.suite, "files": files}
 
         logged = self._log(tracker, POLICY_ARTIFACT_TYPE, policy_artifact_name(self.run_id),
                            [policy, checkpoint / TRAINING_CONFIG], aliases, metadata)

@@ -190,7 +190,8 @@ def _start_trackers(run: TrainingRun, fresh: bool, service: WandbService) -> Non
                 metric = best_metric(config)  # a resumed run goes on comparing with its best, by the same metric
                 best = run.state.best_metric_value if run.state.best_metric == metric else None
                 run.artifacts = ArtifactLog(config.wandb, run.run_id, metric,
-                                            run_metadata(config, run.stats, run.references), best=best)
+                                            run_metadata(config, run.stats, run.references), best=best,
+                                            suite=config.eval.suite)
     if accelerator.is_main_process:
         write_text_atomic(output_dir / RUN_ID_FILE, run.run_id + "\n")
     logger.info("setup: %s; parameters: %s", setup, run.parameter_counts)

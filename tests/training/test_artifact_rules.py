@@ -9,6 +9,7 @@ import pytest
 
 from atlas_vla.config import WandbConfig, config_from_args
 from atlas_vla.training.artifacts import ArtifactLog, best_metric, higher_is_better
+from atlas_vla.wandb_artifacts import best_moves, success_rate_suite
 
 
 @pytest.mark.parametrize("metric,higher", [
@@ -25,15 +26,80 @@ def test_best_follows_success_with_simulator_evaluations_else_the_validation_err
     assert best_metric(config_from_args([*demo, "--wandb.best_metric", "val/loss"])) == "val/loss"
 
 
-@pytest.mark.parametrize("metric,message", [
-    ("pose_l1_error", "wandb.best_metric: pose_l1_error is not a validation (val/...) or simulator (eval/...) metric, "
-                      "e.g. val/pose_l1_error or eval/success_rate"),
-    ("eval/success_rate", "wandb.best_metric: eval/success_rate is logged only by simulator evaluations during "
-                          "training: set eval.every_steps, or follow a val/... metric")])
-def test_a_best_metric_the_run_never_logs_is_refused(metric, message):
+@pytest.mark.parametrize("flags,message", [
+    (["--wandb.best_metric", "pose_l1_error"],
+     "wandb.best_metric: pose_l1_error is not a validation (val/...) or simulator (eval/...) metric, "
+     "e.g. val/pose_l1_error or eval/success_rate"),
+    (["--wandb.best_metric", "eval/libero_spatial/task_3"],
+     "wandb.best_metric: eval/libero_spatial/task_3 is logged only by simulator evaluations during training: set "
+     "eval.every_steps, or follow a val/... metric or a suite's success rate (which evaluations attached later "
+     "measure)"),
+    (["--wandb.best_metric", "eval/success_rate", "--wandb.log_model", "best"],
+     "wandb.log_model: best logs a version only when the training run measures wandb.best_metric "
+     "(eval/success_rate), and it runs no simulator evaluation: set eval.every_steps, or log_model: all "
+     "(eval-watch's results then move best)")])
+def test_a_best_metric_the_run_never_logs_is_refused(flags, message):
     with pytest.raises(ValueError) as raised:
-        config_from_args(["--config", "configs/demo.yaml", "--wandb.best_metric", metric])
+        config_from_args(["--config", "configs/demo.yaml", *flags])
     assert str(raised.value) == f"configs/demo.yaml: {message}"
+
+
+def test_a_suites_success_rate_may_be_left_to_evaluations_attached_later():
+    for metric in ("eval/success_rate", "eval/libero_spatial_swap/success_rate"):
+        config = config_from_args(["--config", "configs/demo.yaml", "--wandb.best_metric", metric,
+                                   "--wandb.log_model", "all"])
+        assert best_metric(config) == metric
+
+
+@pytest.mark.parametrize("metric,suite", [
+    ("eval/success_rate", "libero_object"), ("eval/libero_spatial_swap/success_rate", "libero_spatial_swap"),
+    ("eval/libero_spatial/task_3", None), ("eval/failures/no_grasp", None), ("val/pose_l1_error", None),
+    ("eval/a/b/success_rate", None), ("val/x/success_rate", None)])
+def test_only_a_suites_success_rate_names_a_suite(metric, suite):
+    assert success_rate_suite(metric, "libero_object") == suite
+
+
+def _result(rate: float, states: list[int] = [30, 31], episodes: int = 10, suite: str = "libero_spatial") -> dict:
+    return {"suite": suite, "initial_states": states, "episodes": episodes, "success_rate": rate}
+
+
+def _version(step: int, *attached: dict, metric: str = "eval/success_rate", evaluation: dict | None = None) -> dict:
+    return {"step": step, "metric": metric, "metric_suite": "libero_spatial", "files": {"model.safetensors": str(step)},
+            "evaluation": evaluation, "evaluations": list(attached)}
+
+
+def test_an_attached_success_rate_moves_best_only_past_the_same_episodes_on_the_best_version():
+    best = _version(2, _result(0.6), _result(0.8, states=[0, 1]))
+    assert best_moves(_version(4), _result(0.7), best) == (
+        True, "0.700 beats 0.600 of the best version (step 2) on libero_spatial")
+    assert best_moves(_version(4), _result(0.6), best) == (
+        False, "0.600 does not beat 0.600 of the best version (step 2) on libero_spatial")  # a tie keeps it
+    assert best_moves(_version(4), _result(0.7, states=[0, 1]), best)[0] is False  # 0.8 there
+    assert best_moves(_version(4), _result(0.9, states=[5, 6]), best) == (
+        False, "the best version (step 2) was not evaluated on the same episodes (libero_spatial, initial states "
+               "[5, 6], 10 episodes), so the rates are not compared")
+    assert best_moves(_version(4), _result(0.9, episodes=20), best)[0] is False  # other tasks, same states
+    assert best_moves(_version(4), _result(0.1), None) == (
+        True, "no version was best yet; this one succeeded 0.100 on libero_spatial")
+    assert best_moves(_version(2), _result(0.9), best) == (False, "this version is already best")
+
+
+def test_the_latest_result_of_the_best_version_counts_its_training_evaluation_included():
+    trained = _version(2, evaluation={**_result(0.5), "step": 2})
+    assert best_moves(_version(4), _result(0.55), trained)[0] is True
+    again = _version(2, _result(0.3), evaluation={**_result(0.5), "step": 2})  # measured again since, lower
+    assert best_moves(_version(4), _result(0.4), again) == (
+        True, "0.400 beats 0.300 of the best version (step 2) on libero_spatial")
+
+
+def test_best_stays_where_the_run_follows_another_metric_or_suite():
+    assert best_moves(_version(4, metric="val/pose_l1_error"), _result(1.0), None) == (
+        False, "best follows val/pose_l1_error, not the success rate on libero_spatial")
+    swap = _version(4, metric="eval/libero_spatial_swap/success_rate")
+    assert best_moves(swap, _result(1.0), None) == (
+        False, "best follows eval/libero_spatial_swap/success_rate on libero_spatial_swap, not the success rate on "
+               "libero_spatial")
+    assert best_moves(swap, _result(0.2, suite="libero_spatial_swap"), None)[0] is True
 
 
 def test_a_checkpoint_is_best_when_it_beats_every_earlier_one():
