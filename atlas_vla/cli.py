@@ -105,7 +105,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _add_policy_argument(parser: argparse.ArgumentParser) -> None:
-    """`--policy PATH_OR_HUB_ID` (a saved policy folder; `--checkpoint` is its old name)."""
+    """`--policy POLICY`: a saved policy folder, a Hub model id or a W&B artifact reference (`--checkpoint` is its
+    old name)."""
     # not required=True: argparse would then refuse the old spelling alone (`main` checks it is given)
     parser.add_argument("--policy", default=None, help="saved policy folder (e.g. OUTPUT_DIR/final), Hub model id or "
                                                        "W&B artifact wandb:ENTITY/PROJECT/NAME:ALIAS (required)")
@@ -657,7 +658,7 @@ def _resolve_paths(args: argparse.Namespace) -> None:
         if value is None:
             continue
         if name == "policy":
-            check_reference(value)  # a malformed W&B reference is refused before the command reads anything
+            check_reference(value, "--policy")  # a malformed W&B reference is refused before it reads anything
         resolve = resolve_local if name in _PATH_OR_HUB_ARGUMENTS else absolute_path
         setattr(args, name, [resolve(str(v)) for v in value] if isinstance(value, list) else resolve(str(value)))
 

@@ -72,7 +72,7 @@ class TrainingConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"validation_steps": "validate_every_steps"}
 
     def __post_init__(self) -> None:
-        check_reference(self.init_from)
+        check_reference(self.init_from, "training.init_from")
         if self.cache_frozen_features:
             warn_renamed("training.cache_frozen_features: true", "training.feature_store: auto")
             self.feature_store, self.cache_frozen_features = self.feature_store or "auto", False
@@ -108,7 +108,7 @@ class CheckpointConfig:
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"checkpointing_steps": "save_every_steps"}
 
     def __post_init__(self) -> None:
-        check_reference(self.resume_from_checkpoint)
+        check_reference(self.resume_from_checkpoint, "checkpoint.resume_from_checkpoint")
         if self.save_every_steps < 1:
             raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

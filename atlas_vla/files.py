@@ -4,7 +4,8 @@ Every file atlas-vla writes (JSON results, statistics, configs, videos) and ever
 assembles (a saved policy, a converted dataset, a checkpoint) is written under a temporary name
 beside its target, flushed to disk, and only then renamed into place. A crash, a kill or a full
 disk leaves the previous version (or nothing), never a truncated file or a folder that looks complete.
-`file_hash` / `file_hashes` are the content hashes a copy is checked with.
+`file_hash` / `file_hashes` are the content hashes a copy is checked with; `read_json` reads one back, naming
+the file when it is not JSON.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with staged_file(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in `path`; `ValueError` naming the file when it is not valid JSON (empty, cut short)."""
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
 def write_json_atomic(path: str | os.PathLike, value: Any) -> Path:

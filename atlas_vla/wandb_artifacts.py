@@ -60,16 +60,19 @@ def parse_reference(text: str) -> WandbReference:
     return WandbReference(*match.groups())
 
 
-def check_reference(name: str | None) -> None:
-    """`ValueError` (naming the expected form) when `name` is meant as a W&B reference but is malformed: what a
-    config or a command checks where it reads a name, before anything runs."""
+def check_reference(name: str | None, key: str | None = None) -> None:
+    """`ValueError` (naming `key`, the setting or flag, and the expected form) when `name` is meant as a W&B
+    reference but is malformed: what a config or a command checks where it reads a name, before anything runs."""
     if is_wandb_reference(name):
-        parse_reference(name)
+        try:
+            parse_reference(name)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}" if key else str(error)) from None
 
 
 def check_files(folder: Path, recorded: Mapping[str, str], what: str) -> None:
     """`ValueError` unless `folder` holds exactly the files `recorded` (relative path -> SHA-256) names, with those
-    hashes: a download that was tampered with, truncated or mixed up is refused, naming the first difference."""
+    hashes: a download that was tampered with, truncated or mixed up is refused, naming up to three differences."""
     found = file_hashes(folder)
     problems = [f"{name} is missing" for name in recorded if name not in found]
     problems += [f"{name} was not recorded" for name in found if name not in recorded]
@@ -86,17 +89,20 @@ def cache_root() -> Path:
 
 def download(reference: str | WandbReference, kind: str) -> Path:
     """A checked local copy of the artifact version `reference` (of W&B type `kind`: `model` or `checkpoint`),
-    downloaded once. Where W&B cannot be reached (a compute node without a network), the copy this reference
-    last resolved to is used, with a warning that the alias may have moved since. `FileNotFoundError` with W&B's
+    downloaded once. Where W&B cannot be reached (a compute node without a network or a login), the copy this
+    reference last resolved to is used, with a warning that the alias may have moved since; where W&B answers that
+    the version does not exist (deleted, a typo), no cached copy stands in for it. `FileNotFoundError` with W&B's
     reason when it cannot be had at all; `ValueError` when its files differ from the hashes recorded with it."""
     reference = parse_reference(reference) if isinstance(reference, str) else reference
-    try:
-        import wandb
+    import wandb
+    from wandb.errors import CommError, UsageError
 
+    try:
         artifact = wandb.Api(timeout=60).artifact(reference.path, type=kind)
     except Exception as error:  # wandb raises CommError, UsageError, ValueError, ... for these
         reason = " ".join(f"{type(error).__name__}: {error}".split())
-        cached = _last_resolved(reference)
+        # no login, no connection (CommError), a timeout: W&B was not asked; ValueError: it answered (no such version)
+        cached = _last_resolved(reference) if isinstance(error, (CommError, UsageError, OSError)) else None
         if cached is not None:
             logger.warning("W&B cannot be reached (%s): using the copy %s last resolved to, %s (the alias may have "
                            "moved since)", reason, reference, cached)
@@ -161,11 +167,6 @@ def success_rate_suite(metric: str, suite: str) -> str | None:
     return parts[1] if len(parts) == 3 and parts[0] == "eval" and parts[2] == "success_rate" else None
 
 
-def _records(metadata: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Every evaluation a version's metadata holds: the training run's (`evaluation`) and attached ones."""
-    return [*([metadata["evaluation"]] if metadata.get("evaluation") else []), *metadata.get("evaluations", [])]
-
-
 def _comparable(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Two results rate the same episodes: same suite, initial states and number of episodes."""
     return all(a.get(key) == b.get(key) for key in ("suite", "initial_states", "episodes"))
@@ -176,8 +177,9 @@ def best_moves(metadata: Mapping[str, Any], evaluation: Mapping[str, Any], best:
     """Whether `evaluation`, attached to a version with `metadata`, moves the `best` alias to it, and why (one
     line). `best` is the metadata of the version that holds the alias now (None: no version does). It moves only
     where the run's `best` follows this suite's success rate (`metric`, `metric_suite`), and the evaluated rate
-    beats the latest result of the same episodes (suite, initial states, count) on the version holding `best`; a
-    `best` chosen on other episodes stays (rates of different episodes are not compared), and a tie keeps it."""
+    beats the latest result of the same episodes (suite, initial states, count) in the `evaluations` of the
+    version holding `best` (the training run's own, then attached ones); a `best` chosen on other episodes stays
+    (rates of different episodes are not compared), and a tie keeps it."""
     metric = str(metadata.get("metric"))
     suite = success_rate_suite(metric, str(metadata.get("metric_suite")))
     if suite != evaluation.get("suite"):
@@ -188,7 +190,7 @@ def best_moves(metadata: Mapping[str, Any], evaluation: Mapping[str, Any], best:
         return True, f"no version was best yet; this one succeeded {rate:.3f} on {suite}"
     if best.get("files") == metadata.get("files"):  # the same files are the same version (W&B's digest)
         return False, "this version is already best"
-    same = [record for record in _records(best) if _comparable(record, evaluation)]
+    same = [record for record in best.get("evaluations", []) if _comparable(record, evaluation)]
     if not same:
         return False, (f"the best version (step {best.get('step')}) was not evaluated on the same episodes "
                        f"({suite}, initial states {evaluation.get('initial_states')}, {evaluation.get('episodes')} "

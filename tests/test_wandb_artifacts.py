@@ -59,17 +59,19 @@ def test_references_stay_as_they_are_where_paths_become_absolute():
                                "--training.init_from", "wandb:team/atlas-vla/atlas-policy-abc:best"])
     assert config.checkpoint.resume_from_checkpoint == reference
     assert config.training.init_from == "wandb:team/atlas-vla/atlas-policy-abc:best"
-    for flag in ("--resume_from_checkpoint", "--training.init_from"):
+    for flag, key in (("--resume_from_checkpoint", "checkpoint.resume_from_checkpoint"),
+                      ("--training.init_from", "training.init_from")):
         with pytest.raises(ValueError) as raised:
             config_from_args(["--config", "configs/demo.yaml", flag, "wandb:atlas-policy-abc"])
-        assert str(raised.value) == (f"configs/demo.yaml: 'wandb:atlas-policy-abc' is not a W&B artifact reference: "
-                                     f"expected {FORM}")
+        assert str(raised.value) == (f"configs/demo.yaml: {key}: 'wandb:atlas-policy-abc' is not a W&B artifact "
+                                     f"reference: expected {FORM}")
 
 
 def test_a_malformed_policy_reference_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli(["predict", "--policy", "wandb:atlas-policy-abc:best", "--observation", str(tmp_path / "o.npz")]) == 2
     err = capsys.readouterr().err
-    assert err == f"atlas-vla predict: error: 'wandb:atlas-policy-abc:best' is not a W&B artifact reference: expected {FORM}\n"
+    assert err == (f"atlas-vla predict: error: --policy: 'wandb:atlas-policy-abc:best' is not a W&B artifact "
+                   f"reference: expected {FORM}\n")
 
 
 def test_a_version_w_and_b_cannot_give_is_a_file_not_found_naming_it(monkeypatch, tmp_path):
@@ -198,3 +200,13 @@ def test_without_w_and_b_the_copy_a_reference_last_resolved_to_is_used(policy_fi
     (cached / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="could not be had from W&B"):
         download(reference, "model")
+
+
+def test_a_revision_with_a_w_and_b_reference_is_refused_before_w_and_b_is_asked():
+    from atlas_vla.models.pretrained import resolve_policy_folder
+
+    with pytest.raises(ValueError) as raised:
+        resolve_policy_folder("wandb:team/atlas-vla/atlas-policy-abc:best", revision="main")
+    assert str(raised.value) == ("revision 'main' applies to a Hub model id; the W&B reference "
+                                 "wandb:team/atlas-vla/atlas-policy-abc:best names its version by its alias "
+                                 "(e.g. :v3, :step-400)")

@@ -34,7 +34,7 @@ from atlas_vla.constants import (
 )
 from atlas_vla.data.config import check_column_overrides, missing_source_message, nearest_source
 from atlas_vla.data.hdf5 import convert_libero_hdf5, find_hdf5_files
-from atlas_vla.files import StagedFolder
+from atlas_vla.files import StagedFolder, read_json
 from atlas_vla.hub import hub_failure, local_path_or_hub_id
 
 LAYOUT_LEROBOT_V2 = "lerobot-v2"  # meta/info.json (v2.x), meta/tasks.jsonl, data/chunk-*/episode_*.parquet
@@ -93,7 +93,7 @@ def detect_layout(path: str | Path) -> str:
         raise ValueError(f"expected a dataset folder, got a file: {root}")
     info_path = root / "meta" / "info.json"
     if info_path.is_file():
-        version = str(_read_json(info_path).get("codebase_version", ""))
+        version = str(read_json(info_path).get("codebase_version", ""))
         if version.startswith("v2"):
             return LAYOUT_LEROBOT_V2
         if version.startswith("v3"):
@@ -220,7 +220,7 @@ def _open_source(source: str, *, revision: str | None, cache_dir: str | None) ->
         commit = root.name  # snapshot folders are named by commit hash
     src = _Source(root=root, layout=detect_layout(root), repo_id=repo_id, commit=commit, origin=origin)
     if src.layout != LAYOUT_SAVED:
-        src.info = _read_json(root / "meta" / "info.json")
+        src.info = read_json(root / "meta" / "info.json")
         src.tasks = _read_tasks(root, src.layout)
     return src
 
@@ -278,14 +278,6 @@ def _download(repo_id: str, *, revision: str | None, cache_dir: str | None, patt
         raise ValueError(f"could not get Hub dataset {repo_id!r} (revision {revision or 'main'}): {hub_failure(error)}"
                          + (f" (no such local folder either; did you mean {nearest}?)" if nearest else "")) from error
     return Path(folder)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
 def _read_tasks(root: Path, layout: str) -> dict[int, str]:

@@ -502,6 +502,13 @@ def evaluation_record(suite: str, summary: Mapping[str, Any], settings: Mapping[
             "initial_states": evaluated.get("initial_states"), "seed": evaluated.get("seed"), "eval_run": run_id}
 
 
+def evaluation_records(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], run_id: str | None = None
+                       ) -> list[dict[str, Any]]:
+    """`evaluation_record` of every suite a summary holds (the suite and each perturbed variant, each on its own
+    episodes; a pooled rate over several suites is no suite's)."""
+    return [evaluation_record(name, row, settings, run_id) for name, row in (summary.get("suites") or {suite: summary}).items()]
+
+
 def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, Any], project: str = "atlas-vla") -> str:
     """`eval_metrics` and `episode_videos` in a new W&B eval run; returns its id. A policy read from W&B
     (`--policy wandb:...`) gets each suite's result attached to its version (`wandb_artifacts.attach_evaluation`)."""
@@ -514,9 +521,8 @@ def log_to_wandb(suite: str, summary: Mapping[str, Any], settings: Mapping[str, 
     policy = settings.get("policy")
     if is_wandb_reference(policy):  # attached to the version evaluated: its digest names the folder it was read into
         digest = Path(settings["policy_folder"]).name if settings.get("policy_folder") else None
-        for name, suite_summary in (summary.get("suites") or {suite: summary}).items():
-            attach_evaluation(run, parse_reference(policy), evaluation_record(name, suite_summary, settings, run.id),
-                              digest)
+        for record in evaluation_records(suite, summary, settings, run.id):
+            attach_evaluation(run, parse_reference(policy), record, digest)
     run_id = run.id
     run.finish()
     return run_id

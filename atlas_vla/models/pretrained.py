@@ -47,6 +47,9 @@ def resolve_policy_folder(name_or_path: str | os.PathLike, *, revision: str | No
     `wandb_artifacts.download`) or a Hub model id, each downloaded once (one that cannot be had, e.g. offline and
     not cached, is a `FileNotFoundError` naming it and the reason)."""
     if is_wandb_reference(name_or_path):
+        if revision is not None:
+            raise ValueError(f"revision {revision!r} applies to a Hub model id; the W&B reference {name_or_path} "
+                             f"names its version by its alias (e.g. :v3, :step-400)")
         return download(str(name_or_path), POLICY_ARTIFACT_TYPE)
     found = local_path_or_hub_id(name_or_path, f"policy folder not found: {Path(name_or_path).expanduser()}")
     if isinstance(found, Path):
@@ -114,7 +117,8 @@ class PretrainedPolicy:
     @classmethod
     def from_pretrained(cls: type[Policy], name_or_path: str | os.PathLike, *, revision: str | None = None,
                         norm_stats: NormStats | str | os.PathLike | None = None) -> Policy:
-        """Load a saved policy (folder or Hub model id), rebuilding and checking its frozen encoders.
+        """Load a saved policy (a folder, a Hub model id at `revision`, or a W&B artifact reference
+        `wandb:ENTITY/PROJECT/NAME:ALIAS`), rebuilding and checking its frozen encoders.
 
         Refuses, with the reason, a backbone or text encoder whose weights hash differs from the one
         recorded at training time, a `norm_stats.json` whose fingerprint or recomputed content hash differs

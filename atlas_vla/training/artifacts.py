@@ -3,7 +3,7 @@
 A run has one policy artifact, `atlas-policy-<run id>`, whose versions are checkpoints: each holds the policy
 folder exactly as `from_pretrained` reads it (`config.json`, `model.safetensors` with the trainable weights,
 `norm_stats.json`) and the run's `config.yaml`, so a version loads on its own. `wandb.log_model` picks them:
-`final` (the default: one version per run, 10-112 MB, however long the run and however full the quota),
+`final` (the default: one version per run, 9.9 MB to 112 MB, however long the run and however full the quota),
 `best` (a version whenever `wandb.best_metric` beats every earlier checkpoint), `all` (every checkpoint) or
 `none`. Aliases: `latest` (W&B's own), `step-<N>`, `final` on the last update's and `best` on the best so far.
 Each version's metadata says what it is (`policy_metadata`).
@@ -25,7 +25,7 @@ import math
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from atlas_vla.config import TrainConfig, WandbConfig
 from atlas_vla.data.normalization import NormStats
@@ -104,7 +104,7 @@ class ArtifactLog:
 
     def after_checkpoint(self, tracker: Any, checkpoint: Path, step: int, *, final: bool, is_best: bool,
                          metrics: Mapping[str, Any], measured: Mapping[str, int],
-                         evaluation: Mapping[str, Any] | None) -> list[str] | None:
+                         evaluation: Sequence[Mapping[str, Any]] | None) -> list[str] | None:
         """Log what `wandb.log_model` and `log_checkpoints` ask for of `checkpoint` (the folder saved at `step`,
         the last update when `final`; the best so far when `is_best`); `metrics` are the latest logged values and
         `measured` the step each was logged at. Returns the aliases of the policy version logged (None when none
@@ -145,14 +145,15 @@ class ArtifactLog:
 
 
 def policy_metadata(step: int, metrics: Mapping[str, float], measured: Mapping[str, int],
-                    evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
+                    evaluation: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
     """What a policy version was at `step`: its latest validation metrics with the step they were measured at
     (`validation_step`: the checkpoint's own step when validation and checkpoints share a schedule) and, when the
-    simulator evaluated it, the success rate with its episodes, 95% interval and step."""
+    simulator evaluated these very weights during training (at `step`), each suite's success rate with its
+    episodes, 95% interval and results file (`evaluations`, the list later evaluations are attached to)."""
     validation = {key: value for key, value in metrics.items() if key.startswith("val/")}
     return {"step": step, "validation": validation,
             "validation_step": measured.get(VALIDATION_METRIC) if validation else None,
-            "evaluation": dict(evaluation) if evaluation else None}
+            "evaluations": [dict(record) for record in evaluation or [] if record.get("step") == step]}
 
 
 def run_metadata(config: TrainConfig, stats: NormStats, references: Mapping[str, Any]) -> dict[str, Any]:

@@ -127,11 +127,11 @@ def run_sim_evaluation(run: TrainingRun, eval_cfg: EvalConfig) -> None:
 
 
 def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir: Path, references: dict,
-                          step: int) -> tuple[dict[str, float], dict[str, str], dict[str, Any]]:
+                          step: int) -> tuple[dict[str, float], dict[str, str], list[dict[str, Any]]]:
     """Closed-loop LIBERO success rates of the current policy (main process): the `eval/*` scalars, the
-    episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them, and the evaluation in brief
-    (`libero_sim.evaluation_record`: suite, episodes, successes, success rate, 95% interval, initial states and
-    seed; and the step and the results file).
+    episode videos (logged key -> mp4), as `atlas-vla eval-libero` logs them, and the evaluation in brief, one
+    record per suite (`libero_sim.evaluation_records`: suite, episodes, successes, success rate, 95% interval,
+    initial states and seed; and the step and the results file).
 
     An evaluation whose every episode ended in an error (e.g. the simulator cannot render) raises
     `EvaluationFailed` after writing its `results.json`."""
@@ -141,10 +141,11 @@ def evaluate_in_simulator(policy: AtlasPolicy, eval_cfg: EvalConfig, output_dir:
     policy_dir = policy.save_pretrained(folder / "policy", references=references)
     results = sim.evaluate(str(policy_dir), specs, num_workers=eval_cfg.num_workers)
     summary = sim.summarize(results)
-    path = sim.save_results(folder / "results.json", eval_cfg.suite, summary, {"step": step})
+    settings = {"step": step, "eval": to_dict(eval_cfg)}
+    path = sim.save_results(folder / "results.json", eval_cfg.suite, summary, settings)
     check_episodes_ran(results, path)
     metrics = sim.eval_metrics(eval_cfg.suite, summary)
     logger.info("step %d %s", step, metrics_table(metrics))
-    brief = {**sim.evaluation_record(eval_cfg.suite, summary, {"eval": to_dict(eval_cfg)}), "step": step,
-             "results": str(path)}
-    return metrics, sim.episode_videos(summary), brief
+    records = [{**record, "step": step, "results": str(path)}
+               for record in sim.evaluation_records(eval_cfg.suite, summary, settings)]
+    return metrics, sim.episode_videos(summary), records

@@ -42,11 +42,11 @@ def export_policy(run: TrainingRun, throughput: Throughput) -> Path:
     return final_dir
 
 
-def push_final_policy(final_dir: Path, repo_id: str, evaluation: dict | None, step: int) -> None:
+def push_final_policy(final_dir: Path, repo_id: str, evaluation: list[dict] | None, step: int) -> None:
     """`--push_to_hub`: the model card (with the run's simulator evaluation when it measured this final `step`) and
     the upload. A card or an upload that fails is an error line with the command that retries it; the policy stays
     in `final/` and the run ends as it would have."""
-    results = [evaluation["results"]] if evaluation and evaluation.get("step") == step else []
+    results = sorted({record["results"] for record in evaluation or [] if record.get("step") == step})
     try:
         write_model_card(final_dir, results, repo_id=repo_id)
         logger.info("pushed the policy to the Hub: %s", push_policy_folder(final_dir, repo_id))

@@ -29,6 +29,7 @@ from atlas_vla.training.evaluation import (
 )
 from atlas_vla.training.preemption import StopRequest, record_stop, wait_for_test
 from atlas_vla.training.run import TrainingRun
+from atlas_vla.training.run_folder import record_policy_version
 
 logger = logging.getLogger("atlas_vla.train")
 TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
@@ -235,9 +236,11 @@ def save_training_checkpoint(run: TrainingRun, checkpoint_cfg: CheckpointConfig)
     folder = save_checkpoint(run.accelerator, run.output_dir, saved, checkpoint_cfg.checkpoints_total_limit,
                              {"config.yaml": config_yaml(run.config)})
     if run.artifacts is not None:
-        run.artifacts.after_checkpoint(run.accelerator.get_tracker("wandb", unwrap=True), folder, step,
-                                       final=step >= run.max_steps, is_best=is_best, metrics=run.latest,
-                                       measured=run.measured, evaluation=run.evaluation)
+        aliases = run.artifacts.after_checkpoint(run.accelerator.get_tracker("wandb", unwrap=True), folder, step,
+                                                 final=step >= run.max_steps, is_best=is_best, metrics=run.latest,
+                                                 measured=run.measured, evaluation=run.evaluation)
+        if aliases is not None:  # what eval-watch attaches its results to, and what a model card names
+            record_policy_version(run.output_dir, step, aliases)
     return folder
 
 

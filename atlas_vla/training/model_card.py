@@ -11,7 +11,6 @@ and artifact, the results table and a usage snippet. Everything comes from files
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,13 +18,13 @@ from atlas_vla.config import TrainConfig, load_config
 from atlas_vla.data.normalization import NormStats
 from atlas_vla.eval import libero_sim
 from atlas_vla.eval.intervals import format_rate
-from atlas_vla.files import write_text_atomic
+from atlas_vla.files import read_json, write_text_atomic
 from atlas_vla.hub import is_hub_id
 from atlas_vla.models.config import MINILM
 from atlas_vla.models.pretrained import STATS_NAME, policy_hash, read_policy_config
 from atlas_vla.training.artifacts import policy_artifact_name
 from atlas_vla.training.checkpointing import STATE_NAME
-from atlas_vla.training.run_folder import RUN_ID_FILE, SUMMARY_NAME
+from atlas_vla.training.run_folder import POLICY_VERSIONS_FILE, RUN_ID_FILE, SUMMARY_NAME, policy_versions
 
 CARD_NAME = "README.md"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged `minilm` folder is
@@ -102,29 +101,37 @@ def _ranges(values: Sequence[int]) -> str:
 
 
 def default_license(saved: dict[str, Any]) -> str:
-    """`cc-by-nc-4.0` for a policy on the original VGGT-1B weights (released for non-commercial use only), else
-    `apache-2.0` (atlas-vla's); `--license` overrides it."""
+    """The licence the policy's weights can carry by default: `apache-2.0` (atlas-vla's) when the VGGT was not
+    initialised from pretrained weights, `cc-by-nc-4.0` on the original VGGT-1B (released for non-commercial use
+    only), and `other` on any other pretrained VGGT (a local copy, `facebook/VGGT-1B-Commercial` and its own
+    terms, ...: its terms are not known here, so none is claimed); `--license` overrides it."""
     pretrained = saved.get("backbones", {}).get("vggt", {}).get("pretrained")
-    return "cc-by-nc-4.0" if pretrained == "facebook/VGGT-1B" else "apache-2.0"
+    if not pretrained:
+        return "apache-2.0"
+    return "cc-by-nc-4.0" if pretrained == "facebook/VGGT-1B" else "other"
 
 
 def _training_run(folder: Path) -> dict[str, Any]:
     """What is known of the run that trained the policy in `folder`: its config (`config.yaml` in the folder, as a
-    W&B version holds it, or beside it, in a run's or a checkpoint's folder), its steps and its W&B run id."""
+    W&B version holds it, or beside it, in a run's or a checkpoint's folder), its steps, its W&B run id and the
+    policy versions the run logged (`run_folder.policy_versions`)."""
     found: dict[str, Any] = {}
     for place in (folder, folder.parent):
         if "config" not in found and (place / "config.yaml").is_file():
             found["config"] = load_config(place / "config.yaml")
         if (place / SUMMARY_NAME).is_file():
-            summary = json.loads((place / SUMMARY_NAME).read_text())
+            summary = read_json(place / SUMMARY_NAME)
             found.setdefault("steps", summary.get("global_step"))
             found.setdefault("run_id", summary.get("wandb_run_id"))
         if (place / STATE_NAME).is_file():
-            state = json.loads((place / STATE_NAME).read_text())
+            state = read_json(place / STATE_NAME)
             found.setdefault("steps", state.get("global_step"))
             found.setdefault("run_id", state.get("wandb_run_id"))
         if (place / RUN_ID_FILE).is_file():
             found.setdefault("run_id", (place / RUN_ID_FILE).read_text().strip())
+    for run_dir in (folder.parent, *folder.parents[2:3]):  # a run's final/, or its checkpoints/checkpoint-N/policy
+        if (run_dir / POLICY_VERSIONS_FILE).is_file():
+            found["versions"] = policy_versions(run_dir)
     return found
 
 
@@ -192,7 +199,7 @@ def _training_section(training: dict[str, Any], stats: NormStats) -> str:
         where = f"{config.wandb.entity}/{config.wandb.project}" if config.wandb.entity else config.wandb.project
         lines.append(f"- W&B run: `{run_id}` in `{where}`"
                      + (f" (https://wandb.ai/{where}/runs/{run_id})" if config.wandb.entity else ""))
-        if config.wandb.log_model != "none" and steps is not None:
+        if steps is not None and steps in training.get("versions", {}):  # the run logged these very weights
             entity = config.wandb.entity or "ENTITY"
             lines.append(f"- W&B artifact: `{policy_artifact_name(run_id)}` (`wandb.log_model: {config.wandb.log_model}`),"
                          f" once the run is synced: `--policy wandb:{entity}/{config.wandb.project}/"

@@ -68,7 +68,7 @@ class TrainingRun:
     stopped_at: Path | None = None  # the checkpoint saved when a stop signal ended training early
     latest: dict[str, Any] = field(default_factory=dict)  # the last value recorded of every metric
     measured: dict[str, int] = field(default_factory=dict)  # the step each of them was recorded at
-    evaluation: dict[str, Any] | None = None  # the last simulator evaluation: suite, episodes, success rate, interval
+    evaluation: list[dict[str, Any]] | None = None  # the last simulator evaluation, per suite: step, rate, interval
     artifacts: ArtifactLog | None = None  # main process with W&B: the artifacts each checkpoint logs
 
     @property

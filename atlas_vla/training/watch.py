@@ -32,7 +32,7 @@ from atlas_vla.files import write_json_atomic
 from atlas_vla.schema import to_dict
 from atlas_vla.training.artifacts import policy_artifact_name
 from atlas_vla.training.checkpointing import list_checkpoints
-from atlas_vla.training.run_folder import FINAL_DIR, RUN_ID_FILE, SUMMARY_NAME
+from atlas_vla.training.run_folder import FINAL_DIR, RUN_ID_FILE, SUMMARY_NAME, policy_versions
 from atlas_vla.training.tracking import run_group
 from atlas_vla.wandb_artifacts import WandbReference, attach_evaluation
 
@@ -159,7 +159,7 @@ class EvalWatcher:
 
     def _log(self, snapshot: Snapshot, summary: dict[str, Any]) -> None:
         """The snapshot's `eval/*` metrics and videos in the eval run, at its step; and its result attached to the
-        policy version the training run logged of it (`wandb.log_model: all`, or `final` for `final/`)."""
+        policy version the training run logged of it, if any."""
         import wandb
 
         if self._wandb_run is None:
@@ -167,23 +167,20 @@ class EvalWatcher:
         logs: dict[str, Any] = dict(self._sim.eval_metrics(self.config.suite, summary))
         logs.update({key: wandb.Video(path, format="mp4") for key, path in self._sim.episode_videos(summary).items()})
         self._wandb_run.log(logs, step=snapshot.step)  # snapshots come in step order, so W&B's steps only grow
-        config = _run_config(self.output_dir)
         self._attach(snapshot.step, summary)
 
     def _attach(self, step: int, summary: dict[str, Any]) -> None:
-        """Attach the result of `step` to the policy version the training run logged of it: every checkpoint's with
-        `wandb.log_model: all`, the last step's with `final` (`best` versions are not known from here)."""
-        config = _run_config(self.output_dir)
-        last = _last_step(self.output_dir, config)
-        if step in self._attached or not (config.wandb.log_model == "all"
-                                          or (config.wandb.log_model == "final" and step == last)):
+        """Attach the result of `step` to the policy version the training run logged of its weights, when it logged
+        one (`run_folder.policy_versions`: which depends on `wandb.log_model`, and on whether staging succeeded)."""
+        if step in self._attached or step not in policy_versions(self.output_dir):
             return
+        config = _run_config(self.output_dir)
         run_id = (self.output_dir / RUN_ID_FILE).read_text().strip()
         reference = WandbReference(config.wandb.entity or self._wandb_run.entity, config.wandb.project,
                                    policy_artifact_name(run_id), f"step-{step}")
-        record = self._sim.evaluation_record(self.config.suite, summary, {"eval": to_dict(self.config)},
-                                             self._wandb_run.id)
-        attach_evaluation(self._wandb_run, reference, record)
+        for record in self._sim.evaluation_records(self.config.suite, summary, {"eval": to_dict(self.config)},
+                                                   self._wandb_run.id):
+            attach_evaluation(self._wandb_run, reference, record)
         self._attached.add(step)
 
 
@@ -204,14 +201,6 @@ def eval_run_kwargs(output_dir: Path) -> dict[str, Any]:
     if config.wandb.entity:
         kwargs["entity"] = config.wandb.entity
     return kwargs
-
-
-def _last_step(output_dir: Path, config: TrainConfig) -> int | None:
-    """The run's last update: from `train_summary.json` once it is written, else the configured length."""
-    try:
-        return int(json.loads((output_dir / SUMMARY_NAME).read_text())["global_step"])
-    except (OSError, ValueError, KeyError):
-        return config.training.max_train_steps
 
 
 def _run_config(output_dir: Path) -> TrainConfig:

@@ -286,6 +286,13 @@ def test_training_evaluates_in_the_simulator_on_the_main_process(tmp_path):
     history = read_run(run_file).history
     assert [step for step, _ in history["eval/success_rate"]] == [2]
     assert "eval/libero_spatial/task_0" in history and "eval/failures/no_grasp" in history
+    assert report["settings"]["eval"]["initial_states"] == [0]  # what a model card's result needs
+    # the final policy version (evaluated before its checkpoint) holds the evaluation of its own weights
+    [policy] = [artifact for artifact in read_run(run_file).artifacts if artifact.type == "model"]
+    [record] = policy.metadata["evaluations"]
+    assert (record["suite"], record["episodes"], record["step"], record["initial_states"]) == (
+        "libero_spatial", 1, 2, [0])
+    assert record["success_rate"] == report["success_rate"] and record["results"] == str(out / "eval" / "step-2" / "results.json")
 
 
 @needs_sim

@@ -63,9 +63,9 @@ def _result(rate: float, states: list[int] = [30, 31], episodes: int = 10, suite
     return {"suite": suite, "initial_states": states, "episodes": episodes, "success_rate": rate}
 
 
-def _version(step: int, *attached: dict, metric: str = "eval/success_rate", evaluation: dict | None = None) -> dict:
+def _version(step: int, *evaluations: dict, metric: str = "eval/success_rate") -> dict:
     return {"step": step, "metric": metric, "metric_suite": "libero_spatial", "files": {"model.safetensors": str(step)},
-            "evaluation": evaluation, "evaluations": list(attached)}
+            "evaluations": list(evaluations)}
 
 
 def test_an_attached_success_rate_moves_best_only_past_the_same_episodes_on_the_best_version():
@@ -84,12 +84,22 @@ def test_an_attached_success_rate_moves_best_only_past_the_same_episodes_on_the_
     assert best_moves(_version(2), _result(0.9), best) == (False, "this version is already best")
 
 
-def test_the_latest_result_of_the_best_version_counts_its_training_evaluation_included():
-    trained = _version(2, evaluation={**_result(0.5), "step": 2})
+def test_the_latest_result_of_the_same_episodes_on_the_best_version_counts():
+    trained = _version(2, {**_result(0.5), "step": 2})  # the training run's own evaluation of these weights
     assert best_moves(_version(4), _result(0.55), trained)[0] is True
-    again = _version(2, _result(0.3), evaluation={**_result(0.5), "step": 2})  # measured again since, lower
+    again = _version(2, {**_result(0.5), "step": 2}, _result(0.3))  # measured again since (attached), lower
     assert best_moves(_version(4), _result(0.4), again) == (
         True, "0.400 beats 0.300 of the best version (step 2) on libero_spatial")
+
+
+def test_a_version_holds_only_the_training_evaluations_of_its_own_weights():
+    from atlas_vla.training.artifacts import policy_metadata
+
+    records = [{**_result(0.5), "step": 300, "results": "eval/step-300/results.json"},
+               {**_result(0.2, suite="libero_spatial_swap"), "step": 300, "results": "eval/step-300/results.json"}]
+    assert policy_metadata(300, {}, {}, records)["evaluations"] == records  # every suite, each on its own
+    assert policy_metadata(400, {}, {}, records)["evaluations"] == []  # measured on step 300's weights, not these
+    assert policy_metadata(400, {}, {}, None)["evaluations"] == []
 
 
 def test_best_stays_where_the_run_follows_another_metric_or_suite():

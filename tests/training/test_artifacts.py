@@ -19,6 +19,7 @@ from wandb_records import find_run_files, read_run
 import atlas_vla
 from atlas_vla.data.normalization import NormStats
 from atlas_vla.models.policy import AtlasPolicy
+from atlas_vla.training.run_folder import policy_versions
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY_FILES = ("config.json", "model.safetensors", "norm_stats.json")
@@ -70,13 +71,16 @@ def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path,
         sorted(["final", "latest", "step-6"] + (["best"] if improved else []))]
     assert [artifact.metadata["validation"] for artifact in policies] == [{}, validations[3], validations[6]]
     assert [artifact.metadata["validation_step"] for artifact in policies] == [None, 3, 6]  # when it was measured
+    # the run folder says which steps have a version (eval-watch attaches there, a model card names it)
+    assert policy_versions(out) == {2: ["step-2"], 4: ["step-4", "best"],
+                                    6: ["step-6", "final"] + (["best"] if improved else [])}
 
     stats = NormStats.load(out / "norm_stats.json")
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     final = out / "final"
     for artifact in policies:
         metadata = artifact.metadata
-        assert metadata["metric"] == "val/pose_l1_error" and metadata["evaluation"] is None
+        assert metadata["metric"] == "val/pose_l1_error" and metadata["evaluations"] == []
         assert metadata["metric_suite"] == "libero_spatial"  # the suite eval/success_rate would mean
         assert metadata["data"] == {"sources": [{"source": str(data_dir), "num_frames": stats.num_frames,
                                                  "fingerprint": stats.fingerprint}],
@@ -114,6 +118,13 @@ def test_log_model_none_logs_no_artifact_and_final_logs_one_version(tmp_path, da
     logged = read_run(find_run_files(final)[0])
     [policy] = [a for a in logged.artifacts if a.type == "model"]
     assert policy.aliases == ["final", "latest", "step-6"] and policy.metadata["step"] == 6
+    assert policy_versions(final) == {6: ["step-6", "final"]} and policy_versions(none) == {}
+    from atlas_vla.cli import main as cli
+
+    for folder, named in ((final / "final", True), (final / "checkpoints" / "checkpoint-4" / "policy", False)):
+        assert cli(["model-card", str(folder)]) == 0  # only a version the run logged is named
+        card = (folder / "README.md").read_text()
+        assert (f"atlas-policy-{logged.run_id}:step-6`" in card) is named and "step-4`" not in card
 
 
 def test_artifacts_that_cannot_be_staged_are_one_warning_and_the_run_finishes(tmp_path, data_dir):
@@ -129,6 +140,7 @@ def test_artifacts_that_cannot_be_staged_are_one_warning_and_the_run_finishes(tm
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-6" / "policy").iterdir()) == sorted(POLICY_FILES)
     assert (out / "final" / "model.safetensors").is_file()
+    assert policy_versions(out) == {}  # nothing for eval-watch to attach to
 
 
 def test_a_logged_checkpoint_continues_the_same_run_elsewhere(tmp_path, data_dir):

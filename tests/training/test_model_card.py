@@ -18,7 +18,8 @@ from atlas_vla.data.sources import load_libero
 from atlas_vla.eval import failures
 from atlas_vla.eval import libero_sim as sim
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.training.model_card import MINILM_HUB_ID
+from atlas_vla.training.model_card import MINILM_HUB_ID, default_license
+from atlas_vla.training.run_folder import record_policy_version
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,6 +37,7 @@ def run_folder(tmp_path_factory) -> Path:
     out.mkdir()
     save_config(config, out / "config.yaml")
     (out / "train_summary.json").write_text(json.dumps({"global_step": 380, "wandb_run_id": "3x7k2m9q"}))
+    record_policy_version(out, 380, ["step-380", "final"])  # the run logged its final policy to W&B
     policy = AtlasPolicy(tiny_policy_config(), compute_norm_stats(load_libero(str(data))))
     policy.save_pretrained(out / "final")
     return out
@@ -74,7 +76,7 @@ def test_the_card_holds_the_hub_metadata_and_one_result_per_suite_by_value(run_f
     assert "- steps: 380 optimizer updates" in text and "`synthetic-4` (a local folder)" in text
     assert str(run_folder.parent) not in card.content  # no local path leaves the machine in a card
     assert "- W&B run: `3x7k2m9q` in `my-team/atlas-vla` (https://wandb.ai/my-team/atlas-vla/runs/3x7k2m9q)" in text
-    assert "`atlas-policy-3x7k2m9q`" in text
+    assert "`--policy wandb:my-team/atlas-vla/atlas-policy-3x7k2m9q:step-380`" in text
     # the folder with its card is still a policy
     AtlasPolicy.from_pretrained(run_folder / "final")
 
@@ -118,6 +120,24 @@ def test_results_of_another_policy_are_refused_and_local_paths_stay_out(run_fold
     assert cli(["model-card", str(folder)]) == 0
     text = (folder / "README.md").read_text()
     assert "a local copy named `vggt.safetensors`" in text and str(tmp_path) not in text
+    assert ModelCard.load(folder / "README.md").data.license == "other"  # its terms are not known here
+
+
+@pytest.mark.parametrize("pretrained,license", [
+    (None, "apache-2.0"), ("facebook/VGGT-1B", "cc-by-nc-4.0"), ("facebook/VGGT-1B-Commercial", "other"),
+    ("/weights/vggt-1b.safetensors", "other")])
+def test_the_default_licence_claims_only_what_the_backbone_allows(pretrained, license):
+    assert default_license({"backbones": {"vggt": {"pretrained": pretrained}}}) == license
+
+
+def test_a_run_file_that_is_not_json_is_named(run_folder, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_folder, copy)
+    (copy / "train_summary.json").write_text("")
+    assert cli(["model-card", str(copy / "final")]) == 2
+    assert capsys.readouterr().err.startswith(f"atlas-vla model-card: error: {copy / 'train_summary.json'}: not valid JSON")
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(run_folder, tmp_path, capsys):
