@@ -224,6 +224,36 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("generate-demos", "Generate demonstrations in new layouts from recorded LIBERO ones (kept when the simulator "
+                            "confirms success).")
+def _add_generate_demos(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", action="append", required=True, metavar="DEMOS",
+                        help="recorded episodes: a LeRobot folder or Hub dataset data.source reads (repeatable)")
+    parser.add_argument("--output", required=True, help="the LeRobot folder to write (its tries are kept beside it, "
+                                                        "in OUTPUT.generation/, so a rerun continues)")
+    parser.add_argument("--num-demos", type=int, required=True, help="episodes to keep per task")
+    parser.add_argument("--seed", type=int, default=0, help="decides every layout (evaluation's layouts never repeat "
+                                                            "them, whatever its seed)")
+    parser.add_argument("--num-workers", type=int, default=1, help="simulator worker processes")
+    parser.add_argument("--other-goals", action="store_true",
+                        help="also move the other objects of the goal's kind (the other black bowl), named by where "
+                             "they are")
+    parser.add_argument("--fresh", action="store_true", help="discard the tries of an earlier run and start over")
+
+
+@_add_generate_demos.runner
+def _run_generate_demos(args: argparse.Namespace) -> int:
+    from atlas_vla.generation.generate import REPORT_NAME, generate_demos
+
+    report = generate_demos(args.source, args.output, num_demos=args.num_demos, seed=args.seed,
+                            num_workers=args.num_workers, other_goals=args.other_goals, fresh=args.fresh)
+    for task, row in report["tasks"].items():
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(row["rejected"].items())) or "none"
+        print(f"{task}: kept {row['kept']} / tried {row['tries']} (rejected: {reasons})")
+    print(f"wrote {args.output} ({REPORT_NAME} holds the report)")
+    return 0
+
+
 @_command("compute-stats", "Compute action/state normalisation statistics of a LIBERO source's training split.")
 def _add_compute_stats(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="*", default=None,

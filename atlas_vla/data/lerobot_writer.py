@@ -27,16 +27,25 @@ DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 CHUNK_SIZE = 1000
 
 
-def _png(image: np.ndarray) -> dict:
+IMAGE_FORMATS = ("png", "jpeg")
+
+
+def _encoded(image: np.ndarray, image_format: str) -> dict:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    if image_format == "png":
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    else:
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
     return {"bytes": buffer.getvalue(), "path": None}
 
 
 class LeRobotV2Writer:
     """Collects episodes (upright HWC uint8 frames, 8-D states, 7-D actions) into a LeRobot v2 folder."""
 
-    def __init__(self, output: str | Path, *, fps: int, overwrite: bool = False) -> None:
+    def __init__(self, output: str | Path, *, fps: int, overwrite: bool = False, image_format: str = "png") -> None:
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        self.image_format = image_format
         self.output = Path(output).expanduser()
         if self.output.exists() and not overwrite:
             raise ValueError(f"output folder already exists: {self.output} (pass overwrite to replace it)")
@@ -49,8 +58,9 @@ class LeRobotV2Writer:
         self.image_shape: tuple[int, ...] | None = None
 
     def add_episode(self, images: np.ndarray, wrist_images: np.ndarray, states: np.ndarray, actions: np.ndarray,
-                    instruction: str) -> None:
-        """Append one episode: images (T, H, W, 3) uint8 upright, states (T, 8), actions (T, 7)."""
+                    instruction: str, metadata: dict | None = None) -> None:
+        """Append one episode: images (T, H, W, 3) uint8 upright, states (T, 8), actions (T, 7); `metadata` joins its
+        row of `meta/episodes.jsonl` (e.g. a generated episode's layout)."""
         T = len(actions)
         shapes = {"images": images.shape, "wrist_images": wrist_images.shape, "states": states.shape,
                   "actions": actions.shape}
@@ -62,8 +72,8 @@ class LeRobotV2Writer:
         task_index = self.tasks.setdefault(instruction, len(self.tasks))
         episode_index = len(self.episodes)
         table = {
-            "image": [_png(frame) for frame in images],
-            "wrist_image": [_png(frame) for frame in wrist_images],
+            "image": [_encoded(frame, self.image_format) for frame in images],
+            "wrist_image": [_encoded(frame, self.image_format) for frame in wrist_images],
             "state": states.astype(np.float32).tolist(),
             "actions": actions.astype(np.float32).tolist(),
             "timestamp": (np.arange(T, dtype=np.float32) / self.fps).tolist(),
@@ -84,7 +94,7 @@ class LeRobotV2Writer:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The Arrow schema carries the `datasets` features, so image columns decode as images on load.
         pq.write_table(datasets.Dataset.from_dict(table, features=features).data.table, path)
-        self.episodes.append({"episode_index": episode_index, "tasks": [instruction], "length": T})
+        self.episodes.append({"episode_index": episode_index, "tasks": [instruction], "length": T, **(metadata or {})})
         self.num_frames += T
 
     def close(self) -> Path:

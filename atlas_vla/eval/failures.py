@@ -82,12 +82,14 @@ class FailureMonitor:
     """Watches one episode's goal objects; `reason()` says why a failed episode failed.
 
     `env` is a LIBERO `OffScreenRenderEnv` right after its settling steps and `observation` the
-    observation those steps returned; call `observe` after every policy step.
+    observation those steps returned; call `observe` after every policy step. `goals` (BDDL goal tuples) replaces
+    the task's own, for an episode whose goal was re-targeted to another object.
     """
 
-    def __init__(self, env: Any, observation: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, env: Any, observation: Mapping[str, np.ndarray],
+                 goals: Sequence[Sequence[str]] | None = None) -> None:
         self.problem = env.env
-        self.goals = [tuple(goal) for goal in self.problem.parsed_problem["goal_state"]]
+        self.goals = [tuple(goal) for goal in (goals if goals is not None else self.problem.parsed_problem["goal_state"])]
         self.trackers = {goal[1]: ObjectTracker(goal[1], observation)
                          for goal in self.goals if goal[0].lower() in PLACE_PREDICATES}
 

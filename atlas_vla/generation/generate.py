@@ -1,0 +1,416 @@
+"""`atlas-vla generate-demos`: demonstrations in new layouts, generated from recorded ones and kept only when the
+simulator says the task succeeded.
+
+A run makes `num_demos` episodes per task. Each **try** of a task is numbered (0, 1, 2, ...) and fully decided by
+the run's seed and that number: which source episode it re-targets (round robin over the task's episodes), the
+layout (`layouts.layout_rng("generation", seed, suite, task, try)`) and, with `other_goals`, which object of the goal's
+kind it moves. A try resets the source's scene (`sources.recover`), lays it out anew (`layouts`), names the goal's
+object where it now is (`instructions`), re-targets the source's motion (`retarget`) and keeps the episode if the
+goal holds. The episodes kept are each task's first `num_demos` kept tries in try order, so the result does not
+depend on how many workers ran or on interruptions.
+
+Resumable: tries run in simulator worker processes and each finished one is appended (flushed, fsynced) to
+`<output>.generation/tries.jsonl`, a kept episode's arrays written to `<output>.generation/episodes/` first; a rerun
+with the same settings skips every try already there. The dataset is assembled at the end into `<output>` (a
+LeRobot v2 folder in the source's layout, moved into place whole) with `generation.json`, the report: per task the
+tries, kept, why the others failed (the evaluation's failure phases, or the layout that would not settle or could
+not be described), and demos per hour.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
+from atlas_vla.generation.sources import Recovered, SourceEpisode, SourceRefused, read_episodes
+
+logger = logging.getLogger(__name__)
+
+MAX_TRIES_PER_DEMO = 8  # a task stops after num_demos * this many tries, short of demos if it must
+LAYOUT_NOT_SETTLED, AMBIGUOUS = "layout did not settle", "no unambiguous instruction"
+REPORT_NAME = "generation.json"
+SUITE_KEYS = {"libero_spatial": 0, "libero_object": 1, "libero_goal": 2, "libero_10": 3, "libero_90": 4}
+
+
+@dataclass(frozen=True)
+class Try:
+    """One attempt at one generated episode (what a worker is given)."""
+
+    task: str  # "<suite>/<task id>"
+    number: int
+    episode: SourceEpisode
+    goal_object: str | None  # None: the task's own; else another object of its kind
+    seed: int
+    recovered: Recovered | None  # known from an earlier try of the same source episode
+    work: str
+
+
+def work_folder(output: Path) -> Path:
+    return output.with_name(output.name + ".generation")
+
+
+# ---- the worker side ----------------------------------------------------------------------------------------------
+
+_ENVS: dict[tuple[str, int, int], Any] = {}
+
+
+def _environment(suite: str, task_id: int, size: int) -> Any:
+    from atlas_vla.eval.libero_sim import make_env, task_info
+
+    key = (suite, task_id, size)
+    if key not in _ENVS:
+        for env in _ENVS.values():
+            env.close()
+        _ENVS.clear()
+        _ENVS[key] = make_env(task_info(suite, task_id)[1], size)
+    return _ENVS[key]
+
+
+def run_try(item: Try) -> dict[str, Any]:
+    """Run one try in this process's simulator; returns its record (`kept`, and why not)."""
+    from atlas_vla.data.transforms import libero_state, rotate_180
+    from atlas_vla.eval.failures import FailureMonitor
+    from atlas_vla.eval.libero_sim import NUM_WAIT_STEPS, WAIT_ACTION, task_info
+    from atlas_vla.eval.suites import max_episode_steps
+    from atlas_vla.generation.instructions import Ambiguous, instruction
+    from atlas_vla.generation.layouts import LayoutRejected, apply_layout, layout_rng, sample_layout
+    from atlas_vla.generation.retarget import execute, hand_pose, plan
+    from atlas_vla.generation.scene import Pose, Scene
+    from atlas_vla.generation.sources import recover
+    from scipy.spatial.transform import Rotation
+
+    start_time = time.perf_counter()
+    episode = item.episode
+    env = _environment(episode.suite, episode.task_id, episode.image_size)
+    scene = Scene(env)
+    initial_states = task_info(episode.suite, episode.task_id)[2]
+
+    def settle() -> Any:
+        observation = None
+        for _ in range(NUM_WAIT_STEPS):
+            observation, _, _, _ = env.step(list(WAIT_ACTION))
+        return observation
+
+    def start(state: int) -> Any:
+        env.seed(0)
+        env.reset()
+        env.set_init_state(initial_states[state])
+        return settle()
+
+    task_goal = scene.goal()
+    record: dict[str, Any] = {"task": item.task, "try": item.number, "source": episode.source,
+                              "source_episode": episode.episode, "goal_object": item.goal_object or task_goal.obj}
+    recovered = item.recovered
+    if recovered is None:
+        recovered = recover(episode, start, lambda action: env.step(action.tolist())[0],
+                            lambda observation: rotate_180(observation["agentview_image"]),
+                            lambda: task_goal.holds(scene),
+                            lambda: {name: pose.as_list() for name, pose in scene.poses().items()},
+                            len(initial_states))
+        record["recovered"] = asdict(recovered)
+    record["initial_state"] = recovered.initial_state
+    observation = start(recovered.initial_state)
+    goal = task_goal.retargeted(item.goal_object) if item.goal_object else task_goal
+    suite_key = SUITE_KEYS[episode.suite]
+    seed, rng = layout_rng("generation", item.seed, suite_key, episode.task_id, item.number)
+    try:
+        observation, layout = apply_layout(scene, sample_layout(scene, rng, seed), settle)
+        record["layout"] = layout.record()
+        record["instruction"] = instruction(scene, goal, episode.instruction)
+    except (LayoutRejected, Ambiguous) as error:
+        reason = LAYOUT_NOT_SETTLED if isinstance(error, LayoutRejected) else AMBIGUOUS
+        return {**record, "kept": False, "reason": reason, "detail": str(error), "steps": 0,
+                "seconds": time.perf_counter() - start_time}
+    new_object, new_target = scene.pose(goal.obj), scene.pose(goal.target)
+    waypoints = plan(episode.states[:, :3].astype(float), Rotation.from_rotvec(episode.states[:, 3:6].astype(float)),
+                     episode.actions[:, 6].astype(float), Pose.from_list(recovered.poses[task_goal.obj]),
+                     Pose.from_list(recovered.poses[task_goal.target]), new_object, new_target, hand_pose(observation))
+    monitor = FailureMonitor(env, observation, goals=[(goal.predicate, goal.obj, goal.region)])
+    frames: dict[str, list[np.ndarray]] = {"images": [], "wrist_images": [], "states": []}
+
+    def step(action: np.ndarray) -> Any:
+        nonlocal observation
+        frames["images"].append(rotate_180(observation["agentview_image"]))
+        frames["wrist_images"].append(rotate_180(observation["robot0_eye_in_hand_image"]))
+        frames["states"].append(libero_state(observation["robot0_eef_pos"], observation["robot0_eef_quat"],
+                                             observation["robot0_gripper_qpos"]))
+        observation, _, _, _ = env.step(action.tolist())
+        monitor.observe(observation, action)
+        return observation
+
+    kept, actions = execute(step, observation, waypoints, lambda: goal.holds(scene), max_episode_steps(episode.suite))
+    record.update({"kept": kept, "reason": None if kept else monitor.reason(), "steps": len(actions)})
+    if kept:
+        name = f"episodes/{item.task.replace('/', '-')}/try-{item.number:06d}.npz"
+        path = Path(item.work) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with staged_file(path) as staged:
+            with open(staged, "wb") as file:
+                np.savez(file, images=np.stack(frames["images"]), wrist_images=np.stack(frames["wrist_images"]),
+                         states=np.stack(frames["states"]).astype(np.float32),
+                         actions=np.stack(actions).astype(np.float32))
+        record["file"] = name
+    record["seconds"] = time.perf_counter() - start_time
+    return record
+
+
+def _worker_try(item: Try) -> dict[str, Any]:
+    """`run_try` for the pool: a refused source comes back as a record, not an exception across processes."""
+    try:
+        return run_try(item)
+    except SourceRefused as error:
+        return {"task": item.task, "try": item.number, "refused": str(error)}
+
+
+# ---- the main side ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides a run's tries: a rerun continues only with the same settings."""
+
+    sources: list[str]
+    num_demos: int
+    seed: int
+    other_goals: bool
+
+
+class TryLog:
+    """`tries.jsonl` in the work folder: its first line the settings, then one finished try per line."""
+
+    def __init__(self, work: Path, settings: Settings, fresh: bool) -> None:
+        self.path = work / "tries.jsonl"
+        identity = {"settings": asdict(settings)}
+        self.records: list[dict[str, Any]] = []
+        if self.path.is_file() and not fresh:
+            lines = self.path.read_text().splitlines()
+            header = json.loads(lines[0]) if lines else None
+            if header != identity:
+                differ = sorted(k for k in identity["settings"]
+                                if (header or {}).get("settings", {}).get(k) != identity["settings"][k])
+                raise ValueError(f"{work} holds the tries of a generation with other settings ({', '.join(differ)}): "
+                                 f"run with the same settings to continue it, or pass --fresh to start over")
+            for line in lines[1:]:
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line, cut short by a kill: that try runs again
+                    break
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in [identity, *self.records]))
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps(identity) + "\n")
+        self._file = open(self.path, "a")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records.append(record)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class TaskPlan:
+    """A task's source episodes and the objects its tries move, and what its tries have given so far."""
+
+    name: str
+    episodes: list[SourceEpisode]
+    goal_objects: list[str | None]
+    finished: dict[int, dict[str, Any]]
+    submitted: set[int]
+
+    def item(self, number: int, seed: int, recovered: dict[tuple[str, int], Recovered], work: Path) -> Try:
+        goal = self.goal_objects[number % len(self.goal_objects)]
+        episode = self.episodes[(number // len(self.goal_objects)) % len(self.episodes)]
+        return Try(self.name, number, episode, goal, seed, recovered.get((episode.source, episode.episode)), str(work))
+
+    def kept(self, num_demos: int) -> list[dict[str, Any]]:
+        """The first `num_demos` kept tries among those finished without a gap before them."""
+        found: list[dict[str, Any]] = []
+        number = 0
+        while number in self.finished and len(found) < num_demos:
+            if self.finished[number].get("kept"):
+                found.append(self.finished[number])
+            number += 1
+        return found
+
+    def done(self, num_demos: int) -> bool:
+        return len(self.kept(num_demos)) >= num_demos or len(self.finished) >= num_demos * MAX_TRIES_PER_DEMO
+
+
+def _goal_objects(episode: SourceEpisode, other_goals: bool) -> list[str | None]:
+    """The objects a task's tries move: its own goal's (None), then, with `other_goals`, each other movable
+    object of that kind in its scene."""
+    if not other_goals:
+        return [None]
+    from atlas_vla.generation.instructions import same_kind
+    from atlas_vla.generation.scene import Scene
+
+    env = _environment(episode.suite, episode.task_id, episode.image_size)
+    try:
+        scene = Scene(env)
+        return [None, *same_kind(scene, scene.goal().obj)]
+    finally:  # the main process keeps no simulator
+        env.close()
+        _ENVS.clear()
+
+
+def _check_goal(episode: SourceEpisode) -> None:
+    """A task whose goal is not one pick-and-place is refused before any try runs, naming the predicate."""
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    from atlas_vla.eval.libero_sim import task_info
+
+    goals = robosuite_parse_problem(task_info(episode.suite, episode.task_id)[1])["goal_state"]
+    if len(goals) != 1 or len(goals[0]) != 3 or goals[0][0].lower() not in ("on", "in"):
+        shown = " and ".join("(" + " ".join(goal) + ")" for goal in goals)
+        raise ValueError(f"{episode.suite} task {episode.task_id} ({episode.instruction!r}): its goal {shown} is not "
+                         f"one pick-and-place (On or In); only those can be re-targeted")
+
+
+def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_demos: int, seed: int = 0,
+                   num_workers: int = 1, other_goals: bool = False, fresh: bool = False) -> dict[str, Any]:
+    """Generate `num_demos` episodes per task of `sources` into `output` (see the module's docstring); returns the
+    report also written to `output/generation.json`."""
+    from tqdm.auto import tqdm
+
+    from atlas_vla.eval.libero_sim import require_simulator
+
+    require_simulator()
+    if num_demos < 1 or num_workers < 1:
+        raise ValueError(f"--num-demos and --num-workers must be >= 1, got {num_demos} and {num_workers}")
+    output = Path(output)
+    episodes = [episode for source in sources for episode in read_episodes(source)]
+    formats = {(e.image_size, e.image_format, e.fps) for e in episodes}
+    if len(formats) > 1:
+        raise ValueError(f"the sources differ in image size, encoding or fps ({sorted(formats)}): generate from each "
+                         f"separately")
+    tasks: dict[str, list[SourceEpisode]] = {}
+    for episode in episodes:
+        tasks.setdefault(f"{episode.suite}/{episode.task_id}", []).append(episode)
+    for found in tasks.values():
+        _check_goal(found[0])
+    work = work_folder(output)
+    log = TryLog(work, Settings(list(sources), num_demos, seed, other_goals), fresh)
+    plans = {name: TaskPlan(name, found, _goal_objects(found[0], other_goals), {}, set())
+             for name, found in tasks.items()}
+    recovered: dict[tuple[str, int], Recovered] = {}
+    for record in log.records:
+        plans[record["task"]].finished[record["try"]] = record
+        _remember(record, plans, recovered)
+    started = time.perf_counter()
+    progress = tqdm(total=num_demos * len(plans), desc="generate-demos", unit="demo")
+    try:
+        _run(plans, log, recovered, num_demos, seed, num_workers, work, progress)
+    finally:
+        progress.close()
+        log.close()
+    report = _report(plans, num_demos, seed, time.perf_counter() - started)
+    _assemble(plans, num_demos, episodes[0], work, output, report)
+    return report
+
+
+def _remember(record: dict[str, Any], plans: dict[str, TaskPlan], recovered: dict[tuple[str, int], Recovered]
+              ) -> None:
+    if "recovered" in record:
+        recovered[(record["source"], record["source_episode"])] = Recovered(**record["recovered"])
+
+
+def _progress_text(plans: dict[str, TaskPlan], num_demos: int) -> str:
+    kept = sum(len(plan.kept(num_demos)) for plan in plans.values())
+    tried = sum(len(plan.finished) for plan in plans.values())
+    return f"kept {kept} / tried {tried}"
+
+
+def _run(plans: dict[str, TaskPlan], log: TryLog, recovered: dict[tuple[str, int], Recovered], num_demos: int,
+         seed: int, num_workers: int, work: Path, progress: Any) -> None:
+    """Keep `num_workers` simulator processes busy with the next tries of the tasks still short of demos."""
+    context = mp.get_context("spawn")  # MuJoCo's rendering context does not survive a fork
+    in_flight: dict[tuple[str, int], Any] = {}
+    progress.update(sum(len(plan.kept(num_demos)) for plan in plans.values()) - progress.n)
+    with context.Pool(num_workers, maxtasksperchild=None) as pool:
+        while True:
+            for plan in plans.values():  # tasks in order; each task's tries in order
+                missing = num_demos - len(plan.kept(num_demos))
+                while (len(in_flight) < 2 * num_workers and not plan.done(num_demos)
+                       and len(plan.submitted) < max(2 * missing, 1)
+                       and len(plan.finished) + len(plan.submitted) < num_demos * MAX_TRIES_PER_DEMO):
+                    number = next(k for k in range(len(plan.finished) + len(plan.submitted) + 1)
+                                  if k not in plan.finished and k not in plan.submitted)
+                    plan.submitted.add(number)
+                    in_flight[(plan.name, number)] = pool.apply_async(
+                        _worker_try, (plan.item(number, seed, recovered, work),))
+            if not in_flight:
+                return
+            finished = [key for key, result in in_flight.items() if result.ready()]
+            if not finished:
+                time.sleep(0.2)
+                continue
+            for key in finished:
+                record = in_flight.pop(key).get()
+                plan = plans[key[0]]
+                plan.submitted.discard(key[1])
+                if "refused" in record:
+                    pool.terminate()
+                    raise SourceRefused(record["refused"])
+                log.append(record)
+                plan.finished[key[1]] = record
+                _remember(record, plans, recovered)
+            progress.update(sum(len(p.kept(num_demos)) for p in plans.values()) - progress.n)
+            progress.set_postfix_str(_progress_text(plans, num_demos))
+
+
+def _report(plans: dict[str, TaskPlan], num_demos: int, seed: int, seconds: float) -> dict[str, Any]:
+    """Per task: tries, kept, rejection reasons, simulator time and demos per hour of simulator time."""
+    tasks = {}
+    for name, plan in plans.items():
+        records = list(plan.finished.values())
+        worker_seconds = sum(r.get("seconds", 0.0) for r in records)
+        kept = [r for r in records if r.get("kept")]
+        tasks[name] = {
+            "instruction": plan.episodes[0].instruction, "source_episodes": len(plan.episodes),
+            "tries": len(records), "kept": len(kept), "used": len(plan.kept(num_demos)),
+            "rejected": dict(Counter(r["reason"] for r in records if not r.get("kept"))),
+            "steps_executed": sum(r.get("steps", 0) for r in records),
+            "steps_kept": sum(r.get("steps", 0) for r in kept),
+            "worker_seconds": worker_seconds,
+            "demos_per_hour": len(kept) / worker_seconds * 3600 if worker_seconds else None,
+        }
+    return {"num_demos": num_demos, "seed": seed, "seconds": seconds, "tasks": tasks}
+
+
+def _assemble(plans: dict[str, TaskPlan], num_demos: int, like: SourceEpisode, work: Path, output: Path,
+              report: dict[str, Any]) -> None:
+    """Write the kept episodes into the LeRobot folder `output` (replaced whole) with the report."""
+    from atlas_vla.data.lerobot_writer import LeRobotV2Writer
+
+    kept = [record for plan in plans.values() for record in plan.kept(num_demos)]
+    write_json_atomic(work / REPORT_NAME, report)
+    if not kept:
+        raise ValueError(f"no try succeeded ({_progress_text(plans, num_demos)}); nothing written to {output}; "
+                         f"the report is {work / REPORT_NAME}")
+    writer = LeRobotV2Writer(output, fps=like.fps, overwrite=True, image_format=like.image_format)
+    try:
+        for record in kept:
+            with np.load(work / record["file"]) as arrays:
+                writer.add_episode(arrays["images"], arrays["wrist_images"], arrays["states"], arrays["actions"],
+                                   record["instruction"],
+                                   metadata={"generation": {key: record[key] for key in (
+                                       "task", "try", "source_episode", "initial_state", "goal_object", "layout")}})
+        write_json_atomic(writer.tmp / REPORT_NAME, report)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

@@ -1,0 +1,170 @@
+"""The recorded episodes generation starts from, and the simulator states they were recorded in.
+
+A source is anything `data.source` reads whose episodes were recorded in the LIBERO simulator: a LeRobot folder
+(e.g. `physical-intelligence/libero`'s layout) or a Hub dataset. Such a folder holds images, states and actions but
+no simulator state, so the scene an episode started in is recovered: each task's official initial states (those
+below `SOURCE_STATES`: states from 20 on are kept for evaluation) are set, settled as LIBERO's protocol settles
+them, and rendered, and the one whose first frame matches the episode's (`FRAME_TOLERANCE`) is taken, trying first
+the state the episode's position among its task's episodes suggests. The episode is then replayed from it:
+every step's end-effector position must stay within `STATE_TOLERANCE_M` of the recorded state, the frames at four
+points within `FRAME_TOLERANCE`, and the goal must hold at the end. A source that fails is refused, naming the
+episode.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, INSTRUCTION, STATE, WRIST_IMAGE
+
+SOURCE_STATES = 20  # official initial states 0..19 may be a source's; 20 and above are evaluation's alone
+FRAME_TOLERANCE = 6.0  # mean absolute difference of a frame, of 255 (JPEG noise is at most 2.9 on the fixtures)
+STATE_TOLERANCE_M = 0.005
+BASE_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+
+class SourceRefused(ValueError):
+    """A source episode that cannot be generated from (not a LIBERO task, or its replay differs)."""
+
+
+@dataclass
+class SourceEpisode:
+    """One recorded episode: its actions and states, the frames its replay is checked against, and its task."""
+
+    source: str
+    episode: int  # its episode index in the source
+    ordinal: int  # its position among the source's episodes of the same instruction
+    instruction: str
+    states: np.ndarray  # (T, 8) float32
+    actions: np.ndarray  # (T, 7) float32
+    checked_frames: dict[int, np.ndarray]  # frame index -> upright agent-view image (H, W, 3) uint8
+    image_format: str  # "jpeg" or "png": how the source stores its frames
+    suite: str = ""
+    task_id: int = -1
+    fps: int = 20
+
+    @property
+    def name(self) -> str:
+        return f"{self.source} episode {self.episode}"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.checked_frames[0].shape[0])
+
+
+@dataclass
+class Recovered:
+    """What the replay of a source episode established: the official initial state it starts from and where the goal's
+    object and target were once the scene settled."""
+
+    initial_state: int
+    poses: dict[str, list[float]] = field(default_factory=dict)  # object -> Pose.as_list() after settling
+
+
+def _decode(image: dict[str, Any]) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB"))
+
+
+def _format(image: dict[str, Any]) -> str:
+    return "jpeg" if image["bytes"][:2] == b"\xff\xd8" else "png"
+
+
+def checked_indices(length: int) -> list[int]:
+    """The frames a replay is compared at: the first, two in between and the last."""
+    return sorted({0, length // 3, 2 * length // 3, length - 1})
+
+
+def read_episodes(source: str) -> list[SourceEpisode]:
+    """Every episode of `source` (a LeRobot folder or Hub id `data.source` reads), with its task found
+    (`find_task`); `SourceRefused` naming the episode whose instruction is no LIBERO task."""
+    from atlas_vla.data.sources import load_libero
+
+    dataset = load_libero(source)
+    raw = dataset.cast_column(AGENT_IMAGE, datasets.Image(decode=False)).remove_columns([WRIST_IMAGE])
+    numbers = raw.select_columns([STATE, ACTION, EPISODE_INDEX, INSTRUCTION]).with_format("numpy")[:]
+    episodes_index = numbers[EPISODE_INDEX]
+    episodes: list[SourceEpisode] = []
+    seen: dict[str, int] = {}
+    for episode in dict.fromkeys(episodes_index.tolist()):
+        rows = np.flatnonzero(episodes_index == episode)
+        instruction = str(numbers[INSTRUCTION][rows[0]])
+        frames = {i: raw[int(rows[i])][AGENT_IMAGE] for i in checked_indices(len(rows))}
+        episodes.append(SourceEpisode(
+            source, int(episode), seen.get(instruction, 0), instruction,
+            np.asarray(numbers[STATE][rows], np.float32), np.asarray(numbers[ACTION][rows], np.float32),
+            {i: _decode(image) for i, image in frames.items()}, _format(frames[0])))
+        seen[instruction] = seen.get(instruction, 0) + 1
+    for found in episodes:
+        found.suite, found.task_id = find_task(found.instruction, found.name)
+    return episodes
+
+
+def find_task(instruction: str, where: str) -> tuple[str, int]:
+    """The LIBERO suite and task whose instruction is `instruction` (the first of `BASE_SUITES` that has it)."""
+    for suite, task_id in _tasks_by_instruction().get(instruction, []):
+        return suite, task_id
+    raise SourceRefused(f"{where}: {instruction!r} is the instruction of no task of {', '.join(BASE_SUITES)}: "
+                        f"only episodes recorded in the LIBERO simulator can be generated from")
+
+
+def _tasks_by_instruction() -> dict[str, list[tuple[str, int]]]:
+    from libero.libero import benchmark
+
+    found: dict[str, list[tuple[str, int]]] = {}
+    suites = benchmark.get_benchmark_dict()
+    for suite in BASE_SUITES:
+        tasks = suites[suite]()
+        for task_id in range(tasks.n_tasks):
+            found.setdefault(tasks.get_task(task_id).language, []).append((suite, task_id))
+    return found
+
+
+def frame_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def recover(episode: SourceEpisode, start: Callable[[int], Any], step: Callable[[np.ndarray], Any],
+            frame: Callable[[Any], np.ndarray], succeeded: Callable[[], bool], poses: Callable[[], dict[str, list]],
+            num_states: int) -> Recovered:
+    """Find the initial state `episode` was recorded from and check its replay (see the module's docstring).
+    `start(i)` resets the scene to official initial state i, settled, and returns the observation; `step(action)`
+    runs one action; `frame(observation)` is its upright agent-view image; `poses()` the objects' poses now."""
+    candidates = list(range(min(num_states, SOURCE_STATES)))
+    if episode.ordinal in candidates:  # recorded in order (as LIBERO's own protocol does): try that one first
+        candidates.remove(episode.ordinal)
+        candidates.insert(0, episode.ordinal)
+    first = episode.checked_frames[0]
+    closest = (np.inf, -1)
+    for state in candidates:
+        difference = frame_difference(frame(start(state)), first)
+        closest = min(closest, (difference, state))
+        if difference <= FRAME_TOLERANCE:
+            break
+    else:
+        raise SourceRefused(f"{episode.name}: no official initial state 0-{len(candidates) - 1} of {episode.suite} "
+                            f"task {episode.task_id} renders its first frame (closest: state {closest[1]}, mean "
+                            f"difference {closest[0]:.1f} of 255, tolerance {FRAME_TOLERANCE})")
+    observation = start(state)
+    settled = poses()
+    for t, action in enumerate(episode.actions):
+        position = np.asarray(observation["robot0_eef_pos"])
+        error = float(np.linalg.norm(position - episode.states[t, :3]))
+        if error > STATE_TOLERANCE_M:
+            raise SourceRefused(f"{episode.name}: its replay from initial state {state} leaves the recorded path at "
+                                f"step {t} (end effector {error * 1000:.1f} mm away, tolerance "
+                                f"{STATE_TOLERANCE_M * 1000:.0f} mm): its actions do not reproduce its states")
+        if t in episode.checked_frames:
+            difference = frame_difference(frame(observation), episode.checked_frames[t])
+            if difference > FRAME_TOLERANCE:
+                raise SourceRefused(f"{episode.name}: its replay from initial state {state} renders frame {t} "
+                                    f"{difference:.1f} of 255 away from the recorded one (tolerance {FRAME_TOLERANCE})")
+        observation = step(action)
+    if not succeeded():
+        raise SourceRefused(f"{episode.name}: its replay from initial state {state} does not reach the goal")
+    return Recovered(state, settled)
