@@ -249,7 +249,7 @@ def _run_generate_demos(args: argparse.Namespace) -> int:
                             num_workers=args.num_workers, other_goals=args.other_goals, fresh=args.fresh)
     for task, row in report["tasks"].items():
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(row["rejected"].items())) or "none"
-        print(f"{task}: kept {row['kept']} / tried {row['tries']} (rejected: {reasons})")
+        print(f"{task}: {row['used']} episodes written; kept {row['kept']} / tried {row['tries']} (rejected: {reasons})")
     print(f"wrote {args.output} ({REPORT_NAME} holds the report)")
     return 0
 
@@ -446,6 +446,11 @@ def _add_episode_flags(parser: argparse.ArgumentParser) -> None:
                         help="parallel simulator worker processes (default 1); without --server they share one policy "
                              "server started for the evaluation, which batches their queries")
     parser.add_argument("--seed", type=int, default=None, help="env.seed of every episode (default 0)")
+    parser.add_argument("--layouts", choices=("official", "random"), default=None,
+                        help="random: lay each episode's objects out anew with generate-demos' sampler (from a seed "
+                             "stream of its own, so never a layout any generation drew) and name the goal's object "
+                             "where it now is (default: official, the initial states as they are)")
+    parser.add_argument("--layout-seed", type=int, default=None, help="the seed of --layouts random (default 0)")
     _renamed_flag(parser, "--max-steps", "--max-episode-steps", type=int)
     _renamed_flag(parser, "--temporal-ensemble", "--ensemble-decay", type=float)
 
@@ -460,7 +465,8 @@ def _eval_config(args: argparse.Namespace) -> EvalConfig:
               else EvalConfig(initial_states=list(range(50)), num_workers=1))
     overrides = {"suite": args.suite, "max_episode_steps": args.max_episode_steps, "replan_steps": args.replan_steps,
                  "ensemble_decay": args.ensemble_decay, "camera_size": args.camera_size,
-                 "num_workers": args.num_workers, "seed": args.seed,
+                 "num_workers": args.num_workers, "seed": args.seed, "layouts": args.layouts,
+                 "layout_seed": args.layout_seed,
                  "tasks": parse_range(args.tasks) if args.tasks else None,
                  "perturbations": [p.strip() for p in args.perturbations.split(",") if p.strip()]
                  if args.perturbations else None,
@@ -525,6 +531,9 @@ def _run_eval_libero(args: argparse.Namespace) -> int:
         print(sim.format_table(suite, suite_summary))
     if len(summary["suites"]) > 1:
         print(sim.format_comparison(list(summary["suites"].items())))
+    if config.layouts == "random":
+        print(f"layouts: random, layout seed {config.layout_seed} (the evaluation's own seed stream: no generate-demos "
+              f"run drew these); each episode's layout and instruction are in the results")
     path = sim.save_results(args.output, config.suite, summary, settings)
     print(f"wrote {path}")
     check_episodes_ran(results, path)

@@ -64,3 +64,31 @@ def tiny_args(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
 def offline_environment(**extra: str) -> dict[str, str]:
     """This process's environment for a training subprocess: W&B offline, no Hub, quiet tokenizers."""
     return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def lerobot_subset(source: Path, target: Path, episodes: list[int], alter=None) -> Path:
+    """A copy of the LeRobot v2 folder `source` holding only `episodes` (their parquet files byte for byte, the
+    metadata rewritten to match); `alter(table) -> table` may change an episode's columns (a broken source)."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (source / "meta" / "episodes.jsonl").read_text().splitlines()]
+    kept = [row for row in rows if row["episode_index"] in episodes]
+    (target / "meta").mkdir(parents=True)
+    (target / "data" / "chunk-000").mkdir(parents=True)
+    (target / "meta" / "episodes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    shutil.copy(source / "meta" / "tasks.jsonl", target / "meta" / "tasks.jsonl")
+    info = json.loads((source / "meta" / "info.json").read_text())
+    info.update(total_episodes=len(kept), total_frames=sum(row["length"] for row in kept),
+                splits={"train": f"0:{len(kept)}"})
+    (target / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    for row in kept:
+        name = f"episode_{row['episode_index']:06d}.parquet"
+        if alter is None:
+            shutil.copy(source / "data" / "chunk-000" / name, target / "data" / "chunk-000" / name)
+        else:
+            pq.write_table(alter(pq.read_table(source / "data" / "chunk-000" / name)),
+                           target / "data" / "chunk-000" / name)
+    return target

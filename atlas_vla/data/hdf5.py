@@ -113,6 +113,18 @@ def _frames(images: np.ndarray, rotate: bool, size: int | None) -> np.ndarray:
     return np.ascontiguousarray(images, dtype=np.uint8)
 
 
+def iter_demos(path: Path) -> Iterator[tuple[int, str, dict[str, np.ndarray]]]:
+    """(demo number, instruction, arrays) of every demo of one file, in demo order: the arrays of `_KEYS` as
+    recorded (images upside down) and, where the file has them, the simulator `states` (T, D) it was recorded in."""
+    with _open(path) as handle:
+        instruction = instruction_of(handle, path)
+        for demo in _demos(handle):
+            arrays = _read_demo(handle, path, demo)
+            if "states" in handle["data"][demo]:
+                arrays["states"] = handle["data"][demo]["states"][()]
+            yield int(_DEMO.match(demo).group(1)), instruction, arrays
+
+
 def iter_episodes(files: Sequence[Path], *, rotate: bool = True, image_size: int | None = None,
                   filter_noops: bool = False) -> Iterator[tuple[dict[str, np.ndarray], str]]:
     """(episode arrays, instruction) for every demo of every file, in file then demo order."""

@@ -213,7 +213,7 @@ def _open_source(source: str, *, revision: str | None, cache_dir: str | None) ->
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub dataset ids only, but {source!r} is a local folder")
         root = found
-        if _is_raw_hdf5(found):
+        if is_raw_hdf5(found):
             root, origin = _converted_hdf5(found, cache_dir), found
     else:
         root, repo_id = _download(found, revision=revision, cache_dir=cache_dir, patterns=["meta/*"]), found
@@ -225,7 +225,7 @@ def _open_source(source: str, *, revision: str | None, cache_dir: str | None) ->
     return src
 
 
-def _is_raw_hdf5(path: Path) -> bool:
+def is_raw_hdf5(path: Path) -> bool:
     """A raw LIBERO `*.hdf5` file, or a folder of them that is not itself a dataset folder."""
     if path.is_file():
         return path.suffix in (".hdf5", ".h5")

@@ -9,6 +9,8 @@ from typing import ClassVar
 from atlas_vla.chunk_schedule import check_ensemble_decay
 from atlas_vla.eval.suites import perturbed_suites
 
+LAYOUTS = ("official", "random")
+
 
 @dataclass
 class EvalConfig:
@@ -33,6 +35,10 @@ class EvalConfig:
     num_workers: int = 2  # simulator worker processes
     videos: bool = True  # write an mp4 per episode and log them to W&B
     seed: int = 0  # env.seed of every episode
+    # official: LIBERO's initial states as they are; random: each episode's objects then laid out anew by
+    # generate-demos' sampler, from a stream of its own (layout_seed), the goal's object named where it now is
+    layouts: str = "official"
+    layout_seed: int = 0
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"libero_steps": "every_steps", "max_steps": "max_episode_steps",
                                               "temporal_ensemble": "ensemble_decay"}
@@ -47,6 +53,8 @@ class EvalConfig:
             raise ValueError(f"eval.suite must name a LIBERO suite (libero_spatial, libero_spatial_swap, ...), "
                              f"got {self.suite!r}")
         perturbed_suites(self.suite, self.perturbations)  # a clear error for an unknown perturbation
+        if self.layouts not in LAYOUTS:
+            raise ValueError(f"eval.layouts must be one of {', '.join(LAYOUTS)}, got {self.layouts!r}")
         for name in ("camera_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")

@@ -8,7 +8,9 @@ rotated 180 degrees to the upright convention of the training data, the 8-D stat
 `ensemble_decay`, the policy is asked every step and overlapping chunks are averaged (ACT); the
 episode loop is a `runtime.PolicyRuntime`, the same one a robot runs. `episode_specs(EvalConfig)` is
 the one place the episodes of an evaluation are chosen; training, `atlas-vla eval-libero` and the
-benchmarks all call it.
+benchmarks all call it. With `layouts: random` each episode's objects are then laid out anew
+(`random_layout`: generate-demos' sampler on a seed stream of the evaluation's own) and the goal's object is named
+where it now is; the layout is recorded with the episode.
 
 Episodes run in simulator worker processes that are thin clients of one policy server (a running
 `atlas-vla serve`, or one started for the evaluation), so the model is loaded once, the workers'
@@ -71,6 +73,7 @@ class EpisodeSpec:
     seed: int = 0
     video_dir: str | None = None
     ensemble_decay: float | None = None  # ACT temporal ensembling (chunk_schedule.ChunkSchedule); None = open-loop chunks
+    layout_seed: int | None = None  # None: the initial state as it is; else its objects laid out anew (random_layout)
 
 
 def episode_specs(config: EvalConfig, *, video_dir: str | os.PathLike | None = None) -> list[EpisodeSpec]:
@@ -93,8 +96,9 @@ def episode_specs(config: EvalConfig, *, video_dir: str | os.PathLike | None = N
             if bad:
                 raise ValueError(f"{suite} task {task} has initial states 0..{len(init_states) - 1}, got {bad}")
     videos = str(video_dir) if config.videos and video_dir is not None else None
+    layout_seed = config.layout_seed if config.layouts == "random" else None
     return [EpisodeSpec(suite, task, state, config.max_episode_steps or max_episode_steps(suite), config.replan_steps,
-                        config.camera_size, config.seed, videos, config.ensemble_decay)
+                        config.camera_size, config.seed, videos, config.ensemble_decay, layout_seed)
             for suite in suites for task in tasks for state in config.initial_states]
 
 
@@ -113,6 +117,7 @@ class EpisodeResult:
     error: str | None = None
     video: str | None = None
     seed: int = 0  # env.seed of the episode
+    layout: dict | None = None  # with random layouts: where the objects were put (`layouts.Layout.record`)
 
 
 def sim_observation(obs: Mapping[str, np.ndarray], instruction: str) -> dict[str, Any]:
@@ -165,15 +170,23 @@ def make_env(bddl_file: str, camera_size: int):
     return OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=camera_size, camera_widths=camera_size)
 
 
-def run_episode(env: Any, runtime: PolicyRuntime, init_state: np.ndarray, instruction: str, *, max_steps: int,
-                seed: int = 0, on_frame: Callable[[np.ndarray], None] | None = None) -> tuple[bool, int, str | None]:
-    """One protocol episode driven by `runtime` (`reset()`, `select_action(obs) -> (7,)`): (success, steps,
-    failure reason), the reason one of `failures.FAILURE_REASONS` for a failed episode and None otherwise."""
+def start_episode(env: Any, init_state: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """The protocol's start: `env.seed(seed)`, reset, the initial state, the settling steps; the observation."""
     env.seed(seed)
     env.reset()
     obs = env.set_init_state(init_state)
     for _ in range(NUM_WAIT_STEPS):  # let the objects settle
         obs, _, _, _ = env.step(list(WAIT_ACTION))
+    return obs
+
+
+def run_episode(env: Any, runtime: PolicyRuntime, init_state: np.ndarray, instruction: str, *, max_steps: int,
+                seed: int = 0, on_frame: Callable[[np.ndarray], None] | None = None,
+                started: dict[str, Any] | None = None) -> tuple[bool, int, str | None]:
+    """One protocol episode driven by `runtime` (`reset()`, `select_action(obs) -> (7,)`): (success, steps,
+    failure reason), the reason one of `failures.FAILURE_REASONS` for a failed episode and None otherwise.
+    `started`: the observation of a scene already set up (`start_episode`, then laid out anew)."""
+    obs = started if started is not None else start_episode(env, init_state, seed)
     runtime.reset()
     monitor = FailureMonitor(env, obs)
     for step in range(max_steps):
@@ -186,6 +199,34 @@ def run_episode(env: Any, runtime: PolicyRuntime, init_state: np.ndarray, instru
             return True, step + 1, None
         monitor.observe(obs, action)
     return False, max_steps, monitor.reason()
+
+
+def random_layout(env: Any, spec: EpisodeSpec, init_state: np.ndarray, instruction: str
+                  ) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """The episode's scene with its objects laid out anew (`generation.layouts`, the evaluation's own seed
+    stream: never a layout generate-demos drew) and the instruction that names the goal's object where it now is
+    (`generation.instructions`; a goal that is no pick-and-place keeps its words): (observation, instruction,
+    layout record)."""
+    from atlas_vla.generation.instructions import instruction as located
+    from atlas_vla.generation.layouts import first_usable, layout_rng
+    from atlas_vla.generation.scene import Scene
+
+    scene = Scene(env)
+    try:
+        goal = scene.goal()
+    except ValueError:
+        goal = None
+    seed, rng = layout_rng("evaluation", spec.layout_seed or 0, spec.suite, spec.task_id, spec.initial_state)
+
+    def settle() -> dict[str, Any]:
+        obs = None
+        for _ in range(NUM_WAIT_STEPS):
+            obs, _, _, _ = env.step(list(WAIT_ACTION))
+        return obs
+
+    obs, layout, words, _ = first_usable(scene, rng, seed, lambda: start_episode(env, init_state, spec.seed), settle,
+                                         lambda: located(scene, goal, instruction) if goal else instruction)
+    return obs, words, layout.record()
 
 
 def evaluate_episode(spec: EpisodeSpec, policy: ChunkPredictor, envs: dict) -> EpisodeResult:
@@ -207,9 +248,12 @@ def evaluate_episode(spec: EpisodeSpec, policy: ChunkPredictor, envs: dict) -> E
         envs[key] = make_env(bddl, spec.camera_size)
     frames: list[np.ndarray] = []
     runtime = PolicyRuntime(policy, replan_steps=spec.replan_steps, ensemble_decay=spec.ensemble_decay)
+    started, layout = None, None
+    if spec.layout_seed is not None:
+        started, instruction, layout = random_layout(envs[key], spec, init_states[spec.initial_state], instruction)
     success, steps, failure = run_episode(envs[key], runtime, init_states[spec.initial_state], instruction,
                                           max_steps=spec.max_steps, seed=spec.seed,
-                                          on_frame=frames.append if spec.video_dir else None)
+                                          on_frame=frames.append if spec.video_dir else None, started=started)
     video = None
     if spec.video_dir and frames:
         from atlas_vla.video import write_mp4
@@ -217,7 +261,7 @@ def evaluate_episode(spec: EpisodeSpec, policy: ChunkPredictor, envs: dict) -> E
         name = f"{spec.suite}_task{spec.task_id}_init{spec.initial_state}_{'success' if success else 'failure'}.mp4"
         video = str(write_mp4(Path(spec.video_dir) / name, np.stack(frames), fps=20))
     return EpisodeResult(spec.suite, spec.task_id, spec.initial_state, instruction, success, steps,
-                         time.perf_counter() - start, failure=failure, video=video, seed=spec.seed)
+                         time.perf_counter() - start, failure=failure, video=video, seed=spec.seed, layout=layout)
 
 
 def resolve_policy(policy: str) -> str:

@@ -2,19 +2,20 @@
 simulator says the task succeeded.
 
 A run makes `num_demos` episodes per task. Each **try** of a task is numbered (0, 1, 2, ...) and fully decided by
-the run's seed and that number: which source episode it re-targets (round robin over the task's episodes), the
-layout (`layouts.layout_rng("generation", seed, suite, task, try)`) and, with `other_goals`, which object of the goal's
-kind it moves. A try resets the source's scene (`sources.recover`), lays it out anew (`layouts`), names the goal's
-object where it now is (`instructions`), re-targets the source's motion (`retarget`) and keeps the episode if the
-goal holds. The episodes kept are each task's first `num_demos` kept tries in try order, so the result does not
+the run's seed and that number: which source episode it re-targets (round robin over the task's episodes), its
+layouts (`layouts.layout_rng("generation", seed, suite, task, try)`: the first drawn from that stream that settles
+and in which the goal's object can be named, `layouts.first_usable`) and, with `other_goals`, which object of the
+goal's kind it moves. A try resets the source's scene (`sources.recover`), lays it out anew (`layouts`), names the
+goal's object where it now is (`instructions`), re-targets the source's motion (`retarget`) and keeps the episode if
+the goal holds. The episodes kept are each task's first `num_demos` kept tries in try order, so the result does not
 depend on how many workers ran or on interruptions.
 
 Resumable: tries run in simulator worker processes and each finished one is appended (flushed, fsynced) to
 `<output>.generation/tries.jsonl`, a kept episode's arrays written to `<output>.generation/episodes/` first; a rerun
 with the same settings skips every try already there. The dataset is assembled at the end into `<output>` (a
 LeRobot v2 folder in the source's layout, moved into place whole) with `generation.json`, the report: per task the
-tries, kept, why the others failed (the evaluation's failure phases, or the layout that would not settle or could
-not be described), and demos per hour.
+tries, kept, why the others failed (the evaluation's failure phases, or no usable layout), the layouts rejected
+(did not settle, or no phrase names the goal's object alone), steps executed and demos per hour of simulator time.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
+from atlas_vla.generation.layouts import Layout
+from atlas_vla.generation.scene import Goal
 from atlas_vla.generation.sources import Recovered, SourceEpisode, SourceRefused, read_episodes
 
 logger = logging.getLogger(__name__)
 
 MAX_TRIES_PER_DEMO = 8  # a task stops after num_demos * this many tries, short of demos if it must
-LAYOUT_NOT_SETTLED, AMBIGUOUS = "layout did not settle", "no unambiguous instruction"
+NO_LAYOUT = "no usable layout"
 REPORT_NAME = "generation.json"
-SUITE_KEYS = {"libero_spatial": 0, "libero_object": 1, "libero_goal": 2, "libero_10": 3, "libero_90": 4}
 
 
 @dataclass(frozen=True)
@@ -61,104 +63,142 @@ def work_folder(output: Path) -> Path:
 
 # ---- the worker side ----------------------------------------------------------------------------------------------
 
-_ENVS: dict[tuple[str, int, int], Any] = {}
+class Generator:
+    """One task's live scene in this process (a LIBERO environment at the source's image size): recovers source
+    episodes and runs tries in it."""
+
+    def __init__(self, suite: str, task_id: int, image_size: int) -> None:
+        from atlas_vla.eval.libero_sim import make_env, task_info
+        from atlas_vla.generation.scene import Scene
+
+        self.key = (suite, task_id, image_size)
+        self.suite = suite
+        self.initial_states = task_info(suite, task_id)[2]
+        self.env = make_env(task_info(suite, task_id)[1], image_size)
+        self.scene = Scene(self.env)
+        self.goal = self.scene.goal()
+
+    def settle(self) -> Any:
+        """LIBERO's settling steps (the arm still, the gripper open); returns the last observation."""
+        from atlas_vla.eval.libero_sim import NUM_WAIT_STEPS, WAIT_ACTION
+
+        observation = None
+        for _ in range(NUM_WAIT_STEPS):
+            observation, _, _, _ = self.env.step(list(WAIT_ACTION))
+        return observation
+
+    def start(self, state: int | None, episode: SourceEpisode | None = None) -> Any:
+        """The scene of official initial state `state`, settled, as LIBERO's protocol starts an episode; `None`: the
+        simulator state `episode` was recorded from, as its source recorded it (no settling: its first frame)."""
+        self.env.seed(0)
+        self.env.reset()
+        if state is None:
+            return self.env.set_init_state(episode.initial_sim_state)
+        self.env.set_init_state(self.initial_states[state])
+        return self.settle()
+
+    def recover(self, episode: SourceEpisode) -> Recovered:
+        """The initial state `episode` was recorded from, its replay checked (`sources.recover`)."""
+        from atlas_vla.data.transforms import rotate_180
+        from atlas_vla.generation.sources import recover
+
+        return recover(episode, lambda state: self.start(state, episode), lambda action: self.env.step(action.tolist())[0],
+                       lambda observation: rotate_180(observation["agentview_image"]),
+                       lambda: self.goal.holds(self.scene),
+                       lambda: {name: pose.as_list() for name, pose in self.scene.poses().items()},
+                       len(self.initial_states))
+
+    def lay_out(self, episode: SourceEpisode, recovered: Recovered, layout: Layout) -> tuple[Any, Layout]:
+        """The source's scene with the objects where `layout` places them, settled (`LayoutRejected` if it does not
+        settle as placed)."""
+        from atlas_vla.generation.layouts import apply_layout
+
+        self.start(recovered.initial_state, episode)
+        return apply_layout(self.scene, layout, self.settle)
+
+    def attempt(self, episode: SourceEpisode, recovered: Recovered, goal: Goal, observation: Any
+                ) -> tuple[bool, str | None, dict[str, np.ndarray]]:
+        """Re-target `episode` to the scene as it is now and run it: (kept, the failure phase when not, the episode's
+        frames, wrist frames, states and actions as the source records them)."""
+        from atlas_vla.data.transforms import libero_state, rotate_180
+        from atlas_vla.eval.failures import FailureMonitor
+        from atlas_vla.eval.suites import max_episode_steps
+        from atlas_vla.generation.retarget import execute, hand_pose, plan
+        from atlas_vla.generation.scene import Pose
+        from scipy.spatial.transform import Rotation
+
+        states = episode.states.astype(float)
+        waypoints = plan(states[:, :3], Rotation.from_rotvec(states[:, 3:6]), episode.actions[:, 6].astype(float),
+                         Pose.from_list(recovered.poses[self.goal.obj]), Pose.from_list(recovered.poses[goal.target]),
+                         self.scene.pose(goal.obj), self.scene.pose(goal.target), hand_pose(observation))
+        monitor = FailureMonitor(self.env, observation, goals=[(goal.predicate, goal.obj, goal.region)])
+        frames: dict[str, list[np.ndarray]] = {"images": [], "wrist_images": [], "states": []}
+
+        def step(action: np.ndarray) -> Any:
+            nonlocal observation
+            frames["images"].append(rotate_180(observation["agentview_image"]))
+            frames["wrist_images"].append(rotate_180(observation["robot0_eye_in_hand_image"]))
+            frames["states"].append(libero_state(observation["robot0_eef_pos"], observation["robot0_eef_quat"],
+                                                 observation["robot0_gripper_qpos"]))
+            observation, _, _, _ = self.env.step(action.tolist())
+            monitor.observe(observation, action)
+            return observation
+
+        kept, actions = execute(step, observation, waypoints, lambda: goal.holds(self.scene),
+                                max_episode_steps(self.suite))
+        arrays = {"images": np.stack(frames["images"]), "wrist_images": np.stack(frames["wrist_images"]),
+                  "states": np.stack(frames["states"]).astype(np.float32),
+                  "actions": np.stack(actions).astype(np.float32)}
+        return kept, None if kept else monitor.reason(), arrays
+
+    def close(self) -> None:
+        self.env.close()
 
 
-def _environment(suite: str, task_id: int, size: int) -> Any:
-    from atlas_vla.eval.libero_sim import make_env, task_info
+_GENERATOR: list[Generator] = []  # this worker's live scene: tries come sorted by task, one scene at a time
 
-    key = (suite, task_id, size)
-    if key not in _ENVS:
-        for env in _ENVS.values():
-            env.close()
-        _ENVS.clear()
-        _ENVS[key] = make_env(task_info(suite, task_id)[1], size)
-    return _ENVS[key]
+
+def generator_for(suite: str, task_id: int, image_size: int) -> Generator:
+    if _GENERATOR and _GENERATOR[0].key != (suite, task_id, image_size):
+        _GENERATOR.pop().close()
+    if not _GENERATOR:
+        _GENERATOR.append(Generator(suite, task_id, image_size))
+    return _GENERATOR[0]
 
 
 def run_try(item: Try) -> dict[str, Any]:
     """Run one try in this process's simulator; returns its record (`kept`, and why not)."""
-    from atlas_vla.data.transforms import libero_state, rotate_180
-    from atlas_vla.eval.failures import FailureMonitor
-    from atlas_vla.eval.libero_sim import NUM_WAIT_STEPS, WAIT_ACTION, task_info
-    from atlas_vla.eval.suites import max_episode_steps
-    from atlas_vla.generation.instructions import Ambiguous, instruction
-    from atlas_vla.generation.layouts import LayoutRejected, apply_layout, layout_rng, sample_layout
-    from atlas_vla.generation.retarget import execute, hand_pose, plan
-    from atlas_vla.generation.scene import Pose, Scene
-    from atlas_vla.generation.sources import recover
-    from scipy.spatial.transform import Rotation
+    from atlas_vla.generation.instructions import instruction
+    from atlas_vla.generation.layouts import LayoutRejected, first_usable, layout_rng
 
     start_time = time.perf_counter()
     episode = item.episode
-    env = _environment(episode.suite, episode.task_id, episode.image_size)
-    scene = Scene(env)
-    initial_states = task_info(episode.suite, episode.task_id)[2]
-
-    def settle() -> Any:
-        observation = None
-        for _ in range(NUM_WAIT_STEPS):
-            observation, _, _, _ = env.step(list(WAIT_ACTION))
-        return observation
-
-    def start(state: int) -> Any:
-        env.seed(0)
-        env.reset()
-        env.set_init_state(initial_states[state])
-        return settle()
-
-    task_goal = scene.goal()
+    generator = generator_for(episode.suite, episode.task_id, episode.image_size)
+    task_goal = generator.goal
     record: dict[str, Any] = {"task": item.task, "try": item.number, "source": episode.source,
                               "source_episode": episode.episode, "goal_object": item.goal_object or task_goal.obj}
     recovered = item.recovered
     if recovered is None:
-        recovered = recover(episode, start, lambda action: env.step(action.tolist())[0],
-                            lambda observation: rotate_180(observation["agentview_image"]),
-                            lambda: task_goal.holds(scene),
-                            lambda: {name: pose.as_list() for name, pose in scene.poses().items()},
-                            len(initial_states))
+        recovered = generator.recover(episode)
         record["recovered"] = asdict(recovered)
     record["initial_state"] = recovered.initial_state
-    observation = start(recovered.initial_state)
     goal = task_goal.retargeted(item.goal_object) if item.goal_object else task_goal
-    suite_key = SUITE_KEYS[episode.suite]
-    seed, rng = layout_rng("generation", item.seed, suite_key, episode.task_id, item.number)
+    seed, rng = layout_rng("generation", item.seed, episode.suite, episode.task_id, item.number)
     try:
-        observation, layout = apply_layout(scene, sample_layout(scene, rng, seed), settle)
-        record["layout"] = layout.record()
-        record["instruction"] = instruction(scene, goal, episode.instruction)
-    except (LayoutRejected, Ambiguous) as error:
-        reason = LAYOUT_NOT_SETTLED if isinstance(error, LayoutRejected) else AMBIGUOUS
-        return {**record, "kept": False, "reason": reason, "detail": str(error), "steps": 0,
+        observation, layout, words, rejections = first_usable(
+            generator.scene, rng, seed, lambda: generator.start(recovered.initial_state, episode), generator.settle,
+            lambda: instruction(generator.scene, goal, episode.instruction))
+    except LayoutRejected as error:
+        return {**record, "kept": False, "reason": NO_LAYOUT, "detail": str(error), "steps": 0,
                 "seconds": time.perf_counter() - start_time}
-    new_object, new_target = scene.pose(goal.obj), scene.pose(goal.target)
-    waypoints = plan(episode.states[:, :3].astype(float), Rotation.from_rotvec(episode.states[:, 3:6].astype(float)),
-                     episode.actions[:, 6].astype(float), Pose.from_list(recovered.poses[task_goal.obj]),
-                     Pose.from_list(recovered.poses[task_goal.target]), new_object, new_target, hand_pose(observation))
-    monitor = FailureMonitor(env, observation, goals=[(goal.predicate, goal.obj, goal.region)])
-    frames: dict[str, list[np.ndarray]] = {"images": [], "wrist_images": [], "states": []}
-
-    def step(action: np.ndarray) -> Any:
-        nonlocal observation
-        frames["images"].append(rotate_180(observation["agentview_image"]))
-        frames["wrist_images"].append(rotate_180(observation["robot0_eye_in_hand_image"]))
-        frames["states"].append(libero_state(observation["robot0_eef_pos"], observation["robot0_eef_quat"],
-                                             observation["robot0_gripper_qpos"]))
-        observation, _, _, _ = env.step(action.tolist())
-        monitor.observe(observation, action)
-        return observation
-
-    kept, actions = execute(step, observation, waypoints, lambda: goal.holds(scene), max_episode_steps(episode.suite))
-    record.update({"kept": kept, "reason": None if kept else monitor.reason(), "steps": len(actions)})
+    record.update({"instruction": words, "layout": layout.record(), "layout_rejections": rejections})
+    kept, reason, arrays = generator.attempt(episode, recovered, goal, observation)
+    record.update({"kept": kept, "reason": reason, "steps": len(arrays["actions"])})
     if kept:
         name = f"episodes/{item.task.replace('/', '-')}/try-{item.number:06d}.npz"
-        path = Path(item.work) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with staged_file(path) as staged:
+        with staged_file(Path(item.work) / name) as staged:
             with open(staged, "wb") as file:
-                np.savez(file, images=np.stack(frames["images"]), wrist_images=np.stack(frames["wrist_images"]),
-                         states=np.stack(frames["states"]).astype(np.float32),
-                         actions=np.stack(actions).astype(np.float32))
+                np.savez(file, **arrays)
         record["file"] = name
     record["seconds"] = time.perf_counter() - start_time
     return record
@@ -180,9 +220,8 @@ class Settings:
     """What decides a run's tries: a rerun continues only with the same settings."""
 
     sources: list[str]
-    num_demos: int
     seed: int
-    other_goals: bool
+    other_goals: bool  # not num_demos: a later run may ask for more, and runs only the tries it adds
 
 
 class TryLog:
@@ -256,15 +295,12 @@ def _goal_objects(episode: SourceEpisode, other_goals: bool) -> list[str | None]
     if not other_goals:
         return [None]
     from atlas_vla.generation.instructions import same_kind
-    from atlas_vla.generation.scene import Scene
 
-    env = _environment(episode.suite, episode.task_id, episode.image_size)
+    generator = Generator(episode.suite, episode.task_id, episode.image_size)
     try:
-        scene = Scene(env)
-        return [None, *same_kind(scene, scene.goal().obj)]
+        return [None, *same_kind(generator.scene, generator.goal.obj)]
     finally:  # the main process keeps no simulator
-        env.close()
-        _ENVS.clear()
+        generator.close()
 
 
 def _check_goal(episode: SourceEpisode) -> None:
@@ -303,7 +339,7 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
     for found in tasks.values():
         _check_goal(found[0])
     work = work_folder(output)
-    log = TryLog(work, Settings(list(sources), num_demos, seed, other_goals), fresh)
+    log = TryLog(work, Settings(list(sources), seed, other_goals), fresh)
     plans = {name: TaskPlan(name, found, _goal_objects(found[0], other_goals), {}, set())
              for name, found in tasks.items()}
     recovered: dict[tuple[str, int], Recovered] = {}
@@ -383,6 +419,7 @@ def _report(plans: dict[str, TaskPlan], num_demos: int, seed: int, seconds: floa
             "instruction": plan.episodes[0].instruction, "source_episodes": len(plan.episodes),
             "tries": len(records), "kept": len(kept), "used": len(plan.kept(num_demos)),
             "rejected": dict(Counter(r["reason"] for r in records if not r.get("kept"))),
+            "layouts_rejected": dict(sum((Counter(r.get("layout_rejections", {})) for r in records), Counter())),
             "steps_executed": sum(r.get("steps", 0) for r in records),
             "steps_kept": sum(r.get("steps", 0) for r in kept),
             "worker_seconds": worker_seconds,

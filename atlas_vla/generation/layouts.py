@@ -15,6 +15,7 @@ one a generation run trained on, whatever seeds the two were given.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -30,6 +31,10 @@ SETTLE_STEPS = 10  # LIBERO's own settling after a reset
 # settled, a moved object stays within these of where it was put, or the layout is rejected
 MAX_SLIDE, MAX_DROP, MAX_TILT = 0.02, 0.02, np.radians(10)
 PURPOSES = {"generation": 0, "evaluation": 1}  # separate seed streams: an evaluated layout is never a generated one
+ATTEMPTS = 10  # layouts drawn from one stream before it gives up (each rejected one costs a reset and a settle)
+
+
+NOT_SETTLED, AMBIGUOUS = "layout did not settle", "no unambiguous instruction"
 
 
 class LayoutImpossible(ValueError):
@@ -58,10 +63,10 @@ class Layout:
                       {k: Pose.from_list(v) for k, v in record.get("settled", {}).items()})
 
 
-def layout_rng(purpose: str, seed: int, *keys: int) -> tuple[list[int], np.random.Generator]:
-    """The random stream of one layout: `purpose` (generation or evaluation), the run's seed and what the layout is
-    for (task, episode, try): the same keys give the same layout, other purposes never do."""
-    entropy = [PURPOSES[purpose], int(seed), *map(int, keys)]
+def layout_rng(purpose: str, seed: int, suite: str, *keys: int) -> tuple[list[int], np.random.Generator]:
+    """The random stream of one layout: `purpose` (generation or evaluation), the run's seed, the suite and what
+    the layout is for (task, try or initial state): the same keys give the same layout, other purposes never do."""
+    entropy = [PURPOSES[purpose], int(seed), zlib.crc32(suite.encode()), *map(int, keys)]
     return entropy, np.random.default_rng(entropy)
 
 
@@ -161,3 +166,22 @@ def apply_layout(scene: Scene, layout: Layout, settle: Callable[[], Any]) -> tup
             raise LayoutRejected(f"{name} did not settle where it was placed (slid {slide:.3f} m, dropped "
                                  f"{drop:.3f} m, tilted {np.degrees(tilt):.0f} degrees)")
     return observation, Layout(layout.seed, layout.placed, settled)
+
+
+def first_usable(scene: Scene, rng: np.random.Generator, seed: list[int], start: Callable[[], Any],
+                 settle: Callable[[], Any], describe: Callable[[], str]) -> tuple[Any, Layout, str, dict[str, int]]:
+    """The first layout of the stream `rng` that settles and in which `describe()` can name the goal's object (it
+    raises `instructions.Ambiguous` where it cannot), each drawn from the scene `start()` resets to: (the settled
+    observation, the layout, the instruction, the rejections by reason). `LayoutRejected` after `ATTEMPTS` draws."""
+    from atlas_vla.generation.instructions import Ambiguous
+
+    rejected: dict[str, int] = {}
+    for _ in range(ATTEMPTS):
+        start()
+        try:
+            observation, layout = apply_layout(scene, sample_layout(scene, rng, seed), settle)
+            return observation, layout, describe(), rejected
+        except (LayoutRejected, Ambiguous) as error:
+            reason = NOT_SETTLED if isinstance(error, LayoutRejected) else AMBIGUOUS
+            rejected[reason] = rejected.get(reason, 0) + 1
+    raise LayoutRejected(f"no usable layout in {ATTEMPTS} draws ({', '.join(f'{k}: {v}' for k, v in rejected.items())})")

@@ -1,11 +1,13 @@
 """The recorded episodes generation starts from, and the simulator states they were recorded in.
 
-A source is anything `data.source` reads whose episodes were recorded in the LIBERO simulator: a LeRobot folder
-(e.g. `physical-intelligence/libero`'s layout) or a Hub dataset. Such a folder holds images, states and actions but
-no simulator state, so the scene an episode started in is recovered: each task's official initial states (those
+A source is anything `data.source` reads whose episodes were recorded in the LIBERO simulator: raw LIBERO HDF5
+files, whose demos carry the simulator `states` they were recorded in (an episode starts from its first), and LeRobot
+folders or Hub datasets (e.g. `physical-intelligence/libero`'s layout), which hold images, states and actions but no
+simulator state, so the scene an episode started in is recovered: each task's official initial states (those
 below `SOURCE_STATES`: states from 20 on are kept for evaluation) are set, settled as LIBERO's protocol settles
-them, and rendered, and the one whose first frame matches the episode's (`FRAME_TOLERANCE`) is taken, trying first
-the state the episode's position among its task's episodes suggests. The episode is then replayed from it:
+them, and rendered, and the first whose frame matches the episode's first (`FRAME_TOLERANCE`) with the arm where the
+episode's first state has it (`STATE_TOLERANCE_M`) is taken, trying first the state the episode's position among its
+task's episodes suggests (the scenes of one task differ little in pixels: the arm's start tells them apart). The episode is then replayed from it:
 every step's end-effector position must stay within `STATE_TOLERANCE_M` of the recorded state, the frames at four
 points within `FRAME_TOLERANCE`, and the goal must hold at the end. A source that fails is refused, naming the
 episode.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import datasets
@@ -48,6 +51,7 @@ class SourceEpisode:
     suite: str = ""
     task_id: int = -1
     fps: int = 20
+    initial_sim_state: np.ndarray | None = None  # raw HDF5: the simulator state it was recorded from
 
     @property
     def name(self) -> str:
@@ -60,11 +64,11 @@ class SourceEpisode:
 
 @dataclass
 class Recovered:
-    """What the replay of a source episode established: the official initial state it starts from and where the goal's
-    object and target were once the scene settled."""
+    """What the replay of a source episode established: the scene it starts from (an official initial state, or
+    None: the simulator state its source recorded) and where every object was at its first frame."""
 
-    initial_state: int
-    poses: dict[str, list[float]] = field(default_factory=dict)  # object -> Pose.as_list() after settling
+    initial_state: int | None
+    poses: dict[str, list[float]] = field(default_factory=dict)  # object -> Pose.as_list() at the first frame
 
 
 def _decode(image: dict[str, Any]) -> np.ndarray:
@@ -81,11 +85,35 @@ def checked_indices(length: int) -> list[int]:
 
 
 def read_episodes(source: str) -> list[SourceEpisode]:
-    """Every episode of `source` (a LeRobot folder or Hub id `data.source` reads), with its task found
-    (`find_task`); `SourceRefused` naming the episode whose instruction is no LIBERO task."""
-    from atlas_vla.data.sources import load_libero
+    """Every episode of `source` (raw LIBERO HDF5, or a LeRobot folder or Hub id `data.source` reads), with its task
+    found (`find_task`); `SourceRefused` naming the episode whose instruction is no LIBERO task."""
+    from atlas_vla.data.sources import is_raw_hdf5, load_libero
 
-    dataset = load_libero(source)
+    episodes = _hdf5_episodes(source) if is_raw_hdf5(Path(source)) else _lerobot_episodes(source, load_libero(source))
+    for found in episodes:
+        found.suite, found.task_id = find_task(found.instruction, found.name)
+    return episodes
+
+
+def _hdf5_episodes(source: str) -> list[SourceEpisode]:
+    from atlas_vla.data.hdf5 import find_hdf5_files, iter_demos
+    from atlas_vla.data.transforms import rotate_180
+
+    episodes = []
+    for path in find_hdf5_files([source]):
+        for ordinal, (demo, instruction, arrays) in enumerate(iter_demos(path)):
+            if "states" not in arrays:
+                raise SourceRefused(f"{path} demo_{demo}: no simulator 'states' recorded: not generated from")
+            length = len(arrays["actions"])
+            states = np.concatenate([arrays["obs/ee_pos"], arrays["obs/ee_ori"], arrays["obs/gripper_states"]], 1)
+            frames = {i: rotate_180(arrays["obs/agentview_rgb"][i]) for i in checked_indices(length)}
+            episodes.append(SourceEpisode(str(path), demo, ordinal, instruction, states.astype(np.float32),
+                                          arrays["actions"].astype(np.float32), frames, "png",
+                                          initial_sim_state=np.asarray(arrays["states"][0], np.float64)))
+    return episodes
+
+
+def _lerobot_episodes(source: str, dataset: datasets.Dataset) -> list[SourceEpisode]:
     raw = dataset.cast_column(AGENT_IMAGE, datasets.Image(decode=False)).remove_columns([WRIST_IMAGE])
     numbers = raw.select_columns([STATE, ACTION, EPISODE_INDEX, INSTRUCTION]).with_format("numpy")[:]
     episodes_index = numbers[EPISODE_INDEX]
@@ -100,8 +128,6 @@ def read_episodes(source: str) -> list[SourceEpisode]:
             np.asarray(numbers[STATE][rows], np.float32), np.asarray(numbers[ACTION][rows], np.float32),
             {i: _decode(image) for i, image in frames.items()}, _format(frames[0])))
         seen[instruction] = seen.get(instruction, 0) + 1
-    for found in episodes:
-        found.suite, found.task_id = find_task(found.instruction, found.name)
     return episodes
 
 
@@ -129,42 +155,55 @@ def frame_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
-def recover(episode: SourceEpisode, start: Callable[[int], Any], step: Callable[[np.ndarray], Any],
+def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Callable[[np.ndarray], Any],
             frame: Callable[[Any], np.ndarray], succeeded: Callable[[], bool], poses: Callable[[], dict[str, list]],
             num_states: int) -> Recovered:
-    """Find the initial state `episode` was recorded from and check its replay (see the module's docstring).
-    `start(i)` resets the scene to official initial state i, settled, and returns the observation; `step(action)`
-    runs one action; `frame(observation)` is its upright agent-view image; `poses()` the objects' poses now."""
-    candidates = list(range(min(num_states, SOURCE_STATES)))
-    if episode.ordinal in candidates:  # recorded in order (as LIBERO's own protocol does): try that one first
-        candidates.remove(episode.ordinal)
-        candidates.insert(0, episode.ordinal)
+    """Find the scene `episode` was recorded from and check its replay (see the module's docstring). `start(i)`
+    resets the scene to official initial state i, settled (`start(None)`: to the episode's own recorded simulator
+    state) and returns the observation; `step(action)` runs one action; `frame(observation)` is its upright
+    agent-view image; `poses()` the objects' poses now."""
+    if episode.initial_sim_state is not None:
+        candidates: list[int | None] = [None]
+    else:
+        candidates = list(range(min(num_states, SOURCE_STATES)))
+        if episode.ordinal in candidates:  # recorded in order (as LIBERO's own protocol does): try that one first
+            candidates.remove(episode.ordinal)
+            candidates.insert(0, episode.ordinal)
     first = episode.checked_frames[0]
-    closest = (np.inf, -1)
+    closest: tuple[float, int | None] = (np.inf, None)
     for state in candidates:
-        difference = frame_difference(frame(start(state)), first)
-        closest = min(closest, (difference, state))
-        if difference <= FRAME_TOLERANCE:
+        observation = start(state)
+        difference = frame_difference(frame(observation), first)
+        arm = float(np.linalg.norm(np.asarray(observation["robot0_eef_pos"]) - episode.states[0, :3]))
+        if difference < closest[0]:
+            closest = (difference, state)
+        if difference <= FRAME_TOLERANCE and arm <= STATE_TOLERANCE_M:  # similar scenes differ little in pixels
             break
     else:
+        if episode.initial_sim_state is not None:
+            raise SourceRefused(f"{episode.name}: its recorded simulator state renders a first frame {closest[0]:.1f} "
+                                f"of 255 from its recorded one, or puts the arm elsewhere (tolerances "
+                                f"{FRAME_TOLERANCE}, {STATE_TOLERANCE_M * 1000:.0f} mm)")
         raise SourceRefused(f"{episode.name}: no official initial state 0-{len(candidates) - 1} of {episode.suite} "
-                            f"task {episode.task_id} renders its first frame (closest: state {closest[1]}, mean "
-                            f"difference {closest[0]:.1f} of 255, tolerance {FRAME_TOLERANCE})")
+                            f"task {episode.task_id} renders its first frame with the arm where it starts (closest "
+                            f"frame: state {closest[1]}, mean difference {closest[0]:.1f} of 255, tolerance "
+                            f"{FRAME_TOLERANCE})")
+    scene = "its recorded simulator state" if state is None else f"initial state {state}"
     observation = start(state)
     settled = poses()
     for t, action in enumerate(episode.actions):
         position = np.asarray(observation["robot0_eef_pos"])
         error = float(np.linalg.norm(position - episode.states[t, :3]))
         if error > STATE_TOLERANCE_M:
-            raise SourceRefused(f"{episode.name}: its replay from initial state {state} leaves the recorded path at "
-                                f"step {t} (end effector {error * 1000:.1f} mm away, tolerance "
-                                f"{STATE_TOLERANCE_M * 1000:.0f} mm): its actions do not reproduce its states")
+            raise SourceRefused(f"{episode.name}: its replay from {scene} leaves the recorded path at step {t} (end "
+                                f"effector {error * 1000:.1f} mm away, tolerance {STATE_TOLERANCE_M * 1000:.0f} mm): "
+                                f"its actions do not reproduce its states")
         if t in episode.checked_frames:
             difference = frame_difference(frame(observation), episode.checked_frames[t])
             if difference > FRAME_TOLERANCE:
-                raise SourceRefused(f"{episode.name}: its replay from initial state {state} renders frame {t} "
-                                    f"{difference:.1f} of 255 away from the recorded one (tolerance {FRAME_TOLERANCE})")
+                raise SourceRefused(f"{episode.name}: its replay from {scene} renders frame {t} {difference:.1f} of "
+                                    f"255 away from the recorded one (tolerance {FRAME_TOLERANCE})")
         observation = step(action)
     if not succeeded():
-        raise SourceRefused(f"{episode.name}: its replay from initial state {state} does not reach the goal")
+        raise SourceRefused(f"{episode.name}: its replay from {scene} does not reach the goal")
     return Recovered(state, settled)
