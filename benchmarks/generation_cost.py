@@ -40,7 +40,7 @@ def _counted(env) -> list[int]:
 
 def bare_step_seconds(generator, episode, recovered, layout_record, actions) -> float:
     """Seconds per `env.step` of `actions` from the laid-out scene of a kept try."""
-    from atlas_vla.generation.layouts import Layout
+    from atlas_vla.scenes.layouts import Layout
 
     generator.lay_out(episode, recovered, Layout.from_record(layout_record))
     start = time.perf_counter()

@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "atlas_vla"
 # from the top down; a module may import its own layer and those below it
 LAYERS = [
     ["cli", "train", "sweep"],
-    ["training"],
+    ["training", "generation"],
     ["config"],
     ["eval"],
+    ["scenes"],
     ["runtime"],
     ["models", "serving"],
     ["data", "chunk_schedule", "video"],

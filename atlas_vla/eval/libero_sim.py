@@ -203,13 +203,13 @@ def run_episode(env: Any, runtime: PolicyRuntime, init_state: np.ndarray, instru
 
 def random_layout(env: Any, spec: EpisodeSpec, init_state: np.ndarray, instruction: str
                   ) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """The episode's scene with its objects laid out anew (`generation.layouts`, the evaluation's own seed
+    """The episode's scene with its objects laid out anew (`scenes.layouts`, the evaluation's own seed
     stream: never a layout generate-demos drew) and the instruction that names the goal's object where it now is
-    (`generation.instructions`; a goal that is no pick-and-place keeps its words): (observation, instruction,
+    (`scenes.instructions`; a goal that is no pick-and-place keeps its words): (observation, instruction,
     layout record)."""
-    from atlas_vla.generation.instructions import instruction as located
-    from atlas_vla.generation.layouts import first_usable, layout_rng
-    from atlas_vla.generation.scene import Scene
+    from atlas_vla.scenes.instructions import instruction as located
+    from atlas_vla.scenes.layouts import first_usable, layout_rng
+    from atlas_vla.scenes.scene import Scene
 
     scene = Scene(env)
     try:

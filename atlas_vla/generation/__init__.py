@@ -1,2 +1,2 @@
-"""Demonstrations in new layouts, generated from recorded ones in the LIBERO simulator (`atlas-vla generate-demos`),
-and the layouts that evaluation on unseen layouts draws (`eval-libero --layouts random`)."""
+"""`atlas-vla generate-demos`: demonstrations in new layouts, re-targeted from recorded ones in the LIBERO
+simulator (the layouts themselves: `atlas_vla.scenes`)."""

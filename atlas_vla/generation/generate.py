@@ -3,12 +3,12 @@ simulator says the task succeeded.
 
 A run makes `num_demos` episodes per task. Each **try** of a task is numbered (0, 1, 2, ...) and fully decided by
 the run's seed and that number: which source episode it re-targets (round robin over the task's episodes), its
-layouts (`layouts.layout_rng("generation", seed, suite, task, try)`: the first drawn from that stream that settles
-and in which the goal's object can be named, `layouts.first_usable`) and, with `other_goals`, which object of the
-goal's kind it moves. A try resets the source's scene (`sources.recover`), lays it out anew (`layouts`), names the
-goal's object where it now is (`instructions`), re-targets the source's motion (`retarget`) and keeps the episode if
-the goal holds. The episodes kept are each task's first `num_demos` kept tries in try order, so the result does not
-depend on how many workers ran or on interruptions.
+layout (the first drawn from `scenes.layouts.layout_rng("generation", seed, suite, task, try)` that settles and in
+which the goal's object can be named: `scenes.layouts.first_usable`) and, with `other_goals`, which object of the
+goal's kind it moves. A try resets the source's scene (`sources.recover`), lays it out anew (`scenes.layouts`),
+names the goal's object where it now is (`scenes.instructions`), re-targets the source's motion (`retarget`) and
+keeps the episode if the goal holds. The episodes kept are each task's first `num_demos` kept tries in try order,
+so the result does not depend on how many workers ran or on interruptions.
 
 Resumable: tries run in simulator worker processes and each finished one is appended (flushed, fsynced) to
 `<output>.generation/tries.jsonl`, a kept episode's arrays written to `<output>.generation/episodes/` first; a rerun
@@ -33,14 +33,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
-from atlas_vla.generation.layouts import Layout
-from atlas_vla.generation.scene import Goal
+from atlas_vla.scenes.layouts import Layout
+from atlas_vla.scenes.scene import Goal
 from atlas_vla.generation.sources import Recovered, SourceEpisode, SourceRefused, read_episodes
 
 logger = logging.getLogger(__name__)
 
 MAX_TRIES_PER_DEMO = 8  # a task stops after num_demos * this many tries, short of demos if it must
 NO_LAYOUT = "no usable layout"
+ERROR = "error"  # the simulator failed during the try (the record's detail says how), or its worker died
+SOURCE_REFUSED = "source refused"  # its source episode's replay differs from the recording (the detail says how)
 REPORT_NAME = "generation.json"
 
 
@@ -69,7 +71,7 @@ class Generator:
 
     def __init__(self, suite: str, task_id: int, image_size: int) -> None:
         from atlas_vla.eval.libero_sim import make_env, task_info
-        from atlas_vla.generation.scene import Scene
+        from atlas_vla.scenes.scene import Scene
 
         self.key = (suite, task_id, image_size)
         self.suite = suite
@@ -111,7 +113,7 @@ class Generator:
     def lay_out(self, episode: SourceEpisode, recovered: Recovered, layout: Layout) -> tuple[Any, Layout]:
         """The source's scene with the objects where `layout` places them, settled (`LayoutRejected` if it does not
         settle as placed)."""
-        from atlas_vla.generation.layouts import apply_layout
+        from atlas_vla.scenes.layouts import apply_layout
 
         self.start(recovered.initial_state, episode)
         return apply_layout(self.scene, layout, self.settle)
@@ -124,7 +126,7 @@ class Generator:
         from atlas_vla.eval.failures import FailureMonitor
         from atlas_vla.eval.suites import max_episode_steps
         from atlas_vla.generation.retarget import execute, hand_pose, plan
-        from atlas_vla.generation.scene import Pose
+        from atlas_vla.scenes.scene import Pose
         from scipy.spatial.transform import Rotation
 
         states = episode.states.astype(float)
@@ -168,8 +170,8 @@ def generator_for(suite: str, task_id: int, image_size: int) -> Generator:
 
 def run_try(item: Try) -> dict[str, Any]:
     """Run one try in this process's simulator; returns its record (`kept`, and why not)."""
-    from atlas_vla.generation.instructions import instruction
-    from atlas_vla.generation.layouts import LayoutRejected, first_usable, layout_rng
+    from atlas_vla.scenes.instructions import instruction
+    from atlas_vla.scenes.layouts import LayoutRejected, first_usable, layout_rng
 
     start_time = time.perf_counter()
     episode = item.episode
@@ -205,11 +207,22 @@ def run_try(item: Try) -> dict[str, Any]:
 
 
 def _worker_try(item: Try) -> dict[str, Any]:
-    """`run_try` for the pool: a refused source comes back as a record, not an exception across processes."""
+    """`run_try` for the pool: an impossible layout request comes back as a record that stops the run; a refused
+    source episode, or any other error (the simulator failed), as a failed try, so the others go on."""
+    from atlas_vla.scenes.layouts import LayoutImpossible
+
     try:
         return run_try(item)
-    except SourceRefused as error:
+    except LayoutImpossible as error:
         return {"task": item.task, "try": item.number, "refused": str(error)}
+    except SourceRefused as error:  # this source episode is not used again; the others go on
+        return {"task": item.task, "try": item.number, "source": item.episode.source,
+                "source_episode": item.episode.episode, "kept": False, "reason": SOURCE_REFUSED, "steps": 0,
+                "seconds": 0.0, "detail": str(error)}
+    except Exception as error:  # MuJoCo, rendering: the try failed, the run goes on
+        return {"task": item.task, "try": item.number, "source": item.episode.source,
+                "source_episode": item.episode.episode, "kept": False, "reason": ERROR, "steps": 0, "seconds": 0.0,
+                "detail": " ".join(f"{type(error).__name__}: {error}".split())}
 
 
 # ---- the main side ------------------------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ def _goal_objects(episode: SourceEpisode, other_goals: bool) -> list[str | None]
     object of that kind in its scene."""
     if not other_goals:
         return [None]
-    from atlas_vla.generation.instructions import same_kind
+    from atlas_vla.scenes.instructions import same_kind
 
     generator = Generator(episode.suite, episode.task_id, episode.image_size)
     try:
@@ -342,14 +355,14 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
     log = TryLog(work, Settings(list(sources), seed, other_goals), fresh)
     plans = {name: TaskPlan(name, found, _goal_objects(found[0], other_goals), {}, set())
              for name, found in tasks.items()}
-    recovered: dict[tuple[str, int], Recovered] = {}
+    known = Known({}, {})
     for record in log.records:
         plans[record["task"]].finished[record["try"]] = record
-        _remember(record, plans, recovered)
+        known.learn(record)
     started = time.perf_counter()
     progress = tqdm(total=num_demos * len(plans), desc="generate-demos", unit="demo")
     try:
-        _run(plans, log, recovered, num_demos, seed, num_workers, work, progress)
+        _run(plans, log, known, num_demos, seed, num_workers, work, progress)
     finally:
         progress.close()
         log.close()
@@ -358,10 +371,26 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
     return report
 
 
-def _remember(record: dict[str, Any], plans: dict[str, TaskPlan], recovered: dict[tuple[str, int], Recovered]
-              ) -> None:
-    if "recovered" in record:
-        recovered[(record["source"], record["source_episode"])] = Recovered(**record["recovered"])
+@dataclass
+class Known:
+    """What finished tries established about source episodes (by source and episode index): the scene each was
+    recovered in, or why it was refused."""
+
+    recovered: dict[tuple[str, int], Recovered]
+    refused: dict[tuple[str, int], str]
+
+    def learn(self, record: dict[str, Any]) -> None:
+        key = (record.get("source"), record.get("source_episode"))
+        if "recovered" in record:
+            self.recovered[key] = Recovered(**record["recovered"])
+        if record.get("reason") == SOURCE_REFUSED:
+            self.refused[key] = record["detail"]
+
+
+def _finish(plan: TaskPlan, number: int, record: dict[str, Any], log: TryLog, known: Known) -> None:
+    log.append(record)
+    plan.finished[number] = record
+    known.learn(record)
 
 
 def _progress_text(plans: dict[str, TaskPlan], num_demos: int) -> str:
@@ -370,13 +399,18 @@ def _progress_text(plans: dict[str, TaskPlan], num_demos: int) -> str:
     return f"kept {kept} / tried {tried}"
 
 
-def _run(plans: dict[str, TaskPlan], log: TryLog, recovered: dict[tuple[str, int], Recovered], num_demos: int,
-         seed: int, num_workers: int, work: Path, progress: Any) -> None:
-    """Keep `num_workers` simulator processes busy with the next tries of the tasks still short of demos."""
+def _run(plans: dict[str, TaskPlan], log: TryLog, known: Known, num_demos: int, seed: int, num_workers: int,
+         work: Path, progress: Any) -> None:
+    """Keep `num_workers` simulator processes busy with the next tries of the tasks still short of demos. A worker
+    that dies (MuJoCo crashed) fails the tries in flight and the workers start again."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     context = mp.get_context("spawn")  # MuJoCo's rendering context does not survive a fork
-    in_flight: dict[tuple[str, int], Any] = {}
+    in_flight: dict[Any, tuple[str, int]] = {}
     progress.update(sum(len(plan.kept(num_demos)) for plan in plans.values()) - progress.n)
-    with context.Pool(num_workers, maxtasksperchild=None) as pool:
+    pool = ProcessPoolExecutor(num_workers, mp_context=context)
+    try:
         while True:
             for plan in plans.values():  # tasks in order; each task's tries in order
                 missing = num_demos - len(plan.kept(num_demos))
@@ -385,27 +419,44 @@ def _run(plans: dict[str, TaskPlan], log: TryLog, recovered: dict[tuple[str, int
                        and len(plan.finished) + len(plan.submitted) < num_demos * MAX_TRIES_PER_DEMO):
                     number = next(k for k in range(len(plan.finished) + len(plan.submitted) + 1)
                                   if k not in plan.finished and k not in plan.submitted)
+                    item = plan.item(number, seed, known.recovered, work)
+                    refusal = known.refused.get((item.episode.source, item.episode.episode))
+                    if refusal is not None:  # its source episode was refused: recorded, not run
+                        _finish(plan, number, {"task": plan.name, "try": number, "source": item.episode.source,
+                                               "source_episode": item.episode.episode, "kept": False,
+                                               "reason": SOURCE_REFUSED, "steps": 0, "seconds": 0.0,
+                                               "detail": refusal}, log, known)
+                        continue
                     plan.submitted.add(number)
-                    in_flight[(plan.name, number)] = pool.apply_async(
-                        _worker_try, (plan.item(number, seed, recovered, work),))
+                    in_flight[pool.submit(_worker_try, item)] = (plan.name, number)
             if not in_flight:
                 return
-            finished = [key for key, result in in_flight.items() if result.ready()]
-            if not finished:
-                time.sleep(0.2)
-                continue
-            for key in finished:
-                record = in_flight.pop(key).get()
-                plan = plans[key[0]]
-                plan.submitted.discard(key[1])
+            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            broken = any(isinstance(future.exception(), BrokenProcessPool) for future in done)
+            for future in list(in_flight) if broken else done:  # a dead worker takes every try in flight with it
+                name, number = in_flight.pop(future)
+                plan = plans[name]
+                plan.submitted.discard(number)
+                if broken:
+                    item = plan.item(number, seed, known.recovered, work)
+                    record = {"task": name, "try": number, "source": item.episode.source,
+                              "source_episode": item.episode.episode, "kept": False, "reason": ERROR, "steps": 0,
+                              "seconds": 0.0, "detail": "a simulator worker died while it ran"}
+                else:
+                    record = future.result()
                 if "refused" in record:
-                    pool.terminate()
-                    raise SourceRefused(record["refused"])
-                log.append(record)
-                plan.finished[key[1]] = record
-                _remember(record, plans, recovered)
+                    raise ValueError(record["refused"])
+                if record.get("reason") == SOURCE_REFUSED and (record["source"], record["source_episode"]) not in known.refused:
+                    logger.warning("%s; it is not used", record["detail"])
+                _finish(plan, number, record, log, known)
+            if broken:
+                logger.warning("a simulator worker died; the tries in flight are recorded as errors, workers restart")
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = ProcessPoolExecutor(num_workers, mp_context=context)
             progress.update(sum(len(p.kept(num_demos)) for p in plans.values()) - progress.n)
             progress.set_postfix_str(_progress_text(plans, num_demos))
+    finally:  # a refused source or an interrupt: the tries running finish (at most one each), the rest never start
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _report(plans: dict[str, TaskPlan], num_demos: int, seed: int, seconds: float) -> dict[str, Any]:
@@ -419,6 +470,8 @@ def _report(plans: dict[str, TaskPlan], num_demos: int, seed: int, seconds: floa
             "instruction": plan.episodes[0].instruction, "source_episodes": len(plan.episodes),
             "tries": len(records), "kept": len(kept), "used": len(plan.kept(num_demos)),
             "rejected": dict(Counter(r["reason"] for r in records if not r.get("kept"))),
+            "refused_sources": {f"{r['source']} episode {r['source_episode']}": r["detail"]
+                                for r in records if r.get("reason") == SOURCE_REFUSED},
             "layouts_rejected": dict(sum((Counter(r.get("layout_rejections", {})) for r in records), Counter())),
             "steps_executed": sum(r.get("steps", 0) for r in records),
             "steps_kept": sum(r.get("steps", 0) for r in kept),

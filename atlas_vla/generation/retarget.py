@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
 
-from atlas_vla.generation.scene import Pose
+from atlas_vla.scenes.scene import Pose
 
 APPROACH_M = 0.05  # the reach-and-grasp segment starts this close (sideways) to the grasp
 CARRY_M = 0.02  # the carry starts once the hand has moved this far sideways from the grasp

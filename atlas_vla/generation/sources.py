@@ -9,8 +9,8 @@ them, and rendered, and the first whose frame matches the episode's first (`FRAM
 episode's first state has it (`STATE_TOLERANCE_M`) is taken, trying first the state the episode's position among its
 task's episodes suggests (the scenes of one task differ little in pixels: the arm's start tells them apart). The episode is then replayed from it:
 every step's end-effector position must stay within `STATE_TOLERANCE_M` of the recorded state, the frames at four
-points within `FRAME_TOLERANCE`, and the goal must hold at the end. A source that fails is refused, naming the
-episode.
+points within `FRAME_TOLERANCE`, and the goal must hold at the end (or within `GRACE_STEPS` of holding still). An
+episode that fails is refused, naming it; generation then goes on without it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, INSTRUCTION,
 SOURCE_STATES = 20  # official initial states 0..19 may be a source's; 20 and above are evaluation's alone
 FRAME_TOLERANCE = 6.0  # mean absolute difference of a frame, of 255 (JPEG noise is at most 2.9 on the fixtures)
 STATE_TOLERANCE_M = 0.005
+GRACE_STEPS = 10  # after the last recorded action, steps held still in which the goal may still come to hold
 BASE_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 
 
@@ -204,6 +205,12 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
                 raise SourceRefused(f"{episode.name}: its replay from {scene} renders frame {t} {difference:.1f} of "
                                     f"255 away from the recorded one (tolerance {FRAME_TOLERANCE})")
         observation = step(action)
+    hold = np.concatenate([np.zeros(6), episode.actions[-1, 6:]]).astype(np.float32)
+    for _ in range(GRACE_STEPS):  # a recording that ended on its success step may settle a step or two later here
+        if succeeded():
+            return Recovered(state, settled)
+        step(hold)
     if not succeeded():
-        raise SourceRefused(f"{episode.name}: its replay from {scene} does not reach the goal")
+        raise SourceRefused(f"{episode.name}: its replay from {scene} does not reach the goal (within "
+                            f"{GRACE_STEPS} steps of holding still after its last action)")
     return Recovered(state, settled)

@@ -43,8 +43,8 @@ def generator():
 
 def test_a_recorded_episode_retargeted_to_moved_objects_succeeds(one_episode, generator):
     from atlas_vla.data.transforms import rotate_180
-    from atlas_vla.generation.layouts import Layout
-    from atlas_vla.generation.scene import Pose
+    from atlas_vla.scenes.layouts import Layout
+    from atlas_vla.scenes.scene import Pose
 
     [episode] = read_episodes(str(one_episode))
     assert (episode.suite, episode.task_id, episode.image_format) == ("libero_spatial", 0, "jpeg")
@@ -122,7 +122,7 @@ def test_raw_hdf5_demos_start_from_the_simulator_state_they_recorded(one_episode
 
 
 def test_a_sampled_layout_leaves_room_and_stays_in_reach_and_an_impossible_one_says_why(generator):
-    from atlas_vla.generation.layouts import REACH, LayoutImpossible, layout_rng, sample_layout
+    from atlas_vla.scenes.layouts import REACH, LayoutImpossible, layout_rng, sample_layout
 
     generator.start(0)
     scene = generator.scene
@@ -181,6 +181,33 @@ def test_a_source_whose_replay_differs_is_refused_naming_the_episode(sim_demos_d
     finally:
         task_2.close()
     assert str(raised.value) == f"{tmp_path / 'other'} episode 0: its replay from initial state 17 does not reach the goal"
+
+
+def test_the_other_bowl_is_a_goal_of_its_own_named_where_it_is(one_episode, generator):
+    from atlas_vla.scenes.instructions import instruction, location, same_kind
+    from atlas_vla.scenes.layouts import first_usable, layout_rng
+    from atlas_vla.scenes.scene import Pose
+
+    [episode] = read_episodes(str(one_episode))
+    scene, own = generator.scene, generator.goal
+    [twin] = same_kind(scene, own.obj)
+    other = own.retargeted(twin)
+    assert (other.obj, other.target, other.predicate) == ("akita_black_bowl_2", "plate_1", "on")
+    seed, rng = layout_rng("generation", 0, "libero_spatial", 0, 0)
+
+    def both_named() -> str:  # a layout in which each bowl can be told from the other
+        return instruction(scene, own, episode.instruction) + " | " + instruction(scene, other, episode.instruction)
+
+    _, layout, words, _ = first_usable(scene, rng, seed, lambda: generator.start(0), generator.settle, both_named)
+    mine, theirs = words.split(" | ")
+    assert mine != theirs and mine.endswith("and place it on the plate") and theirs.endswith("and place it on the plate")
+    assert mine == f"pick up the black bowl {location(scene, own.obj)} and place it on the plate"
+    # the simulator checks the goal against the object it names: the twin on the plate is its goal, not the other's
+    plate = scene.pose("plate_1").position
+    scene.set_pose(twin, Pose((plate[0], plate[1], plate[2] + 0.03), scene.pose(twin).quaternion))
+    scene.sim.forward()
+    generator.settle()
+    assert other.holds(scene) and not own.holds(scene)
 
 
 def _generate(source: Path, output: Path) -> subprocess.Popen:
@@ -252,7 +279,7 @@ def test_eval_libero_on_random_layouts_records_each_layout_and_names_the_bowl_wh
 
     from atlas_vla.data.normalization import compute_norm_stats
     from atlas_vla.data.sources import load_libero
-    from atlas_vla.generation.layouts import layout_rng
+    from atlas_vla.scenes.layouts import layout_rng
     from atlas_vla.models.policy import AtlasPolicy
 
     stats = compute_norm_stats(load_libero(str(sim_demos_dir), max_episodes=2))

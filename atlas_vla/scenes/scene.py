@@ -130,12 +130,12 @@ class Scene:
     def supports(self) -> dict[str, str | None]:
         """What each movable object rests on: another object or a fixture it touches from above, or None (the table
         or the floor)."""
-        model, data = self.sim.model, self.sim.data
+        data = self.sim.data
         owner = {g: name for name in [*self.objects, *self.fixtures] for g in self._geoms(name)}
         found: dict[str, str | None] = {name: None for name in self.objects}
         for contact in data.contact[:data.ncon]:
             a, b = owner.get(contact.geom1), owner.get(contact.geom2)
-            if a is None or b is None or a == b:
+            if a is None or b is None or a == b or abs(contact.frame[2]) < 0.7:  # side by side is no support
                 continue
             for upper, lower in ((a, b), (b, a)):
                 if upper in found and data.body_xpos[self.body(upper)][2] > data.body_xpos[self.body(lower)][2]:

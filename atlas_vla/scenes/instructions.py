@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from atlas_vla.generation.scene import Goal, Scene
+from atlas_vla.scenes.scene import Goal, Scene
 
 NEXT_TO_M = 0.10
 MARGIN_M = 0.08

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from atlas_vla.generation.scene import Pose, Scene, quaternion_multiply, yaw_quaternion
+from atlas_vla.scenes.scene import Pose, Scene, quaternion_multiply, yaw_quaternion
 
 # the area object centres are drawn from, relative to the robot's base (metres): x forward, y to the left
 REACH = {"x": (0.38, 0.78), "y": (-0.32, 0.32)}
@@ -173,7 +173,7 @@ def first_usable(scene: Scene, rng: np.random.Generator, seed: list[int], start:
     """The first layout of the stream `rng` that settles and in which `describe()` can name the goal's object (it
     raises `instructions.Ambiguous` where it cannot), each drawn from the scene `start()` resets to: (the settled
     observation, the layout, the instruction, the rejections by reason). `LayoutRejected` after `ATTEMPTS` draws."""
-    from atlas_vla.generation.instructions import Ambiguous
+    from atlas_vla.scenes.instructions import Ambiguous
 
     rejected: dict[str, int] = {}
     for _ in range(ATTEMPTS):
