@@ -170,14 +170,20 @@ def make_env(bddl_file: str, camera_size: int):
     return OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=camera_size, camera_widths=camera_size)
 
 
+def settle(env: Any) -> dict[str, Any]:
+    """The protocol's settling steps (the arm still, the gripper open): the objects come to rest; the last
+    observation."""
+    for _ in range(NUM_WAIT_STEPS):
+        obs, _, _, _ = env.step(list(WAIT_ACTION))
+    return obs
+
+
 def start_episode(env: Any, init_state: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """The protocol's start: `env.seed(seed)`, reset, the initial state, the settling steps; the observation."""
     env.seed(seed)
     env.reset()
-    obs = env.set_init_state(init_state)
-    for _ in range(NUM_WAIT_STEPS):  # let the objects settle
-        obs, _, _, _ = env.step(list(WAIT_ACTION))
-    return obs
+    env.set_init_state(init_state)
+    return settle(env)
 
 
 def run_episode(env: Any, runtime: PolicyRuntime, init_state: np.ndarray, instruction: str, *, max_steps: int,
@@ -218,13 +224,8 @@ def random_layout(env: Any, spec: EpisodeSpec, init_state: np.ndarray, instructi
         goal = None
     seed, rng = layout_rng("evaluation", spec.layout_seed or 0, spec.suite, spec.task_id, spec.initial_state)
 
-    def settle() -> dict[str, Any]:
-        obs = None
-        for _ in range(NUM_WAIT_STEPS):
-            obs, _, _, _ = env.step(list(WAIT_ACTION))
-        return obs
-
-    obs, layout, words, _ = first_usable(scene, rng, seed, lambda: start_episode(env, init_state, spec.seed), settle,
+    obs, layout, words, _ = first_usable(scene, rng, seed, lambda: start_episode(env, init_state, spec.seed),
+                                         lambda: settle(env),
                                          lambda: located(scene, goal, instruction) if goal else instruction)
     return obs, words, layout.record()
 

@@ -81,23 +81,22 @@ class Generator:
         self.goal = self.scene.goal()
 
     def settle(self) -> Any:
-        """LIBERO's settling steps (the arm still, the gripper open); returns the last observation."""
-        from atlas_vla.eval.libero_sim import NUM_WAIT_STEPS, WAIT_ACTION
+        """LIBERO's settling steps (`libero_sim.settle`); returns the last observation."""
+        from atlas_vla.eval.libero_sim import settle
 
-        observation = None
-        for _ in range(NUM_WAIT_STEPS):
-            observation, _, _, _ = self.env.step(list(WAIT_ACTION))
-        return observation
+        return settle(self.env)
 
     def start(self, state: int | None, episode: SourceEpisode | None = None) -> Any:
-        """The scene of official initial state `state`, settled, as LIBERO's protocol starts an episode; `None`: the
-        simulator state `episode` was recorded from, as its source recorded it (no settling: its first frame)."""
-        self.env.seed(0)
-        self.env.reset()
+        """The scene of official initial state `state`, settled, as LIBERO's protocol starts an episode
+        (`libero_sim.start_episode`); `None`: the simulator state `episode` was recorded from, as its source recorded
+        it (no settling: its first frame)."""
+        from atlas_vla.eval.libero_sim import start_episode
+
         if state is None:
+            self.env.seed(0)
+            self.env.reset()
             return self.env.set_init_state(episode.initial_sim_state)
-        self.env.set_init_state(self.initial_states[state])
-        return self.settle()
+        return start_episode(self.env, self.initial_states[state])
 
     def recover(self, episode: SourceEpisode) -> Recovered:
         """The initial state `episode` was recorded from, its replay checked (`sources.recover`)."""
