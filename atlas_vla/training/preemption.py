@@ -10,7 +10,9 @@ by `STOP_FILE_ENV`.
 
 One signal often arrives by several routes within seconds (the scheduler signals every process,
 the launcher forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within
-`REPEAT_WINDOW_S` of the first are the same request. A later one is a second request: the previous
+`REPEAT_WINDOW_S` of the first are the same request. The launcher's death comes as a signal of its own
+(`PARENT_DEATH_SIGNAL`), so the stop is named after the signal that was sent whichever route is handled
+first, and after the launcher's end only when no signal reached this process. A later one is a second request: the previous
 handler takes over and acts on it at once (SIGTERM and SIGUSR1 end the process, SIGINT raises
 `KeyboardInterrupt`); a checkpoint being written then is left in its temporary folder, so `latest`
 still names the last complete one.
@@ -45,6 +47,10 @@ REPEAT_WINDOW_S = 10.0
 PREEMPTED_EXIT_CODE = 75  # launch.sh's exit code after a stop that saved a checkpoint (EX_TEMPFAIL)
 STOP_FILE_ENV = "ATLAS_VLA_STOP_FILE"  # launch.sh: the main process writes the stop's description here
 WAIT_AT_STEP_ENV = "ATLAS_VLA_TEST_WAIT_AT_STEP"  # tests: every rank waits at this step (see `wait_for_test`)
+# Linux sends it when the launcher dies (a launcher killed by a signal does not forward it): a real-time signal
+# that nothing else sends, so that the launcher's end is never mistaken for the signal that ended it
+PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else None
+_LAUNCHER_ENDED = "the end of its launcher"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -52,7 +58,7 @@ class StopRequest:
     """The stop signals of one training run: install the handlers with `with StopRequest() as stop:`."""
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None  # the first stop signal this process received
+        self.signal_name: str | None = None  # the stop signal this process received (or `_LAUNCHER_ENDED`)
         self.training = False  # set by the loop: before it, there is nothing to save and a signal acts at once
         self._first_at: float | None = None
         self._previous: dict[int, Any] = {}
@@ -61,9 +67,10 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             logger.warning("training runs outside the main thread: SIGTERM/SIGINT/SIGUSR1 will not stop it cleanly")
             return self
-        for signum in STOP_SIGNALS:
+        for signum in (*STOP_SIGNALS, PARENT_DEATH_SIGNAL) if PARENT_DEATH_SIGNAL else STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
-        _set_parent_death_signal(signal.SIGTERM)  # a launcher killed by a signal does not forward it
+        if PARENT_DEATH_SIGNAL:
+            _set_parent_death_signal(PARENT_DEATH_SIGNAL)
         self._consoles = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = (stream if stream is None else _ReaderlessConsole(stream) for stream in self._consoles)
         atexit.unregister(_end_workers_at_exit)
@@ -80,17 +87,25 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
+        name = _LAUNCHER_ENDED if signum == PARENT_DEATH_SIGNAL else signal.Signals(signum).name
         if not self.training:  # loading data, caching features: stop now, as without these handlers
             self._pass_on(signum, frame)
         elif self._first_at is None:
-            self._first_at, self.signal_name = now, signal.Signals(signum).name
-            sys.stderr.write(f"\n{self.signal_name} received: stopping after this step and saving a checkpoint "
+            self._first_at, self.signal_name = now, name
+            what = "its launcher ended" if name == _LAUNCHER_ENDED else f"{name} received"
+            sys.stderr.write(f"\n{what}: stopping after this step and saving a checkpoint "
                              f"(a second signal after {REPEAT_WINDOW_S:.0f} s stops at once)\n")
         elif now - self._first_at > REPEAT_WINDOW_S:
             self._pass_on(signum, frame)
+        elif self.signal_name == _LAUNCHER_ENDED:  # the signal that ended the launcher, by a slower route
+            self.signal_name = name
 
     def _pass_on(self, signum: int, frame: FrameType | None) -> None:
-        """Act on the signal as the handler installed before this one would (by default: end the process)."""
+        """Act on the signal as the handler installed before this one would (by default: end the process;
+        the launcher's end acts as SIGTERM)."""
+        if signum == PARENT_DEATH_SIGNAL:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signum = signal.SIGTERM
         previous = self._previous.get(signum, signal.SIG_DFL)
         signal.signal(signum, previous)
         if callable(previous):

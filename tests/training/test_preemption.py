@@ -22,7 +22,8 @@ from packaging.version import Version
 from safetensors.torch import load_file
 from wandb_records import find_run_files, read_run
 
-from atlas_vla.training.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, WAIT_AT_STEP_ENV, StopRequest
+from atlas_vla.training.preemption import (PARENT_DEATH_SIGNAL, PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, WAIT_AT_STEP_ENV,
+                                          StopRequest)
 
 REPO = Path(__file__).resolve().parents[2]
 # plain `accelerate launch`'s own exit status after a SIGTERM reached it: from 1.16 it handles the signal and exits
@@ -228,3 +229,32 @@ def test_signals_before_training_act_at_once_and_a_repeat_within_the_window_is_t
         assert signal.getsignal(signal.SIGUSR1) is handler  # restored on leaving
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_launchers_end_names_the_stop_only_when_no_signal_came(monkeypatch):
+    """The parent-death signal (the launcher died) and a signal sent to this process, in either order within the
+    window: the stop is named after the signal. Alone, it is named after the launcher's end; before the training
+    loop it acts as SIGTERM would."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        monkeypatch.setattr(time, "monotonic", lambda: 100.0)
+        with StopRequest():
+            os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
+            assert received == [signal.SIGTERM]
+        for first, then, name in [(PARENT_DEATH_SIGNAL, signal.SIGUSR1, "SIGUSR1"),
+                                  (signal.SIGUSR1, PARENT_DEATH_SIGNAL, "SIGUSR1"),
+                                  (PARENT_DEATH_SIGNAL, None, "the end of its launcher")]:
+            with StopRequest() as stop:
+                stop.training = True
+                for signum in (first, then):
+                    if signum is not None:
+                        os.kill(os.getpid(), signum)
+                assert stop.describe() == name
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
