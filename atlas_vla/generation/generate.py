@@ -5,10 +5,10 @@ A run makes `num_demos` episodes per task. Each **try** of a task is numbered (0
 the run's seed and that number: which source episode it re-targets (round robin over the task's episodes), its
 layout (the first drawn from `scenes.layouts.layout_rng("generation", seed, suite, task, try)` that settles and in
 which the goal's object can be named: `scenes.layouts.first_usable`) and, with `other_goals`, which object of the
-goal's kind it moves. A try resets the source's scene (`sources.recover`), lays it out anew (`scenes.layouts`),
-names the goal's object where it now is (`scenes.instructions`), re-targets the source's motion (`retarget`) and
-keeps the episode if the goal holds. The episodes kept are each task's first `num_demos` kept tries in try order,
-so the result does not depend on how many workers ran or on interruptions.
+goal's kind it moves. A try starts from the source's settled scene (`sources.recover`; `Generator.start_try`), lays
+it out anew (`scenes.layouts`), names the goal's object where it now is (`scenes.instructions`), re-targets the
+source's motion (`retarget`) and keeps the episode if the goal holds. The episodes kept are each task's first
+`num_demos` kept tries in try order, so the result does not depend on how many workers ran or on interruptions.
 
 Resumable: tries run in simulator worker processes and each finished one is appended (flushed, fsynced) to
 `<output>.generation/tries.jsonl`, a kept episode's arrays written to `<output>.generation/episodes/` first; a rerun
@@ -79,6 +79,7 @@ class Generator:
         self.env = make_env(task_info(suite, task_id)[1], image_size)
         self.scene = Scene(self.env)
         self.goal = self.scene.goal()
+        self._settled: dict[int, np.ndarray] = {}  # official state -> its simulator state after the settling steps
 
     def settle(self) -> Any:
         """LIBERO's settling steps (`libero_sim.settle`); returns the last observation."""
@@ -98,6 +99,19 @@ class Generator:
             return self.env.set_init_state(episode.initial_sim_state)
         return start_episode(self.env, self.initial_states[state])
 
+    def start_try(self, state: int | None, episode: SourceEpisode) -> Any:
+        """The scene a try lays out anew: `start`'s, with the settled simulator state of an official state saved the
+        first time and restored every time (the first included, so a try's result never depends on what its worker
+        ran before), which saves a try the settling steps."""
+        if state is None:
+            return self.start(None, episode)
+        if state not in self._settled:
+            self.start(state)
+            self._settled[state] = self.env.get_sim_state().copy()
+        self.env.seed(0)
+        self.env.reset()
+        return self.env.set_init_state(self._settled[state])
+
     def recover(self, episode: SourceEpisode) -> Recovered:
         """The initial state `episode` was recorded from, its replay checked (`sources.recover`)."""
         from atlas_vla.data.transforms import rotate_180
@@ -114,7 +128,7 @@ class Generator:
         settle as placed)."""
         from atlas_vla.scenes.layouts import apply_layout
 
-        self.start(recovered.initial_state, episode)
+        self.start_try(recovered.initial_state, episode)
         return apply_layout(self.scene, layout, self.settle)
 
     def attempt(self, episode: SourceEpisode, recovered: Recovered, goal: Goal, observation: Any
@@ -187,7 +201,7 @@ def run_try(item: Try) -> dict[str, Any]:
     seed, rng = layout_rng("generation", item.seed, episode.suite, episode.task_id, item.number)
     try:
         observation, layout, words, rejections = first_usable(
-            generator.scene, rng, seed, lambda: generator.start(recovered.initial_state, episode), generator.settle,
+            generator.scene, rng, seed, lambda: generator.start_try(recovered.initial_state, episode), generator.settle,
             lambda: instruction(generator.scene, goal, episode.instruction))
     except LayoutRejected as error:
         return {**record, "kept": False, "reason": NO_LAYOUT, "detail": str(error), "steps": 0,

@@ -8,14 +8,13 @@ trainer then saves a checkpoint of that step, closes the trackers and exits 0. `
 that stop into exit code `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL: "resume me") through the file named
 by `STOP_FILE_ENV`.
 
-One signal often arrives by several routes within seconds (the scheduler signals every process,
-the launcher forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within
-`REPEAT_WINDOW_S` of the first are the same request. The launcher's death comes as a signal of its own
-(`PARENT_DEATH_SIGNAL`), so the stop is named after the signal that was sent whichever route is handled
-first, and after the launcher's end only when no signal reached this process. A later one is a second request: the previous
-handler takes over and acts on it at once (SIGTERM and SIGUSR1 end the process, SIGINT raises
-`KeyboardInterrupt`); a checkpoint being written then is left in its temporary folder, so `latest`
-still names the last complete one.
+One signal often arrives by several routes within seconds (the scheduler signals every process, the launcher
+forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within `REPEAT_WINDOW_S` of the first are
+the same request. The launcher's death comes as a signal of its own (`PARENT_DEATH_SIGNAL`), so the stop is named
+after the signal that was sent whichever route is handled first, and after the launcher's end only when no signal
+reached this process. A later one is a second request: the previous handler takes over and acts on it at once
+(SIGTERM and SIGUSR1 end the process, SIGINT raises `KeyboardInterrupt`); a checkpoint being written then is left
+in its temporary folder, so `latest` still names the last complete one.
 """
 
 from __future__ import annotations
