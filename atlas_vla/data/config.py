@@ -36,6 +36,9 @@ class DataConfig:
     norm_stats: str | None = None  # statistics JSON (atlas-vla compute-stats); null = computed from the train split
     generate_synthetic: bool = False  # offline demo: write the synthetic dataset to `source` if it is not there yet
     random_shift: int = 0  # training images only: pad by N pixels and crop back at a random offset (DrQ); 0 = off
+    # training only: the share of frames whose instruction is replaced by a paraphrase (`data/paraphrases.py`),
+    # drawn from (split_seed, episode, frame), so a frame gets the same words in every run; 0 = off
+    paraphrase_prob: float = 0.0
 
     @property
     def sources(self) -> list[str]:
@@ -67,6 +70,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.max_episodes must be a positive integer or None, got {self.max_episodes!r}")
         if self.shuffle_buffer_size < 0:
             raise ValueError(f"DataConfig.shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size!r}")
+        if not 0.0 <= self.paraphrase_prob <= 1.0:
+            raise ValueError(f"DataConfig.paraphrase_prob must be in [0, 1], got {self.paraphrase_prob!r}")
         if not isinstance(self.random_shift, int) or self.random_shift < 0:
             raise ValueError(f"DataConfig.random_shift must be a non-negative integer (pixels), got {self.random_shift!r}")
         check_column_overrides(self.columns)

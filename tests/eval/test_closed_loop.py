@@ -116,3 +116,36 @@ def test_sim_demos_recipe_trains_and_drives_the_simulator(tmp_path, sim_demos_di
     frames = imageio.mimread(episode.video, memtest=False)
     assert len(frames) == 10 and frames[0].shape == (128, 128, 3)
     assert np.abs(frames[0].astype(float) - recorded).mean() < 8  # mp4 + JPEG noise
+
+
+def test_the_layouts_recipe_is_the_five_task_recipe_with_generated_layouts_and_paraphrases(sim_demos_dir):
+    """configs/sim_layouts.yaml changes exactly its levers against configs/sim_demos.yaml, and feeds the model both
+    cameras at 126 px, shifted, with half the training frames' instructions paraphrased; validation frames keep
+    their recorded instruction and exact images."""
+    from atlas_vla.config import load_config, to_dict
+    from atlas_vla.constants import INSTRUCTION, OBS_IMAGES
+    from atlas_vla.data.paraphrases import paraphrases
+    from atlas_vla.data.samples import build_samples
+    from atlas_vla.data.sources import load_libero
+
+    base, recipe = (to_dict(load_config(REPO / "configs" / name)) for name in ("sim_demos.yaml", "sim_layouts.yaml"))
+    changed = {f"{section}.{key}" for section, values in base.items() if isinstance(values, dict)
+               for key, value in values.items() if recipe[section][key] != value}
+    assert changed == {"data.source", "data.paraphrase_prob", "training.output_dir"}
+    assert recipe["data"]["source"] == [*base["data"]["source"], "data/generated"]
+    assert recipe["data"]["paraphrase_prob"] == 0.5
+
+    config = load_config(REPO / "configs" / "sim_layouts.yaml")
+    dataset = load_libero(str(sim_demos_dir), max_episodes=3)
+    recorded = list(dataset[INSTRUCTION])
+    rows = list(range(0, len(dataset), 3))
+    train = build_samples(dataset, config.model.sample_spec, config.data, train=True).__getitems__(rows)
+    exact = build_samples(dataset, config.model.sample_spec, config.data, train=False).__getitems__(rows)
+    assert train[0][OBS_IMAGES].shape == (2, 3, 126, 126)
+    shifted = sum(bool((a[OBS_IMAGES] != b[OBS_IMAGES]).any()) for a, b in zip(train, exact))
+    assert shifted > 0.8 * len(rows)
+    said = [sample[INSTRUCTION] for sample in train]
+    changed_words = [(recorded[row], now) for row, now in zip(rows, said) if now != recorded[row]]
+    assert 0.3 * len(rows) < len(changed_words) < 0.7 * len(rows)
+    assert all(now in paraphrases(was) for was, now in changed_words)
+    assert [sample[INSTRUCTION] for sample in exact] == [recorded[row] for row in rows]
