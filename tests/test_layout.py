@@ -18,7 +18,7 @@ LAYERS = [
     ["models", "serving"],
     ["data", "chunk_schedule", "video"],
     ["hub"],
-    ["schema", "files", "wandb_artifacts", "constants", "action_layout", "__init__"],
+    ["schema", "files", "processes", "wandb_artifacts", "constants", "action_layout", "__init__"],
 ]
 
 

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
+from atlas_vla.processes import die_with_parent
 from atlas_vla.scenes.layouts import Layout
 from atlas_vla.scenes.scene import Goal
 from atlas_vla.generation.sources import Recovered, SourceEpisode, SourceRefused, read_episodes
@@ -422,7 +423,7 @@ def _run(plans: dict[str, TaskPlan], log: TryLog, known: Known, num_demos: int, 
     context = mp.get_context("spawn")  # MuJoCo's rendering context does not survive a fork
     in_flight: dict[Any, tuple[str, int]] = {}
     progress.update(sum(len(plan.kept(num_demos)) for plan in plans.values()) - progress.n)
-    pool = ProcessPoolExecutor(num_workers, mp_context=context)
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=die_with_parent)
     try:
         while True:
             for plan in plans.values():  # tasks in order; each task's tries in order
@@ -465,7 +466,7 @@ def _run(plans: dict[str, TaskPlan], log: TryLog, known: Known, num_demos: int, 
             if broken:
                 logger.warning("a simulator worker died; the tries in flight are recorded as errors, workers restart")
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(num_workers, mp_context=context)
+                pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=die_with_parent)
             progress.update(sum(len(p.kept(num_demos)) for p in plans.values()) - progress.n)
             progress.set_postfix_str(_progress_text(plans, num_demos))
     finally:  # a refused source or an interrupt: the tries running finish (at most one each), the rest never start

@@ -20,7 +20,6 @@ in its temporary folder, so `latest` still names the last complete one.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import gc
 import logging
 import multiprocessing
@@ -36,6 +35,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from atlas_vla.files import write_text_atomic
+from atlas_vla.processes import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ WAIT_AT_STEP_ENV = "ATLAS_VLA_TEST_WAIT_AT_STEP"  # tests: every rank waits at t
 # that nothing else sends, so that the launcher's end is never mistaken for the signal that ended it
 PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else None
 _LAUNCHER_ENDED = "the end of its launcher"
-_PR_SET_PDEATHSIG = 1
 
 
 class StopRequest:
@@ -69,7 +68,7 @@ class StopRequest:
         for signum in (*STOP_SIGNALS, PARENT_DEATH_SIGNAL) if PARENT_DEATH_SIGNAL else STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         if PARENT_DEATH_SIGNAL:
-            _set_parent_death_signal(PARENT_DEATH_SIGNAL)
+            set_parent_death_signal(PARENT_DEATH_SIGNAL)
         self._consoles = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = (stream if stream is None else _ReaderlessConsole(stream) for stream in self._consoles)
         atexit.unregister(_end_workers_at_exit)
@@ -80,7 +79,7 @@ class StopRequest:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         if self._previous:
-            _set_parent_death_signal(0)
+            set_parent_death_signal(0)
             sys.stdout, sys.stderr = self._consoles
         self._previous.clear()
 
@@ -154,15 +153,6 @@ class _ReaderlessConsole:
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
         return getattr(self._stream, name)
-
-
-def _set_parent_death_signal(signum: int) -> None:
-    """Linux: deliver `signum` to this process when its parent (the launcher) dies; elsewhere nothing."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
