@@ -154,6 +154,9 @@ class PolicyConfig:
     # training only: Gaussian noise on the normalised state, in its standard deviations, so the policy keeps
     # looking at the cameras instead of copying the state; 0 = off
     state_noise_std: float = 0.0
+    # training only: the share of samples whose state is withheld (the zero of `use_state: false`, the mean state),
+    # so the policy learns to act from what it sees when the state says nothing; 0 = off, 1 = never in training
+    state_dropout: float = 0.0
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)
     vggt_pretrained: str | None = DEFAULT_VGGT_REPO_ID  # Hub id, folder or file; null = random init (demo/tests)
@@ -175,6 +178,8 @@ class PolicyConfig:
                 setattr(self, name, from_dict(cls, value, f"model.{name}"))
         if not isinstance(self.state_noise_std, (int, float)) or self.state_noise_std < 0:
             raise ValueError(f"model.state_noise_std must be a non-negative number, got {self.state_noise_std!r}")
+        if not isinstance(self.state_dropout, (int, float)) or not 0 <= self.state_dropout <= 1:
+            raise ValueError(f"model.state_dropout must be in [0, 1], got {self.state_dropout!r}")
         if self.image_size % self.vggt.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of the VGGT patch size "
                              f"({self.vggt.patch_size})")

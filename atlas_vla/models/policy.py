@@ -160,10 +160,15 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Losses and metrics of a batch (LIBERO units in, metrics in real and normalised units out); in
-        training mode the normalised state gets `state_noise_std` Gaussian noise."""
+        training mode the normalised state gets `state_noise_std` Gaussian noise, and a `state_dropout` share of the
+        samples gets no state (zero, as with `use_state: false`); both drawn from torch's generator."""
         encoded = self.encode_observations(batch)
         if self.training and self.config.use_state and self.config.state_noise_std:
             encoded["state"] = encoded["state"] + self.config.state_noise_std * torch.randn_like(encoded["state"])
+        if self.training and self.config.use_state and self.config.state_dropout:
+            state = encoded["state"]
+            kept = torch.rand(state.shape[0], 1, device=state.device) >= self.config.state_dropout
+            encoded["state"] = state * kept
         features = self._features(encoded)  # (B, H, D)
         actions = torch.as_tensor(batch[ACTIONS], device=self.device).float()  # (B, H, 7)
         valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=self.device)

@@ -231,3 +231,38 @@ def test_state_noise_is_training_only(data, stats):
     assert torch.equal(first, noisy(batch)["loss"])  # the torch generator draws it: seeded runs repeat exactly
     with pytest.raises(ValueError, match="state_noise_std must be a non-negative number, got -1"):
         tiny_policy_config(state_noise_std=-1)
+
+
+def test_state_dropout_withholds_the_state_of_a_seeded_share_of_samples_in_training_only(data, stats):
+    """`state_dropout`: in training mode each sample's state is withheld (as `use_state: false` withholds it) with
+    that probability, drawn from torch's generator; validation and predictions always see the state."""
+    torch.manual_seed(0)
+    plain = AtlasPolicy(tiny_policy_config(), stats)
+    stateless = AtlasPolicy(tiny_policy_config(use_state=False), stats)
+    dropped = {p: AtlasPolicy(tiny_policy_config(state_dropout=p), stats) for p in (0.5, 1.0)}
+    for policy in (stateless, *dropped.values()):
+        policy.load_state_dict(plain.state_dict())
+    batch = batch_of(data, plain.config)
+    for policy in (plain, stateless, *dropped.values()):
+        policy.eval()
+    for policy in dropped.values():
+        assert torch.equal(policy.predict_action_chunk(batch), plain.predict_action_chunk(batch))
+        assert torch.equal(policy(batch)["loss"], plain(batch)["loss"])
+    assert not torch.equal(stateless(batch)["loss"], plain(batch)["loss"])  # the state matters to this model
+    for policy in (plain, stateless, *dropped.values()):
+        policy.train()
+    assert torch.equal(dropped[1.0](batch)["loss"], stateless(batch)["loss"])  # every state withheld
+    encoded = plain.encode_observations(batch)
+    torch.manual_seed(3)
+    features = dropped[0.5]._features  # the fusion's input: which samples kept their state
+    seen = []
+    dropped[0.5]._features = lambda enc: seen.append(enc["state"].clone()) or features(enc)
+    dropped[0.5](batch)
+    withheld = (seen[0] == 0).all(dim=1)
+    assert 0 < int(withheld.sum()) < len(withheld)
+    assert torch.equal(seen[0][~withheld], encoded["state"][~withheld])
+    torch.manual_seed(3)
+    dropped[0.5](batch)
+    assert torch.equal(seen[1], seen[0])  # seeded: the same samples again
+    with pytest.raises(ValueError, match=r"state_dropout must be in \[0, 1\], got 1.5"):
+        tiny_policy_config(state_dropout=1.5)
