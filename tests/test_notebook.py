@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import nbformat
@@ -26,7 +27,11 @@ def test_notebook_trains_plots_predicts_and_links_the_run(tmp_path, monkeypatch)
     notebook.cells.append(nbformat.v4.new_code_cell("import os\nprint('kernel folder:', os.getcwd())"))
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO / "notebooks")}})
-    client.execute()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        client.execute()
+    finally:  # nbclient's asyncio loop hands SIGINT back as Python's default handler, not as it found it
+        signal.signal(signal.SIGINT, sigint)
     outputs = {i: "".join(o.get("text", "") for o in cell.get("outputs", [])) for i, cell in enumerate(notebook.cells)}
     assert "logging to: wandb" in outputs[1]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
