@@ -43,10 +43,10 @@ RANDOM_LAYOUT_SEED = 1000  # the reported random-layout figure's seed: candidate
 
 
 def generated_folder(root: Path, sources: list[str], seed: int, other_goals: bool) -> Path:
-    """Where the generation of these settings lives. `num_demos` is not part of the key: asking for more episodes
-    continues the same tries (generate-demos keeps each task's first N kept tries)."""
-    key = json.dumps({"sources": [str(Path(s).resolve()) if Path(s).exists() else s for s in sources],
-                      "seed": seed, "other_goals": other_goals}, sort_keys=True)
+    """Where the generation of these settings lives (`sources` resolved, as generate-demos compares them as given).
+    `num_demos` is not part of the key: asking for more episodes continues the same tries (generate-demos keeps
+    each task's first N kept tries)."""
+    key = json.dumps({"sources": sources, "seed": seed, "other_goals": other_goals}, sort_keys=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -65,7 +65,7 @@ def suite_rows(results: dict[str, Any]) -> dict[str, Any]:
         rows[suite] = {"overall": format_rate(row["successes"], row["episodes"]),
                        "success_rate": row["success_rate"], "episodes": row["episodes"],
                        "tasks": {task: format_rate(t["successes"], t["episodes"]) for task, t in row["tasks"].items()},
-                       "failures": row.get("failures", {}),
+                       "failures": row.get("failures", {}), "errors": row.get("errors", 0),
                        "task_failures": {task: t.get("failures", {}) for task, t in row["tasks"].items()}}
     return rows
 
@@ -90,20 +90,24 @@ def main() -> int:
                         help="the random layouts' seed (choose candidates on other seeds)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate <output-dir>/final as it is")
     parser.add_argument("--overwrite", action="store_true", help="delete <output-dir> from an earlier run first")
-    parser.add_argument("--num-workers", type=int, default=None, help="simulator workers (default: the config's)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="simulator workers (default: the config's for evaluation, 2 for generation)")
     parser.add_argument("--initial-states", default=None, help="override the config's, e.g. 30-49")
     parser.add_argument("--tasks", default=None, help="override the config's evaluated tasks, e.g. 0,1,2")
     parser.add_argument("train_args", nargs="*", help="after --: more train.py overrides")
     args = parser.parse_args()
 
-    out = Path(args.output_dir)
-    sources = args.data or [str(path) for path in DEFAULT_DATA]
+    # every path as the user meant it, from where they ran this: the commands below run in the repository
+    out = Path(args.output_dir).resolve()
+    config = str(Path(args.config).resolve())
+    sources = [str(Path(s).resolve()) if Path(s).exists() else s for s in args.data or map(str, DEFAULT_DATA)]
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     workers = ["--num-workers", str(args.num_workers)] if args.num_workers else []
-    summary: dict[str, Any] = {"config": args.config, "sources": sources}
+    summary: dict[str, Any] = {"config": config, "sources": sources}
 
-    if args.generate > 0:
-        generated = generated_folder(Path(args.generated_root), sources, args.generation_seed, not args.no_other_goals)
+    if args.generate > 0 and not args.skip_train:  # an evaluation of a trained policy needs no generation
+        generated = generated_folder(Path(args.generated_root).resolve(), sources, args.generation_seed,
+                                     not args.no_other_goals)
         command = ["atlas-vla", "generate-demos", *[f"--source={s}" for s in sources], "--output", str(generated),
                    "--num-demos", str(args.generate), "--seed", str(args.generation_seed),
                    "--num-workers", str(args.num_workers or 2), *([] if args.no_other_goals else ["--other-goals"])]
@@ -125,12 +129,12 @@ def main() -> int:
         # OMP_NUM_THREADS=1; --cpu gives that process every core
         device = [] if torch.cuda.is_available() else ["--cpu", "--num_processes", "1"]
         data_source = sources[0] if len(sources) == 1 else json.dumps(sources)  # a JSON list is a YAML list
-        summary["train_minutes"] = round(run(["accelerate", "launch", *device, "train.py", "--config", args.config,
+        summary["train_minutes"] = round(run(["accelerate", "launch", *device, "train.py", "--config", config,
                                               "--data.source", data_source, "--output_dir", str(out),
                                               *args.train_args], env), 2)
 
     # the config's eval: section chooses the episodes (atlas-vla eval-libero --config); flags override it
-    evaluate = ["atlas-vla", "eval-libero", "--policy", str(out / "final"), "--config", args.config, *workers]
+    evaluate = ["atlas-vla", "eval-libero", "--policy", str(out / "final"), "--config", config, *workers]
     evaluate += ["--tasks", args.tasks] if args.tasks else []
     states = ["--initial-states", args.initial_states] if args.initial_states else []
     command = [*evaluate, *states, "--video-dir", str(out / "videos"), "--output", str(out / "eval_results.json")]

@@ -20,36 +20,45 @@ _PICK_PLACE = re.compile(r"^(?:pick up|pick|grab|take) (?P<object>the .+?) and (
 _LOCATED = re.compile(r"^(?P<noun>the [a-z ]+?) (?P<where>(?:next to|on|in|at|between|from|near|inside) .+)$")
 _WHERE_SAYINGS = {  # more ways of saying the same place; keys are matched at the start of the place phrase
     "next to ": ("beside ", "by ", "right next to "),
-    "on ": ("on top of ", "sitting on "),
+    "on the ": ("on top of the ", "sitting on the "),
     "from table center": ("at the center of the table", "in the middle of the table"),
 }
-_VERBS = (  # {o}: the object, {r}: on/in, {t}: the target
+_SIDES = re.compile(r"^on the (left|right|front|back)\b")  # "on the left" names a side, not a support
+# {o}: the object, {r}: on/in, {t}: the target. In the short forms the object's place would run into the
+# destination ("put the bowl on the stove on the plate" first reads as "put it on the stove"), so there the place is
+# said as "that is ...", and the long forms ("... and place it") keep the object's phrase apart from the target.
+_LONG_FORMS = (
     "pick up {o} and place it {r} {t}",
-    "put {o} {r} {t}",
-    "place {o} {r} {t}",
-    "move {o} {r_to} {t}",
     "pick up {o} and put it {r} {t}",
     "grab {o} and place it {r} {t}",
     "take {o} and set it down {r} {t}",
     "pick {o} up and put it {r} {t}",
     "lift {o} and place it {r} {t}",
+)
+_SHORT_FORMS = (
+    "put {o} {r} {t}",
+    "place {o} {r} {t}",
+    "move {o} {r_to} {t}",
     "please put {o} {r} {t}",
 )
 
 
-def _object_sayings(phrase: str) -> list[str]:
-    """`phrase` and the other ways of saying it that keep its noun and its landmarks."""
-    found = [phrase]
+def _object_sayings(phrase: str) -> tuple[list[str], list[str]]:
+    """The ways of saying `phrase` that keep its noun and its landmarks: (for the long forms, for the short forms)."""
     located = _LOCATED.match(phrase)
     if located is None:
-        return found
+        return [phrase], [phrase]
     noun, where = located["noun"], located["where"]
-    for start, others in _WHERE_SAYINGS.items():
-        if where.startswith(start):
-            found += [f"{noun} {other}{where[len(start):]}" for other in others]
-    if not where.startswith("from "):
-        found.append(f"{noun} that is {where}")
-    return found
+    long = [phrase]
+    if not _SIDES.match(where):
+        for start, others in _WHERE_SAYINGS.items():
+            if where.startswith(start):
+                long += [f"{noun} {other}{where[len(start):]}" for other in others]
+    if where.startswith("from "):  # "from table center": said as a place of its own
+        where = _WHERE_SAYINGS["from table center"][0] if where == "from table center" else where
+    short = [f"{noun} that is {where}"]
+    long.append(short[0])
+    return long, short
 
 
 def paraphrases(instruction: str) -> list[str]:
@@ -61,12 +70,14 @@ def paraphrases(instruction: str) -> list[str]:
         return []
     relation = "in" if request["relation"] in ("in", "into") else "on"
     words = {"r": relation, "r_to": "into" if relation == "in" else "onto", "t": request["target"]}
+    long, short = _object_sayings(request["object"])
     found: list[str] = []
-    for phrase in _object_sayings(request["object"]):
-        for verb in _VERBS:
-            text = verb.format(o=phrase, **words)
-            if text != said and text not in found:
-                found.append(text)
+    for forms, phrases in ((_LONG_FORMS, long), (_SHORT_FORMS, short)):
+        for phrase in phrases:
+            for form in forms:
+                text = form.format(o=phrase, **words)
+                if text != said and text not in found:
+                    found.append(text)
     return found
 
 

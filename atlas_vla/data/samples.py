@@ -106,7 +106,7 @@ def _float_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 def _build_samples(
     frames: _Frames, positions: np.ndarray, spec: SampleSpec, take_images: Callable[[np.ndarray], pa.Table] | None,
-    random_shift: int = 0, paraphrase: tuple[float, int] = (0.0, 0),
+    random_shift: int = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Samples for `positions` of `frames`: views, state, instruction, action chunk and padding mask.
 
@@ -115,8 +115,8 @@ def _build_samples(
     t .. t + action_horizon - 1; steps past the episode end repeat its last action and are masked.
     `take_images(rows)` returns the camera columns of those source rows as an Arrow table; with
     `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache).
-    `random_shift` > 0 shifts every view independently (`transforms.random_shift`). `paraphrase` = (probability,
-    seed): the share of samples whose instruction is a paraphrase (`paraphrases.paraphrased`).
+    `random_shift` > 0 shifts every view independently (`transforms.random_shift`). `paraphrase_prob` of the
+    samples read a paraphrase of their instruction, drawn from (`paraphrase_seed`, episode, frame).
     """
     cameras = CAMERAS[: spec.num_cameras]
     steps_back = spec.temporal_stride * np.arange(spec.num_temporal_frames)
@@ -142,8 +142,8 @@ def _build_samples(
         {
             **({OBS_IMAGES: torch.from_numpy(views[b])} if views is not None else {}),
             OBS_STATE: torch.from_numpy(states[b]),
-            INSTRUCTION: paraphrased(frames.instructions[frames.instruction_code[p]], paraphrase[0],
-                                     (paraphrase[1], int(frames.episode[p]), int(frames.frame[p]))),
+            INSTRUCTION: paraphrased(frames.instructions[frames.instruction_code[p]], paraphrase_prob,
+                                     (paraphrase_seed, int(frames.episode[p]), int(frames.frame[p]))),
             ACTIONS: torch.from_numpy(actions[b]),
             ACTIONS_PAD_MASK: torch.from_numpy(pad[b]),
             EPISODE_INDEX: int(frames.episode[p]),
@@ -198,12 +198,13 @@ class LiberoSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: datasets.Dataset, spec: SampleSpec, *, images: bool = True,
-                 random_shift: int = 0, paraphrase: tuple[float, int] = (0.0, 0)) -> None:
+                 random_shift: int = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0) -> None:
         _check_canonical(dataset.column_names, "LiberoSamples dataset")
         self.spec = spec
         self.images = images  # False: samples without OBS_IMAGES, for training on cached frozen features
         self.random_shift = random_shift  # training augmentation (DataConfig.random_shift); 0 = exact images
-        self.paraphrase = paraphrase  # training augmentation: (DataConfig.paraphrase_prob, DataConfig.split_seed)
+        self.paraphrase_prob = paraphrase_prob  # training augmentation (DataConfig.paraphrase_prob); 0 = recorded words
+        self.paraphrase_seed = paraphrase_seed
         joined = SOURCE_INDEX in dataset.column_names  # several sources
         numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION, *([SOURCE_INDEX] if joined else [])]
         table = dataset.select_columns(numeric).with_format("arrow")[:]
@@ -221,7 +222,8 @@ class LiberoSamples(torch.utils.data.Dataset):
     def fingerprint(self, batch_size: int = 1024) -> str:
         """A content hash (32 hex chars) of every sample's inputs, in sample order: episode, frame, state,
         action, instruction, and the stored bytes of each camera image (or, for an image kept as a file,
-        its path and the file's bytes). Two sample sets with the same fingerprint give the same samples."""
+        its path and the file's bytes). Two sample sets with the same fingerprint give the same samples (the same
+        images and recorded instructions: paraphrasing and shifting, training's augmentations, come after)."""
         frames = self._frames
         digest = hashlib.blake2b(digest_size=16)
         for array in (frames.episode, frames.frame, frames.state, frames.action, frames.instruction_code):
@@ -246,7 +248,8 @@ class LiberoSamples(torch.utils.data.Dataset):
             raise IndexError(f"sample index out of range for {len(self)} samples: {indices}")
         positions = positions % max(len(self), 1)
         take = (lambda rows: self._images[rows.tolist()]) if self.images else None
-        samples = _build_samples(self._frames, positions, self.spec, take, self.random_shift, self.paraphrase)
+        samples = _build_samples(self._frames, positions, self.spec, take, self.random_shift, self.paraphrase_prob,
+                                 self.paraphrase_seed)
         if self.sample_sources is not None:  # several sources: which one each sample came from
             for sample, position in zip(samples, positions.tolist()):
                 sample[SOURCE_INDEX] = int(self.sample_sources[position])
@@ -264,7 +267,7 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self, dataset: datasets.IterableDataset, spec: SampleSpec, *, shuffle_buffer_size: int = 0, seed: int = 0,
-        random_shift: int = 0, paraphrase_prob: float = 0.0,
+        random_shift: int = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0,
     ) -> None:
         if dataset.column_names is not None:
             _check_canonical(dataset.column_names, "LiberoSampleStream dataset")
@@ -272,7 +275,8 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer_size = shuffle_buffer_size
         self.seed = seed
         self.random_shift = random_shift
-        self.paraphrase = (paraphrase_prob, seed)
+        self.paraphrase_prob = paraphrase_prob
+        self.paraphrase_seed = paraphrase_seed
         self.epoch = 0
         self._dataset = dataset
 
@@ -313,7 +317,7 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
             for begin in range(0, len(frames.rows), 32):
                 positions = np.arange(begin, min(begin + 32, len(frames.rows)))
                 yield from _build_samples(frames, positions, self.spec, lambda rows, t=table: t.take(pa.array(rows)),
-                                          self.random_shift, self.paraphrase)
+                                          self.random_shift, self.paraphrase_prob, self.paraphrase_seed)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer_size <= 1:
@@ -345,8 +349,8 @@ def build_samples(
     if isinstance(dataset, datasets.IterableDataset):
         buffer = config.shuffle_buffer_size if config is not None else 0
         return LiberoSampleStream(dataset, spec, shuffle_buffer_size=buffer, seed=seed, random_shift=shift,
-                                  paraphrase_prob=paraphrase_prob)
-    return LiberoSamples(dataset, spec, random_shift=shift, paraphrase=(paraphrase_prob, seed))
+                                  paraphrase_prob=paraphrase_prob, paraphrase_seed=seed)
+    return LiberoSamples(dataset, spec, random_shift=shift, paraphrase_prob=paraphrase_prob, paraphrase_seed=seed)
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -101,9 +101,11 @@ class Generator:
         return start_episode(self.env, self.initial_states[state])
 
     def start_try(self, state: int | None, episode: SourceEpisode) -> Any:
-        """The scene a try lays out anew: `start`'s, with the settled simulator state of an official state saved the
-        first time and restored every time (the first included, so a try's result never depends on what its worker
-        ran before), which saves a try the settling steps."""
+        """The scene a try lays out anew: `start`'s, its settled simulator state saved the first time and restored every
+        time (the first included, so a try's result never depends on what its worker ran before), which saves a try
+        the settling steps. A restored scene is identical on every restore, not to settling again: what the simulator
+        state does not hold (the controllers', the solver's) makes the two drift apart by millimetres over a few
+        steps of motion."""
         if state is None:
             return self.start(None, episode)
         if state not in self._settled:
@@ -255,6 +257,15 @@ class TryLog:
     """`tries.jsonl` in the work folder: its first line the settings, then one finished try per line."""
 
     def __init__(self, work: Path, settings: Settings, fresh: bool) -> None:
+        import fcntl
+
+        work.mkdir(parents=True, exist_ok=True)
+        self._lock = open(work / "lock", "w")  # held until `close` (or this process ends, however it ends)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise ValueError(f"another generate-demos is writing {work}: wait for it, or give another --output")
         self.path = work / "tries.jsonl"
         identity = {"settings": asdict(settings)}
         self.records: list[dict[str, Any]] = []
@@ -264,6 +275,7 @@ class TryLog:
             if header != identity:
                 differ = sorted(k for k in identity["settings"]
                                 if (header or {}).get("settings", {}).get(k) != identity["settings"][k])
+                self._lock.close()
                 raise ValueError(f"{work} holds the tries of a generation with other settings ({', '.join(differ)}): "
                                  f"run with the same settings to continue it, or pass --fresh to start over")
             for line in lines[1:]:
@@ -273,7 +285,6 @@ class TryLog:
                     break
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in [identity, *self.records]))
         else:
-            work.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.path, json.dumps(identity) + "\n")
         self._file = open(self.path, "a")
 
@@ -285,6 +296,7 @@ class TryLog:
 
     def close(self) -> None:
         self._file.close()
+        self._lock.close()
 
 
 @dataclass

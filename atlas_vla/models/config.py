@@ -154,8 +154,8 @@ class PolicyConfig:
     # training only: Gaussian noise on the normalised state, in its standard deviations, so the policy keeps
     # looking at the cameras instead of copying the state; 0 = off
     state_noise_std: float = 0.0
-    # training only: the share of samples whose state is withheld (the zero of `use_state: false`, the mean state),
-    # so the policy learns to act from what it sees when the state says nothing; 0 = off, 1 = never in training
+    # training only: the share of samples whose state is withheld (the normalised zero that `use_state: false`
+    # feeds), so the policy learns to act from what it sees when the state says nothing; 0 = off, 1 = always
     state_dropout: float = 0.0
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)

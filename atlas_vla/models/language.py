@@ -1,7 +1,8 @@
 """LanguageEncoder: a frozen `transformers` text encoder with a per-instruction feature cache.
 
 LIBERO has at most 130 distinct instructions, so each is encoded once and its token features are
-reused for every later step; the text model never runs in the training hot path after warm-up.
+reused for every later step; the text model runs in training only for an instruction it has not seen yet
+(with `data.paraphrase_prob`, a few dozen paraphrases per instruction, each encoded the first time it is drawn).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ by `STOP_FILE_ENV`.
 One signal often arrives by several routes within seconds (the scheduler signals every process, the launcher
 forwards it, `PR_SET_PDEATHSIG` reports the launcher's death), so repeats within `REPEAT_WINDOW_S` of the first are
 the same request. The launcher's death comes as a signal of its own (`PARENT_DEATH_SIGNAL`), so the stop is named
-after the signal that was sent whichever route is handled first, and after the launcher's end only when no signal
-reached this process. A later one is a second request: the previous handler takes over and acts on it at once
-(SIGTERM and SIGUSR1 end the process, SIGINT raises `KeyboardInterrupt`); a checkpoint being written then is left
-in its temporary folder, so `latest` still names the last complete one.
+after the signal that was sent whichever route is handled first (it gets a second to arrive), and after the
+launcher's end only when no signal reached this process. A later one is a second request: the previous handler
+takes over and acts on it at once (SIGTERM and SIGUSR1 end the process, SIGINT raises `KeyboardInterrupt`); a
+checkpoint being written then is left in its temporary folder, so `latest` still names the last complete one.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from atlas_vla.files import write_text_atomic
-from atlas_vla.processes import set_parent_death_signal
+from atlas_vla.processes import parent_death_signal, set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class StopRequest:
         self.training = False  # set by the loop: before it, there is nothing to save and a signal acts at once
         self._first_at: float | None = None
         self._previous: dict[int, Any] = {}
+        self._previous_death_signal = 0
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
@@ -68,6 +69,7 @@ class StopRequest:
         for signum in (*STOP_SIGNALS, PARENT_DEATH_SIGNAL) if PARENT_DEATH_SIGNAL else STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         if PARENT_DEATH_SIGNAL:
+            self._previous_death_signal = parent_death_signal()
             set_parent_death_signal(PARENT_DEATH_SIGNAL)
         self._consoles = (sys.stdout, sys.stderr)
         sys.stdout, sys.stderr = (stream if stream is None else _ReaderlessConsole(stream) for stream in self._consoles)
@@ -76,11 +78,11 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._previous:  # first, or a launcher dying now would deliver a signal nothing handles any more
+            set_parent_death_signal(self._previous_death_signal if PARENT_DEATH_SIGNAL else 0)
+            sys.stdout, sys.stderr = self._consoles
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        if self._previous:
-            set_parent_death_signal(0)
-            sys.stdout, sys.stderr = self._consoles
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -118,7 +120,12 @@ class StopRequest:
             accelerator.set_trigger()
         return accelerator.check_trigger()
 
-    def describe(self) -> str:
+    def describe(self, wait_s: float = 1.0) -> str:
+        """What stopped training, for the stop's message. When only the launcher's end has been seen, the signal
+        that ended it may still be on its way by a slower route: it gets `wait_s` to arrive."""
+        deadline = time.monotonic() + wait_s
+        while self.signal_name == _LAUNCHER_ENDED and time.monotonic() < deadline:
+            time.sleep(0.02)
         return self.signal_name or "a stop signal received by another process"
 
 

@@ -22,6 +22,7 @@ LIBERO_SPATIAL = [  # LIBERO's phrasing, and the generator's ("on the X", "next 
     ("pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate",
      ["the top drawer of the wooden cabinet"], "the plate"),
     ("pick up the alphabet soup and place it in the basket", [], "the basket"),
+    ("pick up the black bowl on the left and put it in the tray", ["the left"], "the tray"),
 ]
 
 
@@ -30,15 +31,37 @@ def test_a_paraphrase_changes_the_words_but_keeps_the_object_its_landmarks_and_t
                                                                                          target):
     found = paraphrases(instruction)
     assert len(found) >= 8 and len(set(found)) == len(found) and instruction not in found
-    relation = " in " if " in the basket" in instruction else " on "
+    relation = instruction.split(" it ")[-1].split(" ")[0]  # on / in
+    onto = {"on": "onto", "in": "into"}[relation]
     noun = "the black bowl" if "bowl" in instruction else "the alphabet soup"
     for text in found:
-        assert text.endswith(target), text
+        assert text.endswith(f" {relation} {target}") or text.endswith(f" {onto} {target}"), text
         assert noun in text, text
         assert all(landmark in text for landmark in landmarks), text
-        assert relation in text or (" onto " in text) or (" into " in text), text
     verbs = {re.match(r"^(\w+)", text)[1] for text in found}
     assert len(verbs) >= 5  # not one verb with other fillers
+    for text in found:  # a short form says the object's place as "that is ...": it never runs into the destination
+        if re.match(r"^(put|place|move|please put) ", text) and landmarks:
+            assert " that is " in text, text
+
+
+def test_paraphrases_by_value():
+    found = paraphrases("pick up the black bowl on the stove and place it on the plate")
+    for expected in ("put the black bowl that is on the stove on the plate",
+                     "move the black bowl that is on the stove onto the plate",
+                     "grab the black bowl sitting on the stove and place it on the plate",
+                     "take the black bowl on top of the stove and set it down on the plate"):
+        assert expected in found
+    for ambiguous in ("put the black bowl on the stove on the plate", "place the black bowl on the stove on the plate"):
+        assert ambiguous not in found
+    assert "pick up the black bowl at the center of the table and place it on the plate" in paraphrases(
+        "pick up the black bowl from table center and place it on the plate")
+    sides = paraphrases("pick up the black bowl on the left and put it in the tray")
+    assert "put the black bowl that is on the left in the tray" in sides
+    assert not any("on top of the left" in text or "sitting on the left" in text for text in sides)
+    assert paraphrases("pick up the alphabet soup and place it in the basket")[:3] == [
+        "pick up the alphabet soup and put it in the basket", "grab the alphabet soup and place it in the basket",
+        "take the alphabet soup and set it down in the basket"]
 
 
 def test_other_requests_have_no_paraphrase_and_keep_their_words():

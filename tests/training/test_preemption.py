@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from packaging.version import Version
 from safetensors.torch import load_file
 from wandb_records import find_run_files, read_run
 
+from atlas_vla.processes import parent_death_signal
 from atlas_vla.training.preemption import (PARENT_DEATH_SIGNAL, PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, WAIT_AT_STEP_ENV,
                                           StopRequest)
 
@@ -231,21 +233,26 @@ def test_signals_before_training_act_at_once_and_a_repeat_within_the_window_is_t
         signal.signal(signal.SIGUSR1, previous)
 
 
+@pytest.mark.skipif(PARENT_DEATH_SIGNAL is None, reason="no real-time signals on this platform")
 def test_the_launchers_end_names_the_stop_only_when_no_signal_came(monkeypatch):
     """The parent-death signal (the launcher died) and a signal sent to this process, in either order within the
     window: the stop is named after the signal. Alone, it is named after the launcher's end; before the training
-    loop it acts as SIGTERM would."""
+    loop, or after the window, it acts as SIGTERM would. Linux is asked for it only inside the block."""
     received: list[int] = []
 
     def handler(signum, frame):
         received.append(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
+    before = parent_death_signal()
     try:
-        monkeypatch.setattr(time, "monotonic", lambda: 100.0)
+        clock = [100.0]
+        monkeypatch.setattr(time, "monotonic", lambda: clock[0])
         with StopRequest():
+            assert parent_death_signal() == (PARENT_DEATH_SIGNAL if sys.platform.startswith("linux") else 0)
             os.kill(os.getpid(), PARENT_DEATH_SIGNAL)
             assert received == [signal.SIGTERM]
+        assert parent_death_signal() == before
         for first, then, name in [(PARENT_DEATH_SIGNAL, signal.SIGUSR1, "SIGUSR1"),
                                   (signal.SIGUSR1, PARENT_DEATH_SIGNAL, "SIGUSR1"),
                                   (PARENT_DEATH_SIGNAL, None, "the end of its launcher")]:
@@ -254,7 +261,13 @@ def test_the_launchers_end_names_the_stop_only_when_no_signal_came(monkeypatch):
                 for signum in (first, then):
                     if signum is not None:
                         os.kill(os.getpid(), signum)
-                assert stop.describe() == name
+                assert stop.describe(wait_s=0) == name
         assert received == [signal.SIGTERM]
+        with StopRequest() as stop:
+            stop.training = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+            clock[0] += 2 * REPEAT_WINDOW_S
+            os.kill(os.getpid(), PARENT_DEATH_SIGNAL)  # a second request: acts as SIGTERM at once
+            assert received == [signal.SIGTERM, signal.SIGTERM] and stop.describe() == "SIGUSR1"
     finally:
         signal.signal(signal.SIGTERM, previous)
