@@ -232,13 +232,16 @@ def _worker_try(item: Try) -> dict[str, Any]:
     except LayoutImpossible as error:
         return {"task": item.task, "try": item.number, "refused": str(error)}
     except SourceRefused as error:  # this source episode is not used again; the others go on
-        return {"task": item.task, "try": item.number, "source": item.episode.source,
-                "source_episode": item.episode.episode, "kept": False, "reason": SOURCE_REFUSED, "steps": 0,
-                "seconds": 0.0, "detail": str(error)}
+        return _failed_try(item, SOURCE_REFUSED, str(error))
     except Exception as error:  # MuJoCo, rendering: the try failed, the run goes on
-        return {"task": item.task, "try": item.number, "source": item.episode.source,
-                "source_episode": item.episode.episode, "kept": False, "reason": ERROR, "steps": 0, "seconds": 0.0,
-                "detail": " ".join(f"{type(error).__name__}: {error}".split())}
+        return _failed_try(item, ERROR, " ".join(f"{type(error).__name__}: {error}".split()))
+
+
+def _failed_try(item: Try, reason: str, detail: str) -> dict[str, Any]:
+    """The record of a try that ran no episode to its end: `reason` (`SOURCE_REFUSED`, `ERROR`) and how."""
+    return {"task": item.task, "try": item.number, "source": item.episode.source,
+            "source_episode": item.episode.episode, "kept": False, "reason": reason, "steps": 0, "seconds": 0.0,
+            "detail": detail}
 
 
 # ---- the main side ------------------------------------------------------------------------------------------------
@@ -448,10 +451,7 @@ def _run(plans: dict[str, TaskPlan], log: TryLog, known: Known, num_demos: int, 
                     item = plan.item(number, seed, known.recovered, work)
                     refusal = known.refused.get((item.episode.source, item.episode.episode))
                     if refusal is not None:  # its source episode was refused: recorded, not run
-                        _finish(plan, number, {"task": plan.name, "try": number, "source": item.episode.source,
-                                               "source_episode": item.episode.episode, "kept": False,
-                                               "reason": SOURCE_REFUSED, "steps": 0, "seconds": 0.0,
-                                               "detail": refusal}, log, known)
+                        _finish(plan, number, _failed_try(item, SOURCE_REFUSED, refusal), log, known)
                         continue
                     plan.submitted.add(number)
                     in_flight[pool.submit(_worker_try, item)] = (plan.name, number)
@@ -464,10 +464,8 @@ def _run(plans: dict[str, TaskPlan], log: TryLog, known: Known, num_demos: int, 
                 plan = plans[name]
                 plan.submitted.discard(number)
                 if broken:
-                    item = plan.item(number, seed, known.recovered, work)
-                    record = {"task": name, "try": number, "source": item.episode.source,
-                              "source_episode": item.episode.episode, "kept": False, "reason": ERROR, "steps": 0,
-                              "seconds": 0.0, "detail": "a simulator worker died while it ran"}
+                    record = _failed_try(plan.item(number, seed, known.recovered, work), ERROR,
+                                        "a simulator worker died while it ran")
                 else:
                     record = future.result()
                 if "refused" in record:
