@@ -255,6 +255,25 @@ class Settings:
     seed: int
     other_goals: bool  # not num_demos: a later run may ask for more, and runs only the tries it adds
 
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """The names of the settings that differ from `recorded`; a source is the same when it names the same file
+        or folder, however it was spelled (`../shared/x` from one folder, `/work/shared/x` from another)."""
+        differ = [name for name, value in asdict(self).items() if name != "sources" and recorded.get(name) != value]
+        theirs = recorded.get("sources")
+        if not isinstance(theirs, list) or len(theirs) != len(self.sources) or not all(
+                _same_source(a, b) for a, b in zip(self.sources, theirs)):
+            differ.append("sources")
+        return sorted(differ)
+
+
+def _same_source(a: str, b: Any) -> bool:
+    if a == b:
+        return True
+    try:
+        return isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:  # a Hub id, or a folder that is gone
+        return False
+
 
 class TryLog:
     """`tries.jsonl` in the work folder: its first line the settings, then one finished try per line."""
@@ -275,17 +294,20 @@ class TryLog:
         if self.path.is_file() and not fresh:
             lines = self.path.read_text().splitlines()
             header = json.loads(lines[0]) if lines else None
-            if header != identity:
-                differ = sorted(k for k in identity["settings"]
-                                if (header or {}).get("settings", {}).get(k) != identity["settings"][k])
+            differ = settings.differences((header or {}).get("settings", {}))
+            if differ:
                 self._lock.close()
                 raise ValueError(f"{work} holds the tries of a generation with other settings ({', '.join(differ)}): "
                                  f"run with the same settings to continue it, or pass --fresh to start over")
+            spelled = dict(zip(header["settings"]["sources"], settings.sources))  # the log speaks this run's words
             for line in lines[1:]:
                 try:
-                    self.records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:  # the last line, cut short by a kill: that try runs again
                     break
+                if record.get("source") in spelled:
+                    record["source"] = spelled[record["source"]]
+                self.records.append(record)
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in [identity, *self.records]))
         else:
             write_text_atomic(self.path, json.dumps(identity) + "\n")

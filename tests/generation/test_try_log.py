@@ -20,3 +20,20 @@ def test_one_generation_at_a_time_writes_a_folder_and_a_closed_log_lets_the_next
     with pytest.raises(ValueError, match=r"other settings \(seed\)"):
         TryLog(tmp_path / "work", Settings(["demos"], 1, True), fresh=False)
     TryLog(tmp_path / "work", settings, fresh=False).close()  # the refused one let go of the folder
+
+
+def test_a_source_spelled_another_way_continues_the_log_in_the_new_spelling(tmp_path, monkeypatch):
+    (tmp_path / "shared" / "demos").mkdir(parents=True)
+    (tmp_path / "main").mkdir()
+    monkeypatch.chdir(tmp_path / "main")
+    first = TryLog(tmp_path / "work", Settings(["../shared/demos"], 0, True), fresh=False)
+    first.append({"task": "libero_spatial/0", "try": 0, "source": "../shared/demos", "source_episode": 3})
+    first.close()
+    absolute = str(tmp_path / "shared" / "demos")
+    again = TryLog(tmp_path / "work", Settings([absolute], 0, True), fresh=False)
+    assert again.records == [{"task": "libero_spatial/0", "try": 0, "source": absolute, "source_episode": 3}]
+    again.close()
+    with pytest.raises(ValueError, match=r"other settings \(sources\)"):
+        TryLog(tmp_path / "work", Settings([str(tmp_path / "main")], 0, True), fresh=False)
+    with pytest.raises(ValueError, match=r"other settings \(other_goals, sources\)"):
+        TryLog(tmp_path / "work", Settings([absolute, absolute], 0, False), fresh=False)
