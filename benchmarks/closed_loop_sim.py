@@ -43,7 +43,7 @@ RANDOM_LAYOUT_SEED = 1000  # the reported random-layout figure's seed: candidate
 
 
 def generated_folder(root: Path, sources: list[str], seed: int, other_goals: bool) -> Path:
-    """Where the generation of these settings lives (`sources` resolved, as generate-demos compares them as given).
+    """Where the generation of these settings lives (`sources` resolved, so one spelling of a folder has one key).
     `num_demos` is not part of the key: asking for more episodes continues the same tries (generate-demos keeps
     each task's first N kept tries)."""
     key = json.dumps({"sources": sources, "seed": seed, "other_goals": other_goals}, sort_keys=True)
