@@ -101,15 +101,19 @@ class Generator:
         return start_episode(self.env, self.initial_states[state])
 
     def start_try(self, state: int | None, episode: SourceEpisode) -> Any:
-        """The scene a try lays out anew: `start`'s, its settled simulator state saved the first time and restored every
-        time (the first included, so a try's result never depends on what its worker ran before), which saves a try
-        the settling steps. A restored scene is identical on every restore, not to settling again: what the simulator
+        """The scene a try lays out anew: `start`'s, come to rest (`libero_sim.settle_still`), its simulator state
+        saved the first time and restored every time (the first included, so a try's result never depends on what
+        its worker ran before), which saves a try the settling steps. A restored scene is identical on every restore, not to settling again: what the simulator
         state does not hold (the controllers', the solver's) makes the two drift apart by millimetres over a few
         steps of motion."""
+        from atlas_vla.eval.libero_sim import settle_still
+
         if state is None:
-            return self.start(None, episode)
+            self.start(None, episode)
+            return settle_still(self.env, self.scene)
         if state not in self._settled:
             self.start(state)
+            settle_still(self.env, self.scene)
             self._settled[state] = self.env.get_sim_state().copy()
         self.env.seed(0)
         self.env.reset()
@@ -123,8 +127,14 @@ class Generator:
         return recover(episode, lambda state: self.start(state, episode), lambda action: self.env.step(action.tolist())[0],
                        lambda observation: rotate_180(observation["agentview_image"]),
                        lambda: self.goal.holds(self.scene),
-                       lambda: {name: pose.as_list() for name, pose in self.scene.poses().items()},
+                       self._poses_at_rest,
                        len(self.initial_states))
+
+    def _poses_at_rest(self) -> dict[str, list[float]]:
+        from atlas_vla.eval.libero_sim import settle_still
+
+        settle_still(self.env, self.scene)
+        return {name: pose.as_list() for name, pose in self.scene.poses().items()}
 
     def lay_out(self, episode: SourceEpisode, recovered: Recovered, layout: Layout) -> tuple[Any, Layout]:
         """The source's scene with the objects where `layout` places them, settled (`LayoutRejected` if it does not

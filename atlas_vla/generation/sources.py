@@ -162,7 +162,9 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
     """Find the scene `episode` was recorded from and check its replay (see the module's docstring). `start(i)`
     resets the scene to official initial state i, settled (`start(None)`: to the episode's own recorded simulator
     state) and returns the observation; `step(action)` runs one action; `frame(observation)` is its upright
-    agent-view image; `poses()` the objects' poses now."""
+    agent-view image; `poses()` the objects' poses once the scene has come to rest (it may step the simulator: a
+    bowl dropped onto a ramekin by the initial state is grasped where it came to lean, not where it was at the
+    first frame)."""
     if episode.initial_sim_state is not None:
         candidates: list[int | None] = [None]
     else:
@@ -191,7 +193,6 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
                             f"{FRAME_TOLERANCE})")
     scene = "its recorded simulator state" if state is None else f"initial state {state}"
     observation = start(state)
-    settled = poses()
     for t, action in enumerate(episode.actions):
         position = np.asarray(observation["robot0_eef_pos"])
         error = float(np.linalg.norm(position - episode.states[t, :3]))
@@ -208,9 +209,10 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
     hold = np.concatenate([np.zeros(6), episode.actions[-1, 6:]]).astype(np.float32)
     for _ in range(GRACE_STEPS):  # a recording that ended on its success step may settle a step or two later here
         if succeeded():
-            return Recovered(state, settled)
+            break
         step(hold)
     if not succeeded():
         raise SourceRefused(f"{episode.name}: its replay from {scene} does not reach the goal (within "
                             f"{GRACE_STEPS} steps of holding still after its last action)")
-    return Recovered(state, settled)
+    start(state)
+    return Recovered(state, poses())

@@ -5,7 +5,8 @@ black bowl next to the ramekin"). Once objects move, the source's words may no l
 computed from the simulator's poses:
 
 - an object that is the only one of its kind needs no phrase: the source's instruction stays as it is;
-- else "on the X" when it rests on X and nothing of its kind does;
+- else "on the X" when it rests on X, or "in the top drawer of the X" when a region of X holds it, and nothing of
+  its kind is there;
 - else "next to the X" for the nearest landmark X (another kind of object, or a fixture) within `NEXT_TO_M` of it
   (between footprints), when every other object of its kind is at least `MARGIN_M` farther from X;
 - else no phrase is unambiguous and the layout is not used (`Ambiguous`).
@@ -47,8 +48,10 @@ def location(scene: Scene, name: str) -> str | None:
         return None
     supports = scene.supports()
     support = supports[name]
-    if support is not None and all(supports[other] != support for other in others):
-        return f"on the {scene.spoken(support)}"
+    if support is not None:
+        place = scene.place(name, support)
+        if all(supports[other] != support or scene.place(other, support) != place for other in others):
+            return place
     kind = scene.category(name)
     landmarks = [n for n in [*scene.objects, *scene.fixtures] if n != name and scene.category(n) != kind]
     for landmark in sorted(landmarks, key=lambda n: _gap(scene, name, n)):

@@ -16,6 +16,10 @@ import numpy as np
 # how LIBERO's instructions name an object category (the rest: the category with spaces, e.g. "plate")
 SPOKEN_NAMES = {"akita_black_bowl": "black bowl", "glazed_rim_porcelain_ramekin": "ramekin", "cookies": "cookie box",
                 "flat_stove": "stove", "new_salad_dressing": "salad dressing", "chocolate_pudding": "chocolate pudding"}
+# how they name a fixture's regions that hold things inside ("in the top drawer of the wooden cabinet"; the rest: the
+# region's name without "_region", e.g. "heating" for a microwave's heating_region)
+REST_SPEED, REST_SPIN = 0.01, 0.1  # m/s and rad/s under which an object is at rest (`Scene.moving`)
+SPOKEN_REGIONS = {"top_region": "top drawer", "middle_region": "middle drawer", "bottom_region": "bottom drawer"}
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,39 @@ class Scene:
             for upper, lower in ((a, b), (b, a)):
                 if upper in found and data.body_xpos[self.body(upper)][2] > data.body_xpos[self.body(lower)][2]:
                     found[upper] = lower if found[upper] is None or self._higher(lower, found[upper]) else found[upper]
+        return found
+
+    def place(self, name: str, support: str) -> str:
+        """Where `name` is on or in the fixture or object `support` it rests on, as LIBERO's instructions say it: "in
+        the top drawer of the wooden cabinet" when a region of `support` contains it and it is not on that region
+        (LIBERO's own `In` and `On` predicates), else "on the wooden cabinet"."""
+        for region in self.inner.object_sites_dict:
+            if not region.startswith(support + "_") or region not in self.inner.object_states_dict:
+                continue
+            inside = self.inner._eval_predicate(["in", name, region])
+            if inside and not self.inner._eval_predicate(["on", name, region]):
+                part = region[len(support) + 1:]
+                spoken = SPOKEN_REGIONS.get(part, part.removesuffix("_region").replace("_", " "))
+                return f"in the {spoken} of the {self.spoken(support)}"
+        return f"on the {self.spoken(support)}"
+
+    def touching(self) -> list[tuple[str, str]]:
+        """The pairs of movable objects in contact, whichever way (a bowl leaning on a ramekin, its rim on the
+        table), each once."""
+        data = self.sim.data
+        owner = {g: name for name in self.objects for g in self._geoms(name)}
+        pairs = {tuple(sorted((owner[c.geom1], owner[c.geom2]))) for c in data.contact[:data.ncon]
+                 if c.geom1 in owner and c.geom2 in owner and owner[c.geom1] != owner[c.geom2]}
+        return sorted(pairs)  # type: ignore[arg-type]
+
+    def moving(self, speed: float = REST_SPEED, spin: float = REST_SPIN) -> list[str]:
+        """The movable objects still in motion: faster than `speed` (m/s) or turning faster than `spin` (rad/s)."""
+        found = []
+        for name in self.objects:
+            start, end = self.sim.model.get_joint_qvel_addr(self.inner.objects_dict[name].joints[-1])
+            velocity = self.sim.data.qvel[start:end]
+            if np.linalg.norm(velocity[:3]) > speed or np.linalg.norm(velocity[3:]) > spin:
+                found.append(name)
         return found
 
     def _higher(self, a: str, b: str) -> bool:

@@ -211,6 +211,48 @@ def test_the_other_bowl_is_a_goal_of_its_own_named_where_it_is(one_episode, gene
     assert other.holds(scene) and not own.holds(scene)
 
 
+def test_a_bowl_in_a_drawer_and_a_bowl_still_falling_are_named_and_laid_out_where_they_are():
+    """Tasks with no demonstrations here: task 4's goal bowl is in the cabinet's top drawer, its twin on the cabinet
+    (both on the one fixture); task 5's initial state drops its bowl onto the ramekin, where it comes to lean on it
+    after the protocol's settling steps."""
+    from atlas_vla.generation.generate import Generator
+    from atlas_vla.scenes.instructions import instruction, same_kind
+    from atlas_vla.scenes.layouts import _groups, first_usable, layout_rng
+
+    drawer = Generator("libero_spatial", 4, 128)
+    try:
+        scene, goal = drawer.scene, drawer.goal
+        [twin] = same_kind(scene, goal.obj)
+        seed, rng = layout_rng("generation", 0, "libero_spatial", 4, 0)
+        _, layout, words, _ = first_usable(scene, rng, seed, lambda: drawer.start_try(0, None), drawer.settle,
+                                           lambda: instruction(scene, goal, "") + " | "
+                                           + instruction(scene, goal.retargeted(twin), ""))
+        assert words.split(" | ") == [
+            "pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate",
+            "pick up the black bowl on the wooden cabinet and place it on the plate"]
+        assert goal.obj not in layout.placed and twin not in layout.placed and "plate_1" in layout.placed
+    finally:
+        drawer.close()
+
+    leaning = Generator("libero_spatial", 5, 128)
+    try:
+        scene, goal = leaning.scene, leaning.goal
+        leaning.start(0)
+        assert scene.moving() == [goal.obj]  # the protocol's 10 steps: the bowl is still falling
+        leaning.start_try(0, None)
+        assert scene.moving() == []
+        ramekin = next(group for root, group in _groups(scene).items() if goal.obj in group)
+        assert sorted(ramekin) == [goal.obj, "glazed_rim_porcelain_ramekin_1"]  # they move as one
+        for number in range(3):
+            seed, rng = layout_rng("generation", 0, "libero_spatial", 5, number)
+            _, layout, words, rejected = first_usable(scene, rng, seed, lambda: leaning.start_try(0, None),
+                                                      leaning.settle, lambda: instruction(scene, goal, ""))
+            assert rejected == {} and goal.obj in layout.placed
+            assert words.startswith("pick up the black bowl ") and words.endswith(" and place it on the plate")
+    finally:
+        leaning.close()
+
+
 def _generate(source: Path, output: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "atlas_vla.cli", "generate-demos", "--source", str(source),
                              "--output", str(output), "--num-demos", "2", "--seed", "5"],
