@@ -2,8 +2,8 @@
 the table area the arm reaches, then left to settle.
 
 What moves: every object that rests on the table (or the floor), carrying whatever rests on it (a bowl on the
-cookie box moves with the box) or leans on it (objects in contact move as one); objects inside or on a fixture (a
-bowl in the cabinet, on the stove) stay, as does what touches them, and the fixtures. Each moved group gets a centre drawn uniformly over `REACH` (a box in front of the robot's base, far larger
+cookie box moves with the box) or leans on it (a tilted object moves with what it touches); objects inside or on a
+fixture (a bowl in the cabinet, on the stove) stay, as does what leans on them, and the fixtures. Each moved group gets a centre drawn uniformly over `REACH` (a box in front of the robot's base, far larger
 than LIBERO's few-centimetre placement regions) and a heading turned by up to `max_yaw` from the one it had; a
 group's footprint (the bounding radii of its objects, `Scene.radius`) keeps `clearance` from every other footprint
 and fixture. After the physics settles, a layout in which something tipped, fell or slid is rejected.
@@ -87,9 +87,11 @@ def _groups(scene: Scene) -> dict[str, list[str]]:
         root = root_of(name)
         if root is not None and root != name:
             groups[root].append(name)
+    poses = scene.poses()
     for a, b in scene.touching():  # a bowl leaning on a ramekin, its rim on the table: they move as one, or not at all
         roots = [next((root for root, members in groups.items() if name in members), None) for name in (a, b)]
-        if roots[0] == roots[1]:
+        upright = all(np.dot(poses[name].up(), (0.0, 0.0, 1.0)) >= np.cos(MAX_TILT) for name in (a, b))
+        if roots[0] == roots[1] or upright:  # upright side by side: each stands on its own
             continue
         if None in roots:
             for root in roots:

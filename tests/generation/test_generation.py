@@ -211,13 +211,17 @@ def test_the_other_bowl_is_a_goal_of_its_own_named_where_it_is(one_episode, gene
     assert other.holds(scene) and not own.holds(scene)
 
 
-def test_a_bowl_in_a_drawer_and_a_bowl_still_falling_are_named_and_laid_out_where_they_are():
+def test_a_bowl_in_a_drawer_and_a_bowl_still_falling_are_named_and_laid_out_where_they_are(generator):
     """Tasks with no demonstrations here: task 4's goal bowl is in the cabinet's top drawer, its twin on the cabinet
     (both on the one fixture); task 5's initial state drops its bowl onto the ramekin, where it comes to lean on it
     after the protocol's settling steps."""
     from atlas_vla.generation.generate import Generator
     from atlas_vla.scenes.instructions import instruction, same_kind
     from atlas_vla.scenes.layouts import _groups, first_usable, layout_rng
+
+    generator.start(3)  # task 0's state 3: the goal bowl stands against the plate, upright; each moves on its own
+    assert ("akita_black_bowl_1", "plate_1") in generator.scene.touching()
+    assert _groups(generator.scene)["akita_black_bowl_1"] == ["akita_black_bowl_1"]
 
     drawer = Generator("libero_spatial", 4, 128)
     try:
