@@ -103,9 +103,9 @@ class Generator:
     def start_try(self, state: int | None, episode: SourceEpisode) -> Any:
         """The scene a try lays out anew: `start`'s, come to rest (`libero_sim.settle_still`), its simulator state
         saved the first time and restored every time (the first included, so a try's result never depends on what
-        its worker ran before), which saves a try the settling steps. A restored scene is identical on every restore, not to settling again: what the simulator
-        state does not hold (the controllers', the solver's) makes the two drift apart by millimetres over a few
-        steps of motion."""
+        its worker ran before), which saves a try the settling steps. A restored scene is identical on every
+        restore, not to settling again: what the simulator state does not hold (the controllers', the solver's) makes
+        the two drift apart by millimetres over a few steps of motion."""
         from atlas_vla.eval.libero_sim import settle_still
 
         if state is None:

@@ -3,8 +3,9 @@ the table area the arm reaches, then left to settle.
 
 What moves: every object that rests on the table (or the floor), carrying whatever rests on it (a bowl on the
 cookie box moves with the box) or leans on it (a tilted object moves with what it touches); objects inside or on a
-fixture (a bowl in the cabinet, on the stove) stay, as does what leans on them, and the fixtures. Each moved group gets a centre drawn uniformly over `REACH` (a box in front of the robot's base, far larger
-than LIBERO's few-centimetre placement regions) and a heading turned by up to `max_yaw` from the one it had; a
+fixture (a bowl in the cabinet, on the stove) stay, as does what leans on them, and the fixtures. Each moved group
+gets a centre drawn uniformly over `REACH` (a box in front of the robot's base, far larger than LIBERO's
+few-centimetre placement regions) and a heading turned by up to `max_yaw` from the one it had; a
 group's footprint (the bounding radii of its objects, `Scene.radius`) keeps `clearance` from every other footprint
 and fixture. After the physics settles, a layout in which something tipped, fell or slid is rejected.
 

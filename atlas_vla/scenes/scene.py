@@ -16,9 +16,9 @@ import numpy as np
 # how LIBERO's instructions name an object category (the rest: the category with spaces, e.g. "plate")
 SPOKEN_NAMES = {"akita_black_bowl": "black bowl", "glazed_rim_porcelain_ramekin": "ramekin", "cookies": "cookie box",
                 "flat_stove": "stove", "new_salad_dressing": "salad dressing", "chocolate_pudding": "chocolate pudding"}
+REST_SPEED, REST_SPIN = 0.01, 0.1  # m/s and rad/s under which an object is at rest (`Scene.moving`)
 # how they name a fixture's regions that hold things inside ("in the top drawer of the wooden cabinet"; the rest: the
 # region's name without "_region", e.g. "heating" for a microwave's heating_region)
-REST_SPEED, REST_SPIN = 0.01, 0.1  # m/s and rad/s under which an object is at rest (`Scene.moving`)
 SPOKEN_REGIONS = {"top_region": "top drawer", "middle_region": "middle drawer", "bottom_region": "bottom drawer"}
 
 
