@@ -375,7 +375,8 @@ def _add_eval_offline(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("val", "train", "all"), default="val", help="episode split to score")
     _add_data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
+    parser.add_argument("--max-batches", type=int, default=None,
+                        help="score this many batches, of samples spread over the whole split")
     parser.add_argument("--output", default=None, help="also write the metrics as JSON here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 

@@ -64,7 +64,8 @@ class TrainingConfig:
     cached_copies: int = 1  # with data.random_shift: differently shifted copies stored per sample, one drawn per use
     cache_frozen_features: bool = False  # deprecated: true means feature_store: auto
     validate_every_steps: int = 500  # run validation every N optimizer updates (and at the end)
-    num_validation_batches: int | None = 20  # batches per validation; null = the whole validation split
+    # batches per validation (per process), of samples spread over the whole split; null = the whole split
+    num_validation_batches: int | None = 20
     report_to: Literal["wandb", "tensorboard", "all", "none"] | None = None  # null = W&B if wandb.enabled
     push_to_hub: bool = False  # upload the final policy (needs `huggingface-cli login` or HF_TOKEN)
     hub_model_id: str | None = None  # Hub repo for push_to_hub; null = the output folder's name

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from atlas_vla.action_layout import GRIPPER, binarize_gripper
@@ -25,6 +26,20 @@ def valid_steps(batch: Mapping[str, Any]) -> torch.Tensor:
     """How many action steps of a batch are real (not the padding after an episode's end): the weight of its
     metrics, each a mean over those steps. A float tensor on the batch's device (reading it does not wait for one)."""
     return (~torch.as_tensor(batch[ACTIONS_PAD_MASK])).sum().float()
+
+
+def scored_samples(samples: Any, count: int | None) -> Any:
+    """The part of a validation split that a validation limited to `count` samples scores: `count` samples spread
+    evenly over the whole split, in order, the same at every validation.
+
+    Samples run in episode order, so the first `count` would cover the first few validation episodes only, and a
+    limited validation would measure those episodes rather than the split. A streamed split (no length) and one of
+    at most `count` samples are scored as they are."""
+    if count is None or isinstance(samples, torch.utils.data.IterableDataset) or len(samples) <= count:
+        return samples
+    # spaced at least one apart, so the rounded positions are distinct; the first and the last sample are among them
+    positions = np.linspace(0, len(samples) - 1, count).round().astype(int)
+    return torch.utils.data.Subset(samples, positions.tolist())
 
 
 def _step_weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None,
@@ -99,8 +114,9 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     policy = AtlasPolicy.from_pretrained(policy_path)
     train, val = load_train_val(config)
     dataset = {"val": val, "train": train, "all": train}[split]
-    loader = torch.utils.data.DataLoader(build_samples(dataset, policy.config.sample_spec, config),
-                                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    samples = scored_samples(build_samples(dataset, policy.config.sample_spec, config),
+                             None if max_batches is None else max_batches * batch_size)
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     totals, steps = metric_sums(policy, loader, max_batches)
     if not steps:
         raise ValueError(f"the {split} split of {config.source} is empty")

@@ -14,7 +14,7 @@ from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.split import load_train_val
-from atlas_vla.eval.offline import VAL_METRICS, evaluate_offline
+from atlas_vla.eval.offline import VAL_METRICS, evaluate_offline, scored_samples
 from atlas_vla.models.policy import AtlasPolicy
 
 
@@ -28,28 +28,32 @@ def setup(tmp_path_factory):
     return data, policy.save_pretrained(root / "policy"), policy, val
 
 
+def _one_by_one(policy, samples):
+    """Each sample's `VAL_METRICS` (rows), its real (unpadded) action steps, its actions and their valid mask."""
+    policy.eval()
+    metrics, steps, actions, valid = [], [], [], []
+    with torch.no_grad():
+        for index in range(len(samples)):
+            batch = collate([samples[index]])
+            out = policy(batch)
+            metrics.append([float(out[key]) for key in VAL_METRICS])
+            steps.append(int((~batch["actions_is_pad"]).sum()))
+            actions.append(batch["actions"][0].numpy())
+            valid.append(~batch["actions_is_pad"][0].numpy())
+    return np.array(metrics), np.array(steps), actions, valid
+
+
 def test_metrics_are_means_over_every_valid_step_whatever_the_batch_size(setup):
     data, checkpoint, policy, val = setup
     samples = LiberoSamples(val, policy.config.sample_spec)
     # the expectation, sample by sample: each sample's metrics weighted by its real (unpadded) action steps
-    policy.eval()
-    sums, steps = dict.fromkeys(VAL_METRICS, 0.0), 0
-    actions, valid = [], []
-    with torch.no_grad():
-        for index in range(len(samples)):
-            batch = collate([samples[index]])
-            count = int((~batch["actions_is_pad"]).sum())
-            out = policy(batch)
-            for key in VAL_METRICS:
-                sums[key] += float(out[key]) * count
-            steps += count
-            actions.append(batch["actions"][0].numpy())
-            valid.append(~batch["actions_is_pad"][0].numpy())
+    per_sample, steps, actions, valid = _one_by_one(policy, samples)
+    expected = (per_sample * steps[:, None]).sum(0) / steps.sum()
     assert len(samples) % 4 != 0 and len(samples) % 3 != 0  # both batch sizes end with a short batch
     for batch_size in (4, 3):
         metrics = evaluate_offline(str(checkpoint), str(data), split="val", val_fraction=0.25, batch_size=batch_size)
-        for key in VAL_METRICS:
-            assert metrics[f"val/{key}"] == pytest.approx(sums[key] / steps, rel=1e-5), (batch_size, key)
+        for key, value in zip(VAL_METRICS, expected):
+            assert metrics[f"val/{key}"] == pytest.approx(value, rel=1e-5), (batch_size, key)
     # the mean-action baseline, computed here from the actions alone
     real = np.stack(actions)[np.stack(valid)]  # (valid steps, 7)
     mean = np.asarray(policy.norm_stats.action.mean, dtype=np.float64)
@@ -58,6 +62,37 @@ def test_metrics_are_means_over_every_valid_step_whatever_the_batch_size(setup):
     assert metrics["val/baseline_pose_l1_error"] == pytest.approx(np.abs(error).mean(), rel=1e-5)
     assert metrics["val/baseline_pose_l2_error"] == pytest.approx(np.linalg.norm(error, axis=1).mean(), rel=1e-5)
     assert metrics["val/baseline_gripper_error"] == pytest.approx(np.mean((real[:, 6] > 0) != closed), rel=1e-5)
+
+
+def test_a_limited_evaluation_scores_samples_spread_over_the_whole_split(setup):
+    data, checkpoint, policy, val = setup
+    samples = LiberoSamples(val, policy.config.sample_spec)
+    per_sample, steps, _, _ = _one_by_one(policy, samples)
+    episodes = [samples[index]["episode_index"] for index in range(len(samples))]
+    # 2 batches of 3: six samples from the first to the last, not the first six (all from one episode)
+    scored = np.linspace(0, len(samples) - 1, 6).round().astype(int)
+    assert len(set(episodes[:6])) == 1 and {episodes[i] for i in scored} == set(episodes)
+    expected = (per_sample[scored] * steps[scored, None]).sum(0) / steps[scored].sum()
+    metrics = evaluate_offline(str(checkpoint), str(data), split="val", val_fraction=0.25, batch_size=3,
+                               max_batches=2)
+    for key, value in zip(VAL_METRICS, expected):
+        assert metrics[f"val/{key}"] == pytest.approx(value, rel=1e-5), key
+
+
+def test_the_scored_part_of_a_split():
+    part = scored_samples(list(range(100)), 10)
+    assert [part[i] for i in range(len(part))] == list(range(0, 100, 11))
+    spread = scored_samples(list(range(10)), 7)  # spaced 1.5 apart: rounded, every position once
+    assert [spread[i] for i in range(len(spread))] == [0, 2, 3, 4, 6, 8, 9]
+    whole = list(range(5))
+    assert scored_samples(whole, None) is whole and scored_samples(whole, 5) is whole
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(100))
+
+    stream = Stream()  # no length: scored as it comes (the loop stops after the limit)
+    assert scored_samples(stream, 1) is stream
 
 
 def test_command_table_json_and_errors(setup, tmp_path, capsys):

@@ -60,7 +60,8 @@ def accelerate(*args: str, **env: str) -> subprocess.CompletedProcess:
 def test_launch_logs_every_metric_config_tags_to_wandb(tmp_path, data_dir, observation_file):
     out = tmp_path / "run"
     result = accelerate(*tiny_args(data_dir, out, "--report_to", "wandb", "--wandb.tags", "[smoke, ci]",
-                                   "--wandb.notes", "a smoke test"), WANDB_API_KEY=SENTINEL_KEY)
+                                   "--wandb.notes", "a smoke test", "--training.num_validation_batches", "2"),
+                        WANDB_API_KEY=SENTINEL_KEY)
     [run_file] = find_run_files(out)
     logged = read_run(run_file)
     assert set(MISSION_METRICS) <= set(logged.history)
@@ -68,6 +69,13 @@ def test_launch_logs_every_metric_config_tags_to_wandb(tmp_path, data_dir, obser
     assert [step for step, _ in logged.history["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert [step for step, _ in logged.history["val/pose_l1_error"]] == [3, 6]
     assert "val/baseline_pose_l1_error" in logged.history
+    # a validation of 2 batches scores what eval-offline scores with that limit: samples spread over the whole split
+    from atlas_vla.config import load_config
+    from atlas_vla.eval.offline import evaluate_offline
+
+    final = evaluate_offline(str(out / "final"), load_config(out / "config.yaml").data, batch_size=8, max_batches=2)
+    assert logged.history["val/pose_l1_error"][-1][1] == pytest.approx(final["val/pose_l1_error"], rel=1e-5)
+    assert logged.history["val/gripper_loss"][-1][1] == pytest.approx(final["val/gripper_loss"], rel=1e-5)
     assert logged.tags == ["smoke", "ci"] and logged.notes == "a smoke test"
     assert logged.run_id == (out / "wandb_run_id.txt").read_text().strip()
     assert logged.config["training.learning_rate"] == 1e-3
