@@ -12,14 +12,16 @@ on LIBERO-PRO's perturbed suites and on layouts nobody trained or chose on.
    generation settings: a second seed, or a rerun, reuses what a first one generated, and a killed generation
    continues where it stopped.
 2. **Training**: `accelerate launch train.py --config CONFIG` on the sources and the generated folder as one.
+   Then `atlas-vla eval-offline` on the run's whole validation split, per source: how well the policy fits
+   held-out recorded episodes and held-out generated layouts, measured in a minute without the simulator.
 3. **Evaluation**: `atlas-vla eval-libero` with the config's `eval:` section (its tasks and initial states unless
    `--tasks` / `--initial-states` say otherwise) on the base suite and each of `--perturbations`, then the same
    episodes with every movable object laid out anew (`--layouts random --layout-seed S`, a seed stream of the
    evaluation's own: no generation run draws them; the default seed is the reported one, choose on others).
 
 Writes `<output-dir>/closed_loop_summary.json`: every suite's per-task successes/episodes with 95% Wilson
-intervals and the phases its failures ended in, the random-layout figure, the generation report's counts and the
-minutes each stage took. Extra arguments after `--` go to train.py.
+intervals and the phases its failures ended in, the random-layout figure, the offline validation errors per
+source, the generation report's counts and the minutes each stage took. Extra arguments after `--` go to train.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from atlas_vla.config import load_config
 from atlas_vla.eval.intervals import format_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +70,17 @@ def suite_rows(results: dict[str, Any]) -> dict[str, Any]:
                        "tasks": {task: format_rate(t["successes"], t["episodes"]) for task, t in row["tasks"].items()},
                        "failures": row.get("failures", {}), "errors": row.get("errors", 0),
                        "task_failures": {task: t.get("failures", {}) for task, t in row["tasks"].items()}}
+    return rows
+
+
+def offline_rows(metrics: dict[str, float], sources: list[str]) -> dict[str, Any]:
+    """eval-offline's pose and gripper errors and the mean-action baseline's pose error, over the validation split
+    ("all") and for each source that has validation episodes."""
+    keys = ("pose_l1_error", "gripper_error", "baseline_pose_l1_error")
+    rows = {"all": {key: round(metrics[f"val/{key}"], 4) for key in keys}}
+    for index, source in enumerate(sources):
+        if f"val/source_{index}/pose_l1_error" in metrics:
+            rows[source] = {key: round(metrics[f"val/source_{index}/{key}"], 4) for key in keys}
     return rows
 
 
@@ -132,6 +146,13 @@ def main() -> int:
         summary["train_minutes"] = round(run(["accelerate", "launch", *device, "train.py", "--config", config,
                                               "--data.source", data_source, "--output_dir", str(out),
                                               *args.train_args], env), 2)
+
+    # the held-out episodes of every source, generated layouts among them, scored without the simulator
+    offline = out / "offline_metrics.json"
+    run(["atlas-vla", "eval-offline", "--policy", str(out / "final"), "--config", str(out / "config.yaml"),
+         "--output", str(offline)], env)
+    summary["offline_validation"] = offline_rows(json.loads(offline.read_text())["metrics"],
+                                                 load_config(out / "config.yaml").data.sources)
 
     # the config's eval: section chooses the episodes (atlas-vla eval-libero --config); flags override it
     evaluate = ["atlas-vla", "eval-libero", "--policy", str(out / "final"), "--config", config, *workers]

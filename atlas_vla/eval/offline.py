@@ -98,7 +98,9 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     """`val/*`-style metrics (and the mean-action baseline) of a saved policy on a dataset split.
 
     `data` is a run's `DataConfig` (so the split is exactly the run's) or a source; `val_fraction` and
-    `split_seed`, when given, override it.
+    `split_seed`, when given, override it. With several sources, each source's metrics follow too
+    (`val/source_<i>/...`, `i` its position in the source list): recorded and generated episodes can fit very
+    differently, and only the split's mean would hide it.
     """
     from atlas_vla.data.samples import build_samples, collate
     from atlas_vla.data.split import load_train_val
@@ -116,13 +118,40 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     dataset = {"val": val, "train": train, "all": train}[split]
     samples = scored_samples(build_samples(dataset, policy.config.sample_spec, config),
                              None if max_batches is None else max_batches * batch_size)
-    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    totals, steps = metric_sums(policy, loader, max_batches)
+    sources = _sample_sources(samples)
+    # a stream has no sources to split by and is cut at `max_batches` as it comes
+    parts = {None: samples} if sources is None else {
+        int(source): torch.utils.data.Subset(samples, np.flatnonzero(sources == source).tolist())
+        for source in np.unique(sources)}
+    limit = max_batches if sources is None else None
+    sums = {}
+    for source, part in parts.items():
+        loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        sums[source] = (*metric_sums(policy, loader, limit), *baseline_sums(loader, policy.norm_stats, limit))
+    totals, steps, baseline, baseline_steps = (sum(values) for values in zip(*sums.values()))
     if not steps:
         raise ValueError(f"the {split} split of {config.source} is empty")
-    metrics = {f"{split}/{key}": float(value / steps) for key, value in zip(VAL_METRICS, totals)}
-    totals, steps = baseline_sums(loader, policy.norm_stats, max_batches)
-    metrics.update({f"{split}/baseline_{key}": float(value / steps) for key, value in zip(BASELINE_METRICS, totals)})
+    metrics = _means(f"{split}/", totals, steps, baseline, baseline_steps)
+    if len(sums) > 1:
+        for source, values in sums.items():
+            metrics.update(_means(f"{split}/source_{source}/", *values))
+    return metrics
+
+
+def _sample_sources(samples: Any) -> np.ndarray | None:
+    """Which source each sample came from (a `LiberoSamples` of several sources, or a part of one); else None."""
+    if isinstance(samples, torch.utils.data.Subset):
+        inner = _sample_sources(samples.dataset)
+        return None if inner is None else inner[np.asarray(samples.indices, dtype=np.int64)]
+    return getattr(samples, "sample_sources", None)
+
+
+def _means(prefix: str, totals: torch.Tensor, steps: torch.Tensor, baseline: torch.Tensor,
+           baseline_steps: torch.Tensor) -> dict[str, float]:
+    """`VAL_METRICS` and the baseline's `BASELINE_METRICS` as means over their steps, named under `prefix`."""
+    metrics = {f"{prefix}{key}": float(value / steps) for key, value in zip(VAL_METRICS, totals)}
+    metrics.update({f"{prefix}baseline_{key}": float(value / baseline_steps)
+                    for key, value in zip(BASELINE_METRICS, baseline)})
     return metrics
 
 

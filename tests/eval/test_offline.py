@@ -12,7 +12,7 @@ from helpers import synthetic_dataset, tiny_policy_config
 from atlas_vla.cli import main as cli
 from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import compute_norm_stats
-from atlas_vla.data.samples import LiberoSamples, collate
+from atlas_vla.data.samples import LiberoSamples, build_samples, collate
 from atlas_vla.data.split import load_train_val
 from atlas_vla.eval.offline import VAL_METRICS, evaluate_offline, scored_samples
 from atlas_vla.models.policy import AtlasPolicy
@@ -118,3 +118,25 @@ def test_the_policy_flag_and_a_runs_data_section(setup, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == evaluate_offline(str(checkpoint), split)
     assert printed != evaluate_offline(str(checkpoint), str(data), val_fraction=0.25)
+
+
+def test_several_sources_are_also_scored_one_by_one(setup, tmp_path):
+    data, checkpoint, policy, _ = setup
+    config = DataConfig(source=[str(data), str(synthetic_dataset(tmp_path, num_episodes=6))], val_fraction=0.25)
+    _, val = load_train_val(config)
+    samples = build_samples(val, policy.config.sample_spec, config)
+    per_sample, steps, _, _ = _one_by_one(policy, samples)
+    sources = np.array([samples[index]["source_index"] for index in range(len(samples))])
+    assert set(sources.tolist()) == {0, 1}
+    metrics = evaluate_offline(str(checkpoint), config, batch_size=4)
+    for source in (0, 1):
+        mine = sources == source
+        expected = (per_sample[mine] * steps[mine, None]).sum(0) / steps[mine].sum()
+        for key, value in zip(VAL_METRICS, expected):
+            assert metrics[f"val/source_{source}/{key}"] == pytest.approx(value, rel=1e-5), (source, key)
+        assert f"val/source_{source}/baseline_pose_l1_error" in metrics
+    whole = (per_sample * steps[:, None]).sum(0) / steps.sum()
+    for key, value in zip(VAL_METRICS, whole):
+        assert metrics[f"val/{key}"] == pytest.approx(value, rel=1e-5), key
+    # one source: no per-source keys
+    assert not any("/source_" in key for key in evaluate_offline(str(checkpoint), str(data), val_fraction=0.25))
