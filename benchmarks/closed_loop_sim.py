@@ -39,6 +39,7 @@ from typing import Any
 
 from atlas_vla.config import load_config
 from atlas_vla.eval.intervals import format_rate
+from atlas_vla.generation.retarget import RETARGET_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [REPO.parent / "shared" / "fixtures" / "libero" / name for name in ("sim_demos", "sim_demos_more")]
@@ -46,10 +47,12 @@ RANDOM_LAYOUT_SEED = 1000  # the reported random-layout figure's seed: candidate
 
 
 def generated_folder(root: Path, sources: list[str], seed: int, other_goals: bool) -> Path:
-    """Where the generation of these settings lives (`sources` resolved, so one spelling of a folder has one key).
-    `num_demos` is not part of the key: asking for more episodes continues the same tries (generate-demos keeps
-    each task's first N kept tries)."""
-    key = json.dumps({"sources": sources, "seed": seed, "other_goals": other_goals}, sort_keys=True)
+    """Where the generation of these settings lives (`sources` resolved, so one spelling of a folder has one key),
+    by the re-targeting controller of this version (a new controller generates anew). `num_demos` is not part of
+    the key: asking for more episodes continues the same tries (generate-demos keeps each task's first N kept
+    tries)."""
+    settings = {"sources": sources, "seed": seed, "other_goals": other_goals, "controller": RETARGET_VERSION}
+    key = json.dumps(settings, sort_keys=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -36,6 +36,7 @@ from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
 from atlas_vla.processes import die_with_parent
 from atlas_vla.scenes.layouts import Layout
 from atlas_vla.scenes.scene import Goal
+from atlas_vla.generation.retarget import RETARGET_VERSION
 from atlas_vla.generation.sources import Recovered, SourceEpisode, SourceRefused, read_episodes
 
 logger = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ class Settings:
     sources: list[str]
     seed: int
     other_goals: bool  # not num_demos: a later run may ask for more, and runs only the tries it adds
+    controller: int = RETARGET_VERSION  # the re-targeting controller's version: its actions are the training targets
 
     def differences(self, recorded: dict[str, Any]) -> list[str]:
         """The names of the settings that differ from `recorded`; a source is the same when it names the same file
@@ -305,6 +307,11 @@ class TryLog:
             lines = self.path.read_text().splitlines()
             header = json.loads(lines[0]) if lines else None
             differ = settings.differences((header or {}).get("settings", {}))
+            if differ == ["controller"]:
+                self._lock.close()
+                raise ValueError(f"{work} holds the tries of an earlier re-targeting controller (version "
+                                 f"{header['settings'].get('controller', 1)}, this one is {settings.controller}): "
+                                 f"their actions differ, so pass --fresh to start over, or give another --output")
             if differ:
                 self._lock.close()
                 raise ValueError(f"{work} holds the tries of a generation with other settings ({', '.join(differ)}): "

@@ -10,10 +10,15 @@ A source episode is split, from its end-effector path and gripper commands, into
 
 Each segment's end-effector poses are carried into the new poses' frames (`T_new @ inv(T_source) @ T_hand`), joined
 to the hand's start and to each other by straight, evenly paced moves (`PACE_M` per step), and executed by the
-same operational-space controller the source ran (LIBERO's delta pose actions), closed loop: each action points the
-hand at the next waypoint (gains `POSITION_GAIN`, `ROTATION_GAIN`), and before the gripper closes or opens the hand
-waits (up to `SETTLE_STEPS`) until it is within `REACHED_M` of the waypoint. The episode is kept only when the
-goal holds in the simulator.
+same operational-space controller the source ran (LIBERO's delta pose actions), closed loop. Each position action
+is the step the plan takes, over how far the hand moves per unit of action (`MOVE_PER_ACTION_M`, measured on the
+recorded demonstrations), plus a soft pull (`FEEDBACK_GAIN`) back to where the hand should be now; rotations point
+at the next waypoint (`ROTATION_GAIN`). Before the gripper closes or opens, the hand waits (up to `SETTLE_STEPS`)
+until it is within `REACHED_M` of the waypoint. The episode is kept only when the goal holds in the simulator.
+
+The actions are the training targets, so they follow the plan as smoothly as a person's: aiming each action
+straight at the next waypoint (a gain of 5) made them swing from step to step twice as much as the recorded ones,
+and a policy trained on them fitted those episodes no better than held-out ones (docs/closed-loop.md).
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ APPROACH_M = 0.05  # the reach-and-grasp segment starts this close (sideways) to
 CARRY_M = 0.02  # the carry starts once the hand has moved this far sideways from the grasp
 PACE_M = 0.01  # metres per step of the joining moves (the source's own top speed is about 0.01 m per step)
 PACE_RAD = 0.05  # radians per step of the joining moves
-POSITION_GAIN, ROTATION_GAIN = 5.0, 2.0  # waypoint error -> action (LIBERO's scale: 0.05 m, 0.5 rad per unit)
-POSITION_SCALE, ROTATION_SCALE = 0.05, 0.5
+MOVE_PER_ACTION_M = 0.0118  # how far the hand moves in one step per unit of position action (LIBERO's controller)
+FEEDBACK_GAIN = 1.0  # lag behind the plan -> position action (1 cm -> 0.2), in LIBERO's scale below
+ROTATION_GAIN = 2.0  # rotation error to the next waypoint -> rotation action
+POSITION_SCALE, ROTATION_SCALE = 0.05, 0.5  # LIBERO's delta pose actions: metres and radians per unit
+RETARGET_VERSION = 2  # the controller's: a generation's tries all come from one (1: aimed at the next waypoint)
 REACHED_M = 0.005
 SETTLE_STEPS = 20
 FINISH_STEPS = 30  # after the last waypoint: steps to wait for the goal, holding it
@@ -115,9 +123,12 @@ def plan(positions: np.ndarray, rotations: Rotation, gripper: np.ndarray, source
     return waypoints
 
 
-def action_towards(waypoint: Waypoint, position: np.ndarray, rotation: Rotation) -> np.ndarray:
-    """The 7-D delta pose action that moves the hand at `position`, `rotation` towards `waypoint`."""
-    move = np.clip(POSITION_GAIN * (waypoint.position - position) / POSITION_SCALE, -1.0, 1.0)
+def action_towards(waypoint: Waypoint, planned: np.ndarray, position: np.ndarray, rotation: Rotation) -> np.ndarray:
+    """The 7-D delta pose action for the step from `planned` (where the hand should be now) to `waypoint`, for the
+    hand now at `position`, `rotation`: the planned move as the controller carries it out, plus a pull back onto
+    the plan."""
+    move = np.clip((waypoint.position - planned) / MOVE_PER_ACTION_M
+                   + FEEDBACK_GAIN * (planned - position) / POSITION_SCALE, -1.0, 1.0)
     turn = np.clip(ROTATION_GAIN * (waypoint.rotation * rotation.inv()).as_rotvec() / ROTATION_SCALE, -1.0, 1.0)
     return np.concatenate([move, turn, [waypoint.gripper]]).astype(np.float32)
 
@@ -132,12 +143,14 @@ def execute(step: Callable[[np.ndarray], dict[str, Any]], observation: dict[str,
     """Drive the hand along `waypoints` (`step(action)` runs one and returns the next observation), stopping at the
     step after which `succeeded()`; returns whether it did within `max_steps`, and the actions executed."""
     actions: list[np.ndarray] = []
+    planned = hand_pose(observation)[0]  # where the plan has the hand now
 
     def run(waypoint: Waypoint) -> bool:
-        nonlocal observation
-        action = action_towards(waypoint, *hand_pose(observation))
+        nonlocal observation, planned
+        action = action_towards(waypoint, planned, *hand_pose(observation))
         observation = step(action)
         actions.append(action)
+        planned = waypoint.position
         return succeeded() or len(actions) >= max_steps
 
     previous = None

@@ -71,6 +71,11 @@ def test_a_recorded_episode_retargeted_to_moved_objects_succeeds(one_episode, ge
         "images": ((T, 128, 128, 3), np.uint8), "wrist_images": ((T, 128, 128, 3), np.uint8),
         "states": ((T, 8), np.float32), "actions": ((T, 7), np.float32)}
     assert np.abs(arrays["actions"]).max() <= 1.0 and set(np.unique(arrays["actions"][:, 6])) <= {-1.0, 1.0}
+    # training targets: they change from step to step about as the recorded person's do (aimed straight at each
+    # waypoint, they swung twice as much)
+    swing = {name: np.abs(np.diff(actions[:, :3], axis=0)).mean()
+             for name, actions in (("generated", arrays["actions"]), ("recorded", episode.actions))}
+    assert swing["generated"] < 1.5 * swing["recorded"], swing
     # the recorded layout puts the scene back as the episode began: its first frame again
     observation, _ = generator.lay_out(episode, recovered, Layout.from_record(layout.record()))
     assert frame_difference(rotate_180(observation["agentview_image"]), arrays["images"][0]) == 0.0

@@ -37,3 +37,19 @@ def test_a_source_spelled_another_way_continues_the_log_in_the_new_spelling(tmp_
         TryLog(tmp_path / "work", Settings([str(tmp_path / "main")], 0, True), fresh=False)
     with pytest.raises(ValueError, match=r"other settings \(other_goals, sources\)"):
         TryLog(tmp_path / "work", Settings([absolute, absolute], 0, False), fresh=False)
+
+
+def test_the_tries_of_an_earlier_controller_are_not_continued(tmp_path):
+    import json
+
+    work = tmp_path / "work"
+    work.mkdir()
+    # a log of the first controller, whose settings named no controller
+    (work / "tries.jsonl").write_text(json.dumps({"settings": {"sources": ["demos"], "seed": 0, "other_goals": True}})
+                                      + "\n" + json.dumps({"task": "libero_spatial/0", "try": 0, "kept": True}) + "\n")
+    with pytest.raises(ValueError, match=r"earlier re-targeting controller \(version 1, this one is 2\).*--fresh"):
+        TryLog(work, Settings(["demos"], 0, True), fresh=False)
+    fresh = TryLog(work, Settings(["demos"], 0, True), fresh=True)
+    assert fresh.records == []
+    fresh.close()
+    assert json.loads((work / "tries.jsonl").read_text().splitlines()[0])["settings"]["controller"] == 2
