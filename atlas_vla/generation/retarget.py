@@ -17,8 +17,8 @@ at the next waypoint (`ROTATION_GAIN`). Before the gripper closes or opens, the 
 until it is within `REACHED_M` of the waypoint. The episode is kept only when the goal holds in the simulator.
 
 The actions are the training targets, so they follow the plan as smoothly as a person's: aiming each action
-straight at the next waypoint (a gain of 5) made them swing from step to step twice as much as the recorded ones,
-and a policy trained on them fitted those episodes no better than held-out ones (docs/closed-loop.md).
+straight at the next waypoint (a gain of 5) made them swing from step to step 2-3 times as much as the recorded ones,
+and a policy trained on them fitted those episodes hardly better than held-out ones (docs/closed-loop.md).
 """
 
 from __future__ import annotations
