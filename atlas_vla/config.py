@@ -84,8 +84,9 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ValueError(f"training.max_train_steps must be >= 1 or null, got {self.max_train_steps}")
+        for name in ("max_train_steps", "num_validation_batches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1 or null, got {getattr(self, name)}")
         if self.lr_warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError(f"training.learning_rate ({self.learning_rate}) must be > 0 and lr_warmup_steps "
                              f"({self.lr_warmup_steps}) >= 0")

@@ -152,8 +152,8 @@ def main() -> int:
 
     # the held-out episodes of every source, generated layouts among them, scored without the simulator
     offline = out / "offline_metrics.json"
-    run(["atlas-vla", "eval-offline", "--policy", str(out / "final"), "--config", str(out / "config.yaml"),
-         "--output", str(offline)], env)
+    summary["offline_minutes"] = round(run(["atlas-vla", "eval-offline", "--policy", str(out / "final"), "--config",
+                                             str(out / "config.yaml"), "--output", str(offline)], env), 2)
     summary["offline_validation"] = offline_rows(json.loads(offline.read_text())["metrics"],
                                                  load_config(out / "config.yaml").data.sources)
 

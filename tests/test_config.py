@@ -245,11 +245,11 @@ def test_training_counts_must_be_at_least_one(name):
     assert value_error(lambda: TrainingConfig(**{name: -3})) == f"training.{name} must be >= 1, got -3"
 
 
-def test_max_train_steps_is_at_least_one_or_null():
-    assert TrainingConfig(max_train_steps=1).max_train_steps == 1
-    assert TrainingConfig(max_train_steps=None).max_train_steps is None
-    assert value_error(lambda: TrainingConfig(max_train_steps=0)) == \
-        "training.max_train_steps must be >= 1 or null, got 0"
+@pytest.mark.parametrize("name", ["max_train_steps", "num_validation_batches"])
+def test_optional_counts_are_at_least_one_or_null(name):
+    assert getattr(TrainingConfig(**{name: 1}), name) == 1
+    assert getattr(TrainingConfig(**{name: None}), name) is None
+    assert value_error(lambda: TrainingConfig(**{name: 0})) == f"training.{name} must be >= 1 or null, got 0"
 
 
 def test_learning_rate_is_positive_and_warmup_not_negative():

@@ -37,7 +37,7 @@ def scored_samples(samples: Any, count: int | None) -> Any:
     at most `count` samples are scored as they are."""
     if count is None or isinstance(samples, torch.utils.data.IterableDataset) or len(samples) <= count:
         return samples
-    # spaced at least one apart, so the rounded positions are distinct; the first and the last sample are among them
+    # spaced at least one apart, so the rounded positions are distinct; they run from the first sample to the last
     positions = np.linspace(0, len(samples) - 1, count).round().astype(int)
     return torch.utils.data.Subset(samples, positions.tolist())
 
@@ -108,6 +108,8 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
 
     if split not in ("val", "train", "all"):
         raise ValueError(f"split must be val, train or all, got {split!r}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None (the whole split), got {max_batches}")
     config = DataConfig(source=data) if isinstance(data, str) else data
     overrides = {"val_fraction": val_fraction, "split_seed": split_seed}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -128,9 +130,9 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     for source, part in parts.items():
         loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         sums[source] = (*metric_sums(policy, loader, limit), *baseline_sums(loader, policy.norm_stats, limit))
-    totals, steps, baseline, baseline_steps = (sum(values) for values in zip(*sums.values()))
-    if not steps:
+    if not any(values[1] for values in sums.values()):  # no source has a scored step
         raise ValueError(f"the {split} split of {config.source} is empty")
+    totals, steps, baseline, baseline_steps = (sum(values) for values in zip(*sums.values()))
     metrics = _means(f"{split}/", totals, steps, baseline, baseline_steps)
     if len(sums) > 1:
         for source, values in sums.items():

@@ -307,11 +307,13 @@ class TryLog:
             lines = self.path.read_text().splitlines()
             header = json.loads(lines[0]) if lines else None
             differ = settings.differences((header or {}).get("settings", {}))
-            if differ == ["controller"]:
+            if "controller" in differ:  # no flag chooses it: only a fresh start or another folder goes on
                 self._lock.close()
-                raise ValueError(f"{work} holds the tries of an earlier re-targeting controller (version "
-                                 f"{header['settings'].get('controller', 1)}, this one is {settings.controller}): "
-                                 f"their actions differ, so pass --fresh to start over, or give another --output")
+                others = [name for name in differ if name != "controller"]
+                raise ValueError(f"{work} holds the tries of another re-targeting controller (version "
+                                 f"{header['settings'].get('controller', 1)}, this one is {settings.controller})"
+                                 + (f" and other settings ({', '.join(others)})" if others else "")
+                                 + ": their actions differ, so pass --fresh to start over, or give another --output")
             if differ:
                 self._lock.close()
                 raise ValueError(f"{work} holds the tries of a generation with other settings ({', '.join(differ)}): "
@@ -541,7 +543,7 @@ def _report(plans: dict[str, TaskPlan], num_demos: int, seed: int, seconds: floa
             "worker_seconds": worker_seconds,
             "demos_per_hour": len(kept) / worker_seconds * 3600 if worker_seconds else None,
         }
-    return {"num_demos": num_demos, "seed": seed, "seconds": seconds, "tasks": tasks}
+    return {"num_demos": num_demos, "seed": seed, "controller": RETARGET_VERSION, "seconds": seconds, "tasks": tasks}
 
 
 def _assemble(plans: dict[str, TaskPlan], num_demos: int, like: SourceEpisode, work: Path, output: Path,

@@ -140,3 +140,8 @@ def test_several_sources_are_also_scored_one_by_one(setup, tmp_path):
         assert metrics[f"val/{key}"] == pytest.approx(value, rel=1e-5), key
     # one source: no per-source keys
     assert not any("/source_" in key for key in evaluate_offline(str(checkpoint), str(data), val_fraction=0.25))
+    # an empty split of several sources, and a limit of no batches, say what is wrong
+    with pytest.raises(ValueError, match=r"the val split of .* is empty"):
+        evaluate_offline(str(checkpoint), DataConfig(source=config.source, val_fraction=0.0))
+    with pytest.raises(ValueError, match="max_batches must be >= 1 or None"):
+        evaluate_offline(str(checkpoint), config, max_batches=0)

@@ -47,8 +47,10 @@ def test_the_tries_of_an_earlier_controller_are_not_continued(tmp_path):
     # a log of the first controller, whose settings named no controller
     (work / "tries.jsonl").write_text(json.dumps({"settings": {"sources": ["demos"], "seed": 0, "other_goals": True}})
                                       + "\n" + json.dumps({"task": "libero_spatial/0", "try": 0, "kept": True}) + "\n")
-    with pytest.raises(ValueError, match=r"earlier re-targeting controller \(version 1, this one is 2\).*--fresh"):
+    with pytest.raises(ValueError, match=r"another re-targeting controller \(version 1, this one is 2\): .*--fresh"):
         TryLog(work, Settings(["demos"], 0, True), fresh=False)
+    with pytest.raises(ValueError, match=r"controller \(version 1, this one is 2\) and other settings \(seed\)"):
+        TryLog(work, Settings(["demos"], 3, True), fresh=False)
     fresh = TryLog(work, Settings(["demos"], 0, True), fresh=True)
     assert fresh.records == []
     fresh.close()
