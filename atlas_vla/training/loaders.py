@@ -22,6 +22,7 @@ from atlas_vla.data.samples import build_samples, collate
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.split import load_train_val
 from atlas_vla.data.synthetic import make_synthetic_libero
+from atlas_vla.eval.offline import scored_samples
 from atlas_vla.training.preemption import ignore_stop_signals
 
 logger = logging.getLogger("atlas_vla.train")
@@ -94,3 +95,12 @@ def build_loader(samples: Any, training_cfg: TrainingConfig, shuffle: bool,
         # or a resumed run would draw different random numbers than an uninterrupted one
         generator=torch.Generator().manual_seed(training_cfg.seed),
     )
+
+
+def build_val_loader(val_samples: Any, training_cfg: TrainingConfig, num_processes: int) -> torch.utils.data.DataLoader:
+    """The validation loader of a run of `num_processes`: with `training.num_validation_batches` N, the N x batch x
+    processes samples spread over the whole split (`scored_samples`), so that each process scores N batches of them
+    once `accelerator.prepare` has shared them out."""
+    limit = training_cfg.num_validation_batches
+    count = None if limit is None else limit * training_cfg.train_batch_size * num_processes
+    return build_loader(scored_samples(val_samples, count), training_cfg, shuffle=False)

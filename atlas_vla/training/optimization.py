@@ -18,10 +18,9 @@ from transformers import get_scheduler
 
 from atlas_vla.config import TrainingConfig
 from atlas_vla.data.normalization import NormStats
-from atlas_vla.eval.offline import scored_samples
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.training.loaders import build_loader
+from atlas_vla.training.loaders import build_loader, build_val_loader
 
 logger = logging.getLogger("atlas_vla.train")
 
@@ -59,11 +58,8 @@ def prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_sa
     """Stage 3b: the loaders, AdamW and the LR schedule, prepared; every checkpoint also exports the policy.
 
     `sampler` (source-weighted sampling) replaces the shuffled order of the training samples."""
-    val_loader = None
-    if val_samples is not None:  # a limited validation scores samples spread over the whole split
-        limit = training_cfg.num_validation_batches
-        count = None if limit is None else limit * training_cfg.train_batch_size * accelerator.num_processes
-        val_loader = build_loader(scored_samples(val_samples, count), training_cfg, shuffle=False)
+    val_loader = (build_val_loader(val_samples, training_cfg, accelerator.num_processes)
+                  if val_samples is not None else None)
     train_loader = build_loader(train_samples, training_cfg, shuffle=True, sampler=sampler)
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad], lr=training_cfg.learning_rate,
