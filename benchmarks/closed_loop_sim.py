@@ -34,12 +34,13 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from atlas_vla.config import load_config
 from atlas_vla.eval.intervals import format_rate
-from atlas_vla.generation.retarget import RETARGET_VERSION
+from atlas_vla.generation.generate import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [REPO.parent / "shared" / "fixtures" / "libero" / name for name in ("sim_demos", "sim_demos_more")]
@@ -51,8 +52,7 @@ def generated_folder(root: Path, sources: list[str], seed: int, other_goals: boo
     by the re-targeting controller of this version (a new controller generates anew). `num_demos` is not part of
     the key: asking for more episodes continues the same tries (generate-demos keeps each task's first N kept
     tries)."""
-    settings = {"sources": sources, "seed": seed, "other_goals": other_goals, "controller": RETARGET_VERSION}
-    key = json.dumps(settings, sort_keys=True)
+    key = json.dumps(asdict(Settings(sources, seed, other_goals)), sort_keys=True)  # what continues a generation
     return root / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,13 +148,16 @@ def _sample_sources(samples: Any) -> np.ndarray | None:
     return getattr(samples, "sample_sources", None)
 
 
+def named_means(prefix: str, names: Sequence[str], totals: torch.Tensor, steps: torch.Tensor) -> dict[str, float]:
+    """Step-weighted sums (`metric_sums`, `baseline_sums`) as means over their steps, each named `<prefix><name>`."""
+    return {f"{prefix}{name}": float(value / steps) for name, value in zip(names, totals)}
+
+
 def _means(prefix: str, totals: torch.Tensor, steps: torch.Tensor, baseline: torch.Tensor,
            baseline_steps: torch.Tensor) -> dict[str, float]:
     """`VAL_METRICS` and the baseline's `BASELINE_METRICS` as means over their steps, named under `prefix`."""
-    metrics = {f"{prefix}{key}": float(value / steps) for key, value in zip(VAL_METRICS, totals)}
-    metrics.update({f"{prefix}baseline_{key}": float(value / baseline_steps)
-                    for key, value in zip(BASELINE_METRICS, baseline)})
-    return metrics
+    return {**named_means(prefix, VAL_METRICS, totals, steps),
+            **named_means(f"{prefix}baseline_", BASELINE_METRICS, baseline, baseline_steps)}
 
 
 def save_metrics(path: str | os.PathLike, metrics: Mapping[str, float], settings: Mapping[str, Any]) -> Path:

@@ -18,7 +18,7 @@ from atlas_vla.data.samples import collate
 from atlas_vla.eval import libero_sim as sim
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import check_episodes_ran
-from atlas_vla.eval.offline import BASELINE_METRICS, VAL_METRICS, baseline_sums, metric_sums
+from atlas_vla.eval.offline import BASELINE_METRICS, VAL_METRICS, baseline_sums, metric_sums, named_means
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.schema import to_dict
 from atlas_vla.training.run import TrainingRun
@@ -32,15 +32,14 @@ def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable
     """`val/*` metrics over up to `limit` batches per process: each the mean over every valid action step that
     any process scored (`metric_sums`), so neither the batch size nor the number of processes changes it."""
     totals, steps = _across_processes(accelerator, *metric_sums(policy, loader, limit))
-    return {f"val/{key}": float(value / steps) for key, value in zip(VAL_METRICS, totals)} if steps else {}
+    return named_means("val/", VAL_METRICS, totals, steps) if steps else {}
 
 
 def baseline_metrics(accelerator: Accelerator, loader: Iterable, stats: NormStats, limit: int | None
                      ) -> dict[str, float]:
     """The `val/baseline_*` values, the mean-action baseline's metrics, over the steps `validate` scores."""
     totals, steps = _across_processes(accelerator, *baseline_sums(loader, stats, limit))
-    return ({f"val/baseline_{key}": float(value / steps) for key, value in zip(BASELINE_METRICS, totals)}
-            if steps else {})
+    return named_means("val/baseline_", BASELINE_METRICS, totals, steps) if steps else {}
 
 
 def _across_processes(accelerator: Accelerator, totals: torch.Tensor, steps: torch.Tensor

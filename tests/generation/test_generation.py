@@ -72,7 +72,7 @@ def test_a_recorded_episode_retargeted_to_moved_objects_succeeds(one_episode, ge
         "states": ((T, 8), np.float32), "actions": ((T, 7), np.float32)}
     assert np.abs(arrays["actions"]).max() <= 1.0 and set(np.unique(arrays["actions"][:, 6])) <= {-1.0, 1.0}
     # training targets: they change from step to step about as the recorded person's do (aimed straight at each
-    # waypoint, they swung twice as much)
+    # waypoint, they swung 2-3 times as much)
     swing = {name: np.abs(np.diff(actions[:, :3], axis=0)).mean()
              for name, actions in (("generated", arrays["actions"]), ("recorded", episode.actions))}
     assert swing["generated"] < 1.5 * swing["recorded"], swing
