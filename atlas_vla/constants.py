@@ -18,6 +18,10 @@ EPISODE_INDEX = "episode_index"
 FRAME_INDEX = "frame_index"
 TASK_INDEX = "task_index"
 SOURCE_INDEX = "source_index"  # with several data sources: which of them a row came from (its index in data.source)
+# optional, float32[6]: the goal object's xyz then its target's xyz (world frame, metres) where the frame's scene is
+# known, NaN where not; generate-demos writes it, recorded sources have none. Also the batch key (B, 6), the
+# target of the policy's locate query (`PolicyConfig.locate_weight`).
+OBJECT_POSITIONS = "object_positions"
 
 CANONICAL_COLUMNS = (AGENT_IMAGE, WRIST_IMAGE, STATE, ACTION, INSTRUCTION, EPISODE_INDEX, FRAME_INDEX)
 CAMERAS = (AGENT_IMAGE, WRIST_IMAGE)  # the camera order everywhere: agent view first, then wrist

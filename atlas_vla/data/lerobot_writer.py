@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from atlas_vla.action_layout import ACTION_DIM
-from atlas_vla.constants import STATE_DIM
+from atlas_vla.constants import OBJECT_POSITIONS, STATE_DIM
 from atlas_vla.files import StagedFolder
 
 CODEBASE_VERSION = "v2.0"
@@ -28,6 +28,7 @@ CHUNK_SIZE = 1000
 
 
 IMAGE_FORMATS = ("png", "jpeg")
+POSITIONS_FEATURE = datasets.Sequence(datasets.Value("float32"), length=6)  # how OBJECT_POSITIONS is stored
 
 
 def _encoded(image: np.ndarray, image_format: str) -> dict:
@@ -56,12 +57,22 @@ class LeRobotV2Writer:
         self.episodes: list[dict] = []
         self.num_frames = 0
         self.image_shape: tuple[int, ...] | None = None
+        self.with_positions: bool | None = None  # whether the episodes carry OBJECT_POSITIONS (the first one decides)
 
     def add_episode(self, images: np.ndarray, wrist_images: np.ndarray, states: np.ndarray, actions: np.ndarray,
-                    instruction: str, metadata: dict | None = None) -> None:
+                    instruction: str, metadata: dict | None = None, object_positions: np.ndarray | None = None) -> None:
         """Append one episode: images (T, H, W, 3) uint8 upright, states (T, 8), actions (T, 7); `metadata` joins its
-        row of `meta/episodes.jsonl` (e.g. a generated episode's layout)."""
+        row of `meta/episodes.jsonl` (e.g. a generated episode's layout); `object_positions` (T, 6), NaN where unknown,
+        becomes the `OBJECT_POSITIONS` column (every episode of a folder has it, or none)."""
         T = len(actions)
+        if object_positions is not None and np.shape(object_positions) != (T, 6):
+            raise ValueError(f"object_positions must be (T, 6) = ({T}, 6), got {np.shape(object_positions)}")
+        if self.with_positions is not None and self.with_positions != (object_positions is not None):
+            raise ValueError(f"episode {len(self.episodes)}: object_positions "
+                             f"{'missing' if self.with_positions else 'given'}; the episodes before it "
+                             f"{'had' if self.with_positions else 'had none'}: a folder's episodes all carry them "
+                             f"or none")
+        self.with_positions = object_positions is not None
         shapes = {"images": images.shape, "wrist_images": wrist_images.shape, "states": states.shape,
                   "actions": actions.shape}
         if (images.ndim != 4 or images.shape[-1] != 3 or wrist_images.shape != images.shape
@@ -81,6 +92,7 @@ class LeRobotV2Writer:
             "episode_index": [episode_index] * T,
             "index": list(range(self.num_frames, self.num_frames + T)),
             "task_index": [task_index] * T,
+            **({OBJECT_POSITIONS: np.asarray(object_positions, np.float32).tolist()} if self.with_positions else {}),
         }
         features = datasets.Features({
             "image": datasets.Image(), "wrist_image": datasets.Image(),
@@ -89,6 +101,7 @@ class LeRobotV2Writer:
             "timestamp": datasets.Value("float32"), "frame_index": datasets.Value("int64"),
             "episode_index": datasets.Value("int64"), "index": datasets.Value("int64"),
             "task_index": datasets.Value("int64"),
+            **({OBJECT_POSITIONS: POSITIONS_FEATURE} if self.with_positions else {}),
         })
         path = self.tmp / DATA_PATH.format(episode_chunk=episode_index // CHUNK_SIZE, episode_index=episode_index)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +129,8 @@ class LeRobotV2Writer:
                 **{name: {"dtype": dtype, "shape": [1], "names": None} for name, dtype in
                    (("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
                     ("index", "int64"), ("task_index", "int64"))},
+                **({OBJECT_POSITIONS: {"dtype": "float32", "shape": [6], "names": [
+                    "goal_x", "goal_y", "goal_z", "target_x", "target_y", "target_z"]}} if self.with_positions else {}),
             },
         }
         (meta / "info.json").write_text(json.dumps(info, indent=4))

@@ -18,7 +18,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, SOURCE_INDEX, STATE, TASK_INDEX, WRIST_IMAGE
+from atlas_vla.constants import (
+    ACTION,
+    AGENT_IMAGE,
+    EPISODE_INDEX,
+    OBJECT_POSITIONS,
+    SOURCE_INDEX,
+    STATE,
+    TASK_INDEX,
+    WRIST_IMAGE,
+)
+from atlas_vla.data.lerobot_writer import POSITIONS_FEATURE
 from atlas_vla.data.sources import describe, map_stream_batches, numpy_column
 
 Table = datasets.Dataset | datasets.IterableDataset
@@ -51,13 +61,32 @@ def check_compatible(sources: Sequence[str], profiles: Sequence[dict[str, Any]])
                                  f"sources trained together must record the same kind of frame")
 
 
-def tag_source(table: Table, index: int, episode_offset: int) -> Table:
+def _unknown_positions(table: Table) -> Table:
+    """`table` with an `OBJECT_POSITIONS` column of NaN (nothing known about where its objects are)."""
+    if isinstance(table, datasets.IterableDataset):  # in Arrow batches: the images are never decoded here
+        features = table.features
+        if features is not None:
+            features = datasets.Features({**features, OBJECT_POSITIONS: POSITIONS_FEATURE})
+
+        def add(batch: pa.Table) -> pa.Table:
+            values = pa.array(np.full(len(batch) * 6, np.nan, np.float32))
+            return batch.append_column(OBJECT_POSITIONS, pa.FixedSizeListArray.from_arrays(values, 6))
+
+        return map_stream_batches(table, add, features)
+    return table.add_column(OBJECT_POSITIONS, np.full((len(table), 6), np.nan, np.float32).tolist(),
+                            feature=POSITIONS_FEATURE)
+
+
+def tag_source(table: Table, index: int, episode_offset: int, *, with_positions: bool = False) -> Table:
     """Source `index`'s canonical table with its episode indices shifted by `episode_offset` (so they stay
     unique among all sources) and a `SOURCE_INDEX` column. Task indices are dropped: across sources
-    only the instruction text names a task. Call it before selecting episodes: on a table without a
-    row selection the new columns are added without rewriting the others."""
+    only the instruction text names a task. `with_positions` (another source says where its objects are): a
+    table without `OBJECT_POSITIONS` gets them as NaN, unknown. Call it before selecting episodes: on a table
+    without a row selection the new columns are added without rewriting the others."""
     if TASK_INDEX in (table.column_names or []):
         table = table.remove_columns([TASK_INDEX])
+    if with_positions and OBJECT_POSITIONS not in (table.column_names or []):
+        table = _unknown_positions(table)
     if isinstance(table, datasets.IterableDataset):  # in Arrow batches: the images are never decoded here
         features = table.features
         if features is not None:
@@ -78,11 +107,14 @@ def tag_source(table: Table, index: int, episode_offset: int) -> Table:
 
 def join_sources(tables: Sequence[Table]) -> Table:
     """One table from the `tag_source`d tables of several sources. When their layouts stored the state
-    and action differently (fixed- or variable-length lists, float64), both become float32 lists first."""
+    and action differently (fixed- or variable-length lists, float64), both become float32 lists first.
+    (Sources that say where their objects are and sources that do not: `tag_source`'s `with_positions`.)"""
     features = [table.features for table in tables]
     if any(f is not None and f != features[0] for f in features):
         target = datasets.Sequence(datasets.Value("float32"))
-        tables = [table.cast_column(STATE, target).cast_column(ACTION, target) for table in tables]
+        lists = [STATE, ACTION, *([OBJECT_POSITIONS] if OBJECT_POSITIONS in (tables[0].column_names or []) else [])]
+        for column in lists:
+            tables = [table.cast_column(column, target) for table in tables]
     return datasets.concatenate_datasets(list(tables))
 
 

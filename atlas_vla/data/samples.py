@@ -27,6 +27,7 @@ from atlas_vla.constants import (
     EPISODE_INDEX,
     FRAME_INDEX,
     INSTRUCTION,
+    OBJECT_POSITIONS,
     OBS_IMAGES,
     OBS_STATE,
     SOURCE_INDEX,
@@ -57,6 +58,7 @@ class _Frames:
     frame: np.ndarray  # (N,) int64
     instruction_code: np.ndarray  # (N,) int index into `instructions`
     instructions: list[str]
+    positions: np.ndarray | None = None  # (N, 6) float32 OBJECT_POSITIONS (NaN where unknown), when the table has them
 
     @classmethod
     def from_table(cls, table: pa.Table) -> "_Frames":
@@ -82,6 +84,8 @@ class _Frames:
             frame=frame,
             instruction_code=encoded.indices.to_numpy(zero_copy_only=False)[rows],
             instructions=encoded.dictionary.to_pylist(),
+            positions=(_float_matrix(table.column(OBJECT_POSITIONS))[rows]
+                       if OBJECT_POSITIONS in table.column_names else None),
         )
 
 
@@ -114,7 +118,8 @@ def _build_samples(
     (clamped to the episode start), each as [agentview, wrist]. The chunk holds actions
     t .. t + action_horizon - 1; steps past the episode end repeat its last action and are masked.
     `take_images(rows)` returns the camera columns of those source rows as an Arrow table; with
-    `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache).
+    `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache). When the
+    table says where the objects are, each sample carries its current frame's `OBJECT_POSITIONS`.
     `random_shift` > 0 shifts every view independently (`transforms.random_shift`). `paraphrase_prob` of the
     samples read a paraphrase of their instruction, drawn from (`paraphrase_seed`, episode, frame).
     """
@@ -148,6 +153,8 @@ def _build_samples(
             ACTIONS_PAD_MASK: torch.from_numpy(pad[b]),
             EPISODE_INDEX: int(frames.episode[p]),
             FRAME_INDEX: int(frames.frame[p]),
+            **({OBJECT_POSITIONS: torch.from_numpy(frames.positions[p].copy())}
+               if frames.positions is not None else {}),
         }
         for b, p in enumerate(positions.tolist())
     ]
@@ -206,7 +213,8 @@ class LiberoSamples(torch.utils.data.Dataset):
         self.paraphrase_prob = paraphrase_prob  # training augmentation (DataConfig.paraphrase_prob); 0 = recorded words
         self.paraphrase_seed = paraphrase_seed
         joined = SOURCE_INDEX in dataset.column_names  # several sources
-        numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION, *([SOURCE_INDEX] if joined else [])]
+        numeric = [EPISODE_INDEX, FRAME_INDEX, STATE, ACTION, INSTRUCTION, *([SOURCE_INDEX] if joined else []),
+                   *([OBJECT_POSITIONS] if OBJECT_POSITIONS in dataset.column_names else [])]
         table = dataset.select_columns(numeric).with_format("arrow")[:]
         self._frames = _Frames.from_table(table)
         # the source of each sample (in sample order), for source-weighted sampling

@@ -28,6 +28,7 @@ from atlas_vla.constants import (
     EPISODE_INDEX,
     FRAME_INDEX,
     INSTRUCTION,
+    OBJECT_POSITIONS,
     STATE,
     TASK_INDEX,
     WRIST_IMAGE,
@@ -61,6 +62,7 @@ KNOWN_SCHEMAS: dict[str, dict[str, str]] = {
     },
 }
 _INDEX_COLUMNS = {EPISODE_INDEX: EPISODE_INDEX, FRAME_INDEX: FRAME_INDEX}
+OPTIONAL_COLUMNS = (TASK_INDEX, INSTRUCTION, OBJECT_POSITIONS)  # mapped when present; instructions are joined otherwise
 
 
 @dataclass
@@ -126,7 +128,7 @@ def load_libero(
     parquet shards are then streamed from `hf://` at the same commit). Columns are mapped from the
     detected schema (`KNOWN_SCHEMAS`), with `columns={canonical: source_column}` taking precedence,
     and instructions are joined from the task table. `max_episodes` keeps the first N episodes.
-    The result has `CANONICAL_COLUMNS` (plus `TASK_INDEX` when the source has it); images stay
+    The result has `CANONICAL_COLUMNS` (plus `TASK_INDEX` and `OBJECT_POSITIONS` when the source has them); images stay
     encoded in the table (decoded to PIL on access).
     """
     dataset, _ = load_libero_with_episodes(
@@ -186,10 +188,9 @@ def resolve_columns(
         mapping = {**schema, **_INDEX_COLUMNS, **overrides}
         missing = sorted({source for canonical, source in mapping.items() if source not in found_set})
         if not missing and all(key in mapping for key in (AGENT_IMAGE, WRIST_IMAGE, STATE, ACTION)):
-            if TASK_INDEX not in mapping and TASK_INDEX in found_set:
-                mapping[TASK_INDEX] = TASK_INDEX
-            if INSTRUCTION not in mapping and INSTRUCTION in found_set:
-                mapping[INSTRUCTION] = INSTRUCTION
+            for optional in OPTIONAL_COLUMNS:  # kept under their own names when the source has them
+                if optional not in mapping and optional in found_set:
+                    mapping[optional] = optional
             duplicated = sorted({s for s in mapping.values() if list(mapping.values()).count(s) > 1})
             if duplicated:
                 raise ValueError(f"{where}: source column(s) {duplicated} mapped to more than one canonical column: {mapping}")
@@ -478,7 +479,7 @@ def _to_canonical(
             dataset = dataset.cast_column(camera, datasets.Image())
     if INSTRUCTION not in mapping:
         dataset = _join_instructions(dataset, tasks, has_task_index=TASK_INDEX in mapping, where=where)
-    return dataset.select_columns([*CANONICAL_COLUMNS, *([TASK_INDEX] if TASK_INDEX in mapping else [])])
+    return dataset.select_columns([*CANONICAL_COLUMNS, *(c for c in (TASK_INDEX, OBJECT_POSITIONS) if c in mapping)])
 
 
 def _join_instructions(

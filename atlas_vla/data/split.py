@@ -7,7 +7,7 @@ from typing import Sequence
 import datasets
 import numpy as np
 
-from atlas_vla.constants import EPISODE_INDEX
+from atlas_vla.constants import EPISODE_INDEX, OBJECT_POSITIONS
 from atlas_vla.data.config import DataConfig
 from atlas_vla.data.mixture import check_compatible, join_sources, source_profile, tag_source
 from atlas_vla.data.sources import (
@@ -87,8 +87,9 @@ def load_train_val(
     check_compatible(config.sources, profiles)
     trains, vals = [], []
     episode_offset = 0
+    with_positions = any(OBJECT_POSITIONS in (dataset.column_names or []) for dataset, _ in loaded)
     for index, (dataset, episode_ids) in enumerate(loaded):
-        dataset = tag_source(dataset, index, episode_offset)
+        dataset = tag_source(dataset, index, episode_offset, with_positions=with_positions)
         train, val = split_episodes(dataset, config, episode_ids=[e + episode_offset for e in episode_ids])
         trains.append(train)
         vals.append(val)

@@ -17,7 +17,7 @@ from atlas_vla.data.normalization import NormStats
 from atlas_vla.files import write_json_atomic
 from atlas_vla.models.action_head import action_metrics
 
-VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "pose_l2_error", "pose_l1_error", "gripper_error",
+VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss", "pose_l2_error", "pose_l1_error", "gripper_error",
                "pose_l1_error_normalized", "pose_l2_error_normalized")
 BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `action_metrics` of the mean action
 

@@ -13,7 +13,8 @@ source's motion (`retarget`) and keeps the episode if the goal holds. The episod
 Resumable: tries run in simulator worker processes and each finished one is appended (flushed, fsynced) to
 `<output>.generation/tries.jsonl`, a kept episode's arrays written to `<output>.generation/episodes/` first; a rerun
 with the same settings skips every try already there. The dataset is assembled at the end into `<output>` (a
-LeRobot v2 folder in the source's layout, moved into place whole) with `generation.json`, the report: per task the
+LeRobot v2 folder in the source's layout, moved into place whole; each frame also says where the goal's object and
+its target rest: `object_positions`) with `generation.json`, the report: per task the
 tries, kept, why the others failed (the evaluation's failure phases, or no usable layout), the layouts rejected
 (did not settle, or no phrase names the goal's object alone), steps executed and demos per hour of simulator time.
 """
@@ -26,12 +27,13 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from atlas_vla.action_layout import GRIPPER, gripper_closed
 from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
 from atlas_vla.processes import die_with_parent
 from atlas_vla.scenes.layouts import Layout
@@ -350,8 +352,9 @@ class TaskPlan:
     name: str
     episodes: list[SourceEpisode]
     goal_objects: list[str | None]
-    finished: dict[int, dict[str, Any]]
-    submitted: set[int]
+    target: str  # where the task's goal puts its object (every goal object's target: re-targeting keeps it)
+    finished: dict[int, dict[str, Any]] = field(default_factory=dict)
+    submitted: set[int] = field(default_factory=set)
 
     def item(self, number: int, seed: int, recovered: dict[tuple[str, int], Recovered], work: Path) -> Try:
         goal = self.goal_objects[number % len(self.goal_objects)]
@@ -372,18 +375,19 @@ class TaskPlan:
         return len(self.kept(num_demos)) >= num_demos or len(self.finished) >= num_demos * MAX_TRIES_PER_DEMO
 
 
-def _goal_objects(episode: SourceEpisode, other_goals: bool) -> list[str | None]:
-    """The objects a task's tries move: its own goal's (None), then, with `other_goals`, each other movable
-    object of that kind in its scene."""
-    if not other_goals:
-        return [None]
+def _plan(name: str, episodes: list[SourceEpisode], other_goals: bool) -> TaskPlan:
+    """A task's plan: the objects its tries move (its own goal's (None), then, with `other_goals`, each other
+    movable object of that kind in its scene) and its goal's target, read from its scene."""
     from atlas_vla.scenes.instructions import same_kind
 
+    episode = episodes[0]
     generator = Generator(episode.suite, episode.task_id, episode.image_size)
     try:
-        return [None, *same_kind(generator.scene, generator.goal.obj)]
+        goal = generator.goal
+        others = same_kind(generator.scene, goal.obj) if other_goals else []
     finally:  # the main process keeps no simulator
         generator.close()
+    return TaskPlan(name, episodes, [None, *others], goal.target)
 
 
 def _check_goal(episode: SourceEpisode) -> None:
@@ -423,8 +427,7 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
         _check_goal(found[0])
     work = work_folder(output)
     log = TryLog(work, Settings(list(sources), seed, other_goals), fresh)
-    plans = {name: TaskPlan(name, found, _goal_objects(found[0], other_goals), {}, set())
-             for name, found in tasks.items()}
+    plans = {name: _plan(name, found, other_goals) for name, found in tasks.items()}
     known = Known({}, {})
     for record in log.records:
         plans[record["task"]].finished[record["try"]] = record
@@ -437,7 +440,7 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
         progress.close()
         log.close()
     report = _report(plans, num_demos, seed, time.perf_counter() - started)
-    _assemble(plans, num_demos, episodes[0], work, output, report)
+    _assemble(plans, num_demos, episodes[0], work, output, report, known)
     return report
 
 
@@ -546,24 +549,42 @@ def _report(plans: dict[str, TaskPlan], num_demos: int, seed: int, seconds: floa
     return {"num_demos": num_demos, "seed": seed, "controller": RETARGET_VERSION, "seconds": seconds, "tasks": tasks}
 
 
+def object_positions(record: dict[str, Any], target: str, recovered: Recovered, actions: np.ndarray) -> np.ndarray:
+    """A kept try's `OBJECT_POSITIONS` per frame (T, 6): where its goal object rests (the source's scene with the
+    try's layout applied) until the gripper first closes, NaN from then on (the object moves with the hand), and
+    where the target rests, every frame; NaN for an object the scene does not hold (a fixture)."""
+    rest = {**recovered.poses, **record["layout"]["settled"]}
+    nan = np.full(3, np.nan)
+    goal, target_xyz = (np.asarray(rest[name][:3]) if name in rest else nan for name in (record["goal_object"], target))
+    closes = np.flatnonzero(gripper_closed(actions[:, GRIPPER]))
+    grasp = int(closes[0]) if closes.size else len(actions)
+    positions = np.tile(np.concatenate((goal, target_xyz)), (len(actions), 1)).astype(np.float32)
+    positions[grasp:, :3] = np.nan
+    return positions
+
+
 def _assemble(plans: dict[str, TaskPlan], num_demos: int, like: SourceEpisode, work: Path, output: Path,
-              report: dict[str, Any]) -> None:
-    """Write the kept episodes into the LeRobot folder `output` (replaced whole) with the report."""
+              report: dict[str, Any], known: Known) -> None:
+    """Write the kept episodes, with their `object_positions`, into the LeRobot folder `output` (replaced whole)
+    with the report."""
     from atlas_vla.data.lerobot_writer import LeRobotV2Writer
 
-    kept = [record for plan in plans.values() for record in plan.kept(num_demos)]
+    kept = [(plan, record) for plan in plans.values() for record in plan.kept(num_demos)]
     write_json_atomic(work / REPORT_NAME, report)
     if not kept:
         raise ValueError(f"no try succeeded ({_progress_text(plans, num_demos)}); nothing written to {output}; "
                          f"the report is {work / REPORT_NAME}")
     writer = LeRobotV2Writer(output, fps=like.fps, overwrite=True, image_format=like.image_format)
     try:
-        for record in kept:
+        for plan, record in kept:
+            recovered = known.recovered[(record["source"], record["source_episode"])]
             with np.load(work / record["file"]) as arrays:
                 writer.add_episode(arrays["images"], arrays["wrist_images"], arrays["states"], arrays["actions"],
                                    record["instruction"],
-                                   metadata={"generation": {key: record[key] for key in (
-                                       "task", "try", "source_episode", "initial_state", "goal_object", "layout")}})
+                                   metadata={"generation": {**{key: record[key] for key in (
+                                       "task", "try", "source_episode", "initial_state", "goal_object", "layout")},
+                                       "target": plan.target}},
+                                   object_positions=object_positions(record, plan.target, recovered, arrays["actions"]))
         write_json_atomic(writer.tmp / REPORT_NAME, report)
         writer.close()
     except BaseException:

@@ -157,6 +157,10 @@ class PolicyConfig:
     # training only: the share of samples whose state is withheld (the normalised zero that `use_state: false`
     # feeds), so the policy learns to act from what it sees when the state says nothing; 0 = off, 1 = always
     state_dropout: float = 0.0
+    # > 0: one more fusion query (the locate query, which the action queries attend to) regresses where the goal's
+    # object and its target rest (`OBJECT_POSITIONS`, world xyz in metres, on the frames where the data says); its L1
+    # error in metres, times this, joins the loss. 0 = no such query (the policy is as without it)
+    locate_weight: float = 0.0
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)
     vggt_pretrained: str | None = DEFAULT_VGGT_REPO_ID  # Hub id, folder or file; null = random init (demo/tests)
@@ -180,6 +184,8 @@ class PolicyConfig:
             raise ValueError(f"model.state_noise_std must be a non-negative number, got {self.state_noise_std!r}")
         if not isinstance(self.state_dropout, (int, float)) or not 0 <= self.state_dropout <= 1:
             raise ValueError(f"model.state_dropout must be in [0, 1], got {self.state_dropout!r}")
+        if not isinstance(self.locate_weight, (int, float)) or self.locate_weight < 0:
+            raise ValueError(f"model.locate_weight must be a non-negative number, got {self.locate_weight!r}")
         if self.image_size % self.vggt.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of the VGGT patch size "
                              f"({self.vggt.patch_size})")

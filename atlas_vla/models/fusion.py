@@ -3,7 +3,8 @@
 Each selected VGGT layer is projected to the fusion width and the projections are summed, so using
 more layers costs parameters, not sequence length. Patch grids can be average-pooled to k x k per
 frame; each frame's camera token is always kept. A transformer encoder mixes vision, language and
-state tokens; learnable action queries (one per chunk step) then attend to that context.
+state tokens; learnable action queries (one per chunk step), and `extra_queries` more after them (the policy's
+locate query), then attend to that context and to each other.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ def _layer(config: FusionConfig, decoder: bool) -> nn.Module:
 
 
 class Fusion(nn.Module):
-    """(vision layers, language, state) -> action-query features (B, action_horizon, hidden_dim)."""
+    """(vision layers, language, state) -> query features (B, action_horizon + extra_queries, hidden_dim)."""
 
     def __init__(self, config: FusionConfig, *, vision_dim: int, num_vision_layers: int, num_views: int,
-                 patch_grid: tuple[int, int], language_dim: int, state_dim: int, action_horizon: int) -> None:
+                 patch_grid: tuple[int, int], language_dim: int, state_dim: int, action_horizon: int,
+                 extra_queries: int = 0) -> None:
         super().__init__()
         self.config = config
         D = config.hidden_dim
@@ -42,7 +44,7 @@ class Fusion(nn.Module):
         self.type_embed = nn.Parameter(torch.zeros(3, D))  # vision, language, state
         self.encoder = nn.TransformerEncoder(_layer(config, decoder=False), config.encoder_depth,
                                              enable_nested_tensor=False)
-        self.queries = nn.Parameter(torch.zeros(action_horizon, D))
+        self.queries = nn.Parameter(torch.zeros(action_horizon + extra_queries, D))
         self.decoder = nn.TransformerDecoder(_layer(config, decoder=True), config.decoder_depth)
         self.norm = nn.LayerNorm(D)
         for param in (self.view_embed, self.token_embed, self.type_embed, self.queries):

@@ -22,6 +22,7 @@ from atlas_vla.constants import (
     ACTIONS,
     ACTIONS_PAD_MASK,
     INSTRUCTION,
+    OBJECT_POSITIONS,
     OBS_IMAGES,
     OBS_STATE,
     OBS_VISION_FEATURES,
@@ -48,7 +49,7 @@ class FrozenEncoders:
 class AtlasPolicy(PretrainedPolicy, nn.Module):
     """Frozen VGGT + frozen text encoder + trainable fusion and action head.
 
-    `forward(batch)` returns `loss`, `pose_loss`, `gripper_loss` and metrics; `predict_action(obs)`
+    `forward(batch)` returns `loss`, `pose_loss`, `gripper_loss`, `locate_loss` and metrics; `predict_action(obs)`
     returns an (action_horizon, 7) numpy chunk in LIBERO units with the gripper exactly -1 or +1 for one
     observation (`runtime.PolicyRuntime` runs it step by step in an episode).
     Saving and loading (`save_pretrained`, `from_pretrained`, ...) come from `PretrainedPolicy`.
@@ -71,8 +72,10 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         self.fusion = Fusion(config.fusion, vision_dim=2 * config.vggt.embed_dim,
                              num_vision_layers=len(config.vggt_layers), num_views=spec.num_views,
                              patch_grid=(grid, grid), language_dim=language.hidden_size, state_dim=STATE_DIM,
-                             action_horizon=config.action_horizon)
+                             action_horizon=config.action_horizon, extra_queries=int(config.locate_weight > 0))
         self.head = build_action_head(config.head, config.fusion.hidden_dim)
+        # the locate query's read-out: the goal object's and its target's xyz (OBJECT_POSITIONS)
+        self.locator = nn.Linear(config.fusion.hidden_dim, 6) if config.locate_weight > 0 else None
         # position always normalised; rotation kept raw when the head predicts quaternions; gripper raw
         quaternion = config.head.rotation_format == "quaternion"
         self._action_keep = (GRIPPER,) + (tuple(range(ROTATION.start, ROTATION.stop)) if quaternion else ())
@@ -149,8 +152,20 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         return {"layers": layers, "language": language, "language_mask": language_mask, "state": state}
 
     def _features(self, encoded: Mapping[str, Any]) -> Tensor:
+        """The fusion's query features (B, action_horizon [+ 1 locate query], D)."""
         return self.fusion([layer.float() for layer in encoded["layers"]], encoded["language"],
                            encoded["language_mask"], encoded["state"])
+
+    def _locate_loss(self, features: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """Mean absolute error (metres) of the locate query's positions over the coordinates the batch knows
+        (finite `OBJECT_POSITIONS`); zero, still connected to the locator, where it knows none."""
+        located = self.locator(features[:, self.config.action_horizon])  # (B, 6)
+        known = batch.get(OBJECT_POSITIONS)
+        target = (torch.as_tensor(known, device=self.device).float() if known is not None
+                  else torch.full_like(located, float("nan")))
+        mask = torch.isfinite(target)
+        error = (located - torch.nan_to_num(target)).abs() * mask
+        return error.sum() / mask.sum().clamp_min(1)
 
     def _to_head_units(self, actions: Tensor) -> Tensor:
         return normalize(actions, self.norm_stats.action, self.config.normalization_mode, keep=self._action_keep)
@@ -161,7 +176,8 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Losses and metrics of a batch (LIBERO units in, metrics in real and normalised units out); in
         training mode the normalised state gets `state_noise_std` Gaussian noise, and a `state_dropout` share of the
-        samples gets no state (zero, as with `use_state: false`); both drawn from torch's generator."""
+        samples gets no state (zero, as with `use_state: false`); both drawn from torch's generator. `locate_loss`
+        is the locate query's error in metres (`_locate_loss`; zero without `locate_weight`)."""
         encoded = self.encode_observations(batch)
         if self.training and self.config.use_state and self.config.state_noise_std:
             encoded["state"] = encoded["state"] + self.config.state_noise_std * torch.randn_like(encoded["state"])
@@ -169,13 +185,16 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             state = encoded["state"]
             kept = torch.rand(state.shape[0], 1, device=state.device) >= self.config.state_dropout
             encoded["state"] = state * kept
-        features = self._features(encoded)  # (B, H, D)
+        queries = self._features(encoded)
+        features = queries[:, :self.config.action_horizon]  # (B, H, D)
         actions = torch.as_tensor(batch[ACTIONS], device=self.device).float()  # (B, H, 7)
         valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=self.device)
         target = self._to_head_units(actions)
         losses = self.head.loss(features, target, valid)
+        losses["locate_loss"] = self._locate_loss(queries, batch) if self.locator is not None else queries.new_zeros(())
         loss = (self.config.head.pose_loss_weight * losses["pose_loss"]
-                + self.config.head.gripper_loss_weight * losses["gripper_loss"])
+                + self.config.head.gripper_loss_weight * losses["gripper_loss"]
+                + self.config.locate_weight * losses["locate_loss"])
         with torch.no_grad():
             predicted = self.head.predict(features.detach())
             metrics = action_metrics(self._from_head_units(predicted), actions, valid)
@@ -185,7 +204,7 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
     @torch.no_grad()
     def predict_action_chunk(self, batch: Mapping[str, Any]) -> Tensor:
         """(B, action_horizon, 7) actions in LIBERO units for a batch; gripper exactly -1 or +1."""
-        features = self._features(self.encode_observations(batch))
+        features = self._features(self.encode_observations(batch))[:, :self.config.action_horizon]
         return self._from_head_units(self.head.predict(features))
 
     @torch.no_grad()

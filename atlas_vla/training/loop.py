@@ -32,7 +32,7 @@ from atlas_vla.training.run import TrainingRun
 from atlas_vla.training.run_folder import record_policy_version
 
 logger = logging.getLogger("atlas_vla.train")
-TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss")
+TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss")
 
 
 @dataclass

@@ -11,11 +11,11 @@ import pytest
 
 from atlas_vla.cli import main as cli
 from atlas_vla.config import TrainConfig, save_config
-from atlas_vla.constants import EPISODE_INDEX, INSTRUCTION, SOURCE_INDEX
+from atlas_vla.constants import EPISODE_INDEX, FRAME_INDEX, INSTRUCTION, OBJECT_POSITIONS, SOURCE_INDEX
 from atlas_vla.data.config import DataConfig
 from atlas_vla.data.lerobot_writer import LeRobotV2Writer
 from atlas_vla.data.normalization import NormStats, compute_norm_stats
-from atlas_vla.data.samples import LiberoSamples
+from atlas_vla.data.samples import LiberoSamples, build_samples
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.split import load_train_val
 
@@ -195,3 +195,30 @@ def test_a_feature_store_serves_the_joined_samples(two_sources, tmp_path):
     assert len(stored) == 35 and [stored[i][INSTRUCTION] for i in (0, 34)] == [samples[0][INSTRUCTION],
                                                                               samples[34][INSTRUCTION]]
     assert stored.sample_sources.tolist() == samples.sample_sources.tolist()
+
+
+def test_a_source_that_says_where_its_objects_are_is_joined_with_one_that_does_not(two_sources, tmp_path):
+    """`object_positions` written by the writer reach the samples by value; a source without them is joined with
+    NaN (unknown), in a map-style table and in a stream alike."""
+    a, _ = two_sources
+    rng = np.random.default_rng(4)
+    writer = LeRobotV2Writer(tmp_path / "placed", fps=20)
+    images = rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    actions = np.concatenate([rng.normal(size=(5, 6)), np.ones((5, 1))], axis=1).astype(np.float32)
+    positions = np.arange(30, dtype=np.float32).reshape(5, 6) / 100
+    positions[3:, :3] = np.nan
+    writer.add_episode(images, images, rng.normal(size=(5, 8)).astype(np.float32), actions, SHARED,
+                       object_positions=positions)
+    with pytest.raises(ValueError, match="episode 1: object_positions missing; the episodes before it had"):
+        writer.add_episode(images, images, rng.normal(size=(5, 8)).astype(np.float32), actions, SHARED)
+    placed = writer.close()
+    assert json.loads((placed / "meta" / "info.json").read_text())["features"]["object_positions"]["shape"] == [6]
+
+    for streaming in (False, True):
+        train, _ = load_train_val(DataConfig(source=[str(a), str(placed)], val_fraction=0.0, streaming=streaming))
+        spec = SampleSpec(image_size=14, action_horizon=2)
+        samples = list(build_samples(train, spec)) if streaming else [s for s in LiberoSamples(train, spec)]
+        found = {(s[EPISODE_INDEX], s[FRAME_INDEX]): s[OBJECT_POSITIONS].numpy() for s in samples}
+        assert len(found) == 25
+        np.testing.assert_array_equal(np.stack([found[(4, f)] for f in range(5)]), positions)  # NaN where it was
+        assert all(np.isnan(found[(e, f)]).all() for e in range(4) for f in range(5))  # source a: nothing known

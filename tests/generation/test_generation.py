@@ -272,8 +272,15 @@ def _generate(source: Path, output: Path) -> subprocess.Popen:
 def _episodes(folder: Path) -> list[tuple]:
     """What a generated dataset holds, by value: each episode's metadata and its columns."""
     rows = [json.loads(line) for line in (folder / "meta" / "episodes.jsonl").read_text().splitlines()]
-    return [(row, pq.read_table(folder / "data" / "chunk-000" / f"episode_{row['episode_index']:06d}.parquet")
-             .to_pydict()) for row in rows]
+    found = []
+    for row in rows:
+        file = folder / "data" / "chunk-000" / f"episode_{row['episode_index']:06d}.parquet"
+        columns = pq.read_table(file).to_pydict()
+        # unknown positions are NaN, which equals nothing: compared as None
+        columns["object_positions"] = [[None if np.isnan(v) else v for v in frame]
+                                       for frame in columns["object_positions"]]
+        found.append((row, columns))
+    return found
 
 
 @pytest.mark.timeout(2700)  # three generation runs: about 8 minutes on a quiet 2-core machine
@@ -307,9 +314,10 @@ def test_a_generation_killed_mid_episode_resumes_to_the_episodes_of_an_uninterru
     # the dataset: the source's schema, loadable as a source, with each episode's layout and a truthful instruction
     generated = tmp_path / "whole"
     source_file = sim_demos_dir / "data" / "chunk-000" / "episode_000000.parquet"
-    assert pq.read_schema(generated / "data" / "chunk-000" / "episode_000000.parquet").remove_metadata() == \
-        pq.read_schema(source_file).remove_metadata()
+    schema = pq.read_schema(generated / "data" / "chunk-000" / "episode_000000.parquet").remove_metadata()
+    assert schema.remove(schema.get_field_index("object_positions")) == pq.read_schema(source_file).remove_metadata()
     info, source_info = (json.loads((folder / "meta" / "info.json").read_text()) for folder in (generated, sim_demos_dir))
+    assert info["features"].pop("object_positions")["shape"] == [6]
     assert (info["features"], info["fps"]) == (source_info["features"], source_info["fps"])
     report = json.loads((generated / "generation.json").read_text())
     row = report["tasks"]["libero_spatial/0"]
@@ -321,6 +329,14 @@ def test_a_generation_killed_mid_episode_resumes_to_the_episodes_of_an_uninterru
         [instruction] = meta["tasks"]
         assert instruction.startswith("pick up the black bowl ") and instruction.endswith(" and place it on the plate")
         assert columns["image"][0]["bytes"][:2] == b"\xff\xd8"  # JPEG, as the source stores its frames
+        # where the goal's object rests until the gripper first closes (unknown after), and the plate, every frame
+        settled, goal = meta["generation"]["layout"]["settled"], meta["generation"]["goal_object"]
+        assert meta["generation"]["target"] == "plate_1"
+        grasp = next(t for t, action in enumerate(columns["actions"]) if action[-1] > 0)
+        positions = columns["object_positions"]
+        assert positions[:grasp] == [pytest.approx(settled[goal][:3] + settled["plate_1"][:3], abs=1e-6)] * grasp
+        assert {tuple(p[:3]) for p in positions[grasp:]} == {(None,) * 3}
+        assert {tuple(p[3:]) for p in positions[grasp:]} == {tuple(positions[0][3:])}
     from atlas_vla.data.sources import load_libero
 
     assert len(load_libero(str(generated))) == info["total_frames"]

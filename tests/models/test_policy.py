@@ -12,6 +12,7 @@ from helpers import synthetic_dataset, tiny_policy_config
 from safetensors import safe_open
 
 from atlas_vla.cli import main as cli
+from atlas_vla.constants import OBJECT_POSITIONS
 from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.sources import load_libero
@@ -266,3 +267,47 @@ def test_state_dropout_withholds_the_state_of_a_seeded_share_of_samples_in_train
     assert torch.equal(seen[1], seen[0])  # seeded: the same samples again
     with pytest.raises(ValueError, match=r"state_dropout must be in \[0, 1\], got 1.5"):
         tiny_policy_config(state_dropout=1.5)
+
+
+def test_the_locate_query_learns_the_positions_the_batch_knows_and_is_absent_at_weight_zero(data, stats):
+    """`locate_weight`: one more fusion query whose read-out regresses `OBJECT_POSITIONS` (L1 in metres over the
+    finite coordinates, times the weight, joins the loss); actions still come from the action queries alone. At 0
+    the policy has no such query: the same parameters and outputs as a policy configured without it."""
+    torch.manual_seed(0)
+    plain = AtlasPolicy(tiny_policy_config(), stats)
+    torch.manual_seed(0)
+    off = AtlasPolicy(tiny_policy_config(locate_weight=0.0), stats)
+    assert off.locator is None and off.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), plain.state_dict().values()))
+    batch = batch_of(data, plain.config)
+    assert torch.equal(off(batch)["locate_loss"], torch.zeros(()))
+
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=2.0), stats)
+    H = policy.config.action_horizon
+    assert policy.fusion.queries.shape[0] == H + 1
+    assert policy.predict_action_chunk(batch).shape == (8, H, 7)
+    positions = torch.linspace(-0.3, 0.9, 48).reshape(8, 6)
+    positions[:4, :3] = float("nan")  # the goal object moves with the hand: unknown
+    positions[6:] = float("nan")  # a recorded episode: nothing known
+    batch[OBJECT_POSITIONS] = positions
+    out = policy(batch)
+    located = policy.locator(policy._features(policy.encode_observations(batch))[:, H])
+    known = torch.isfinite(positions)
+    assert out["locate_loss"].item() == pytest.approx((located - positions)[known].abs().mean().item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(
+        (out["pose_loss"] + 0.1 * out["gripper_loss"] + 2.0 * out["locate_loss"]).item(), rel=1e-6)
+
+    unknown = dict(batch, **{OBJECT_POSITIONS: torch.full((8, 6), float("nan"))})
+    out = policy(unknown)
+    out["loss"].backward()
+    assert out["locate_loss"].item() == 0.0 and torch.equal(policy.locator.weight.grad, torch.zeros(6, 64))
+    policy.zero_grad()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    first = policy(batch)["locate_loss"].item()
+    for _ in range(30):
+        policy(batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert policy(batch)["locate_loss"].item() < 0.3 * first
+    with pytest.raises(ValueError, match="locate_weight must be a non-negative number, got -1"):
+        tiny_policy_config(locate_weight=-1)

@@ -20,9 +20,9 @@ from wandb_records import find_run_files, read_run
 from atlas_vla.training.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
-MISSION_METRICS = ["train/loss", "train/pose_loss", "train/gripper_loss", "train/lr", "train/epoch", "train/step",
-                   "val/loss", "val/pose_loss", "val/gripper_loss", "val/pose_l2_error", "val/pose_l1_error",
-                   "val/gripper_error"]
+MISSION_METRICS = ["train/loss", "train/pose_loss", "train/gripper_loss", "train/locate_loss", "train/lr",
+                   "train/epoch", "train/step", "val/loss", "val/pose_loss", "val/gripper_loss", "val/locate_loss",
+                   "val/pose_l2_error", "val/pose_l1_error", "val/gripper_error"]
 
 
 @pytest.fixture(scope="module")
