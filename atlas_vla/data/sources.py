@@ -62,7 +62,8 @@ KNOWN_SCHEMAS: dict[str, dict[str, str]] = {
     },
 }
 _INDEX_COLUMNS = {EPISODE_INDEX: EPISODE_INDEX, FRAME_INDEX: FRAME_INDEX}
-OPTIONAL_COLUMNS = (TASK_INDEX, INSTRUCTION, OBJECT_POSITIONS)  # mapped when present; instructions are joined otherwise
+EXTRA_COLUMNS = (TASK_INDEX, OBJECT_POSITIONS)  # kept beside CANONICAL_COLUMNS when a source has them
+OPTIONAL_COLUMNS = (INSTRUCTION, *EXTRA_COLUMNS)  # mapped when present; instructions are joined otherwise
 
 
 @dataclass
@@ -479,7 +480,7 @@ def _to_canonical(
             dataset = dataset.cast_column(camera, datasets.Image())
     if INSTRUCTION not in mapping:
         dataset = _join_instructions(dataset, tasks, has_task_index=TASK_INDEX in mapping, where=where)
-    return dataset.select_columns([*CANONICAL_COLUMNS, *(c for c in (TASK_INDEX, OBJECT_POSITIONS) if c in mapping)])
+    return dataset.select_columns([*CANONICAL_COLUMNS, *(c for c in EXTRA_COLUMNS if c in mapping)])
 
 
 def _join_instructions(

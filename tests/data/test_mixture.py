@@ -216,8 +216,7 @@ def test_a_source_that_says_where_its_objects_are_is_joined_with_one_that_does_n
 
     for streaming in (False, True):
         train, _ = load_train_val(DataConfig(source=[str(a), str(placed)], val_fraction=0.0, streaming=streaming))
-        spec = SampleSpec(image_size=14, action_horizon=2)
-        samples = list(build_samples(train, spec)) if streaming else [s for s in LiberoSamples(train, spec)]
+        samples = list(build_samples(train, SampleSpec(image_size=14, action_horizon=2)))  # a stream or a map
         found = {(s[EPISODE_INDEX], s[FRAME_INDEX]): s[OBJECT_POSITIONS].numpy() for s in samples}
         assert len(found) == 25
         np.testing.assert_array_equal(np.stack([found[(4, f)] for f in range(5)]), positions)  # NaN where it was
