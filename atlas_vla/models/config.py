@@ -161,6 +161,11 @@ class PolicyConfig:
     # object and its target rest (`OBJECT_POSITIONS`, world xyz in metres, on the frames where the data says); its L1
     # error in metres, times this, joins the loss. 0 = no such query (the policy is as without it)
     locate_weight: float = 0.0
+    # with locate_weight: locate first, then act. The located positions minus the end effector's (from the state), the
+    # vectors from the hand to the goal's object and to its target, enter the context as one more token before the
+    # action queries decode, so "move towards the object" is the same function in every layout. Detached: only the
+    # locate loss trains the locator
+    locate_input: bool = False
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)
     vggt_pretrained: str | None = DEFAULT_VGGT_REPO_ID  # Hub id, folder or file; null = random init (demo/tests)
@@ -186,6 +191,13 @@ class PolicyConfig:
             raise ValueError(f"model.state_dropout must be in [0, 1], got {self.state_dropout!r}")
         if not isinstance(self.locate_weight, (int, float)) or self.locate_weight < 0:
             raise ValueError(f"model.locate_weight must be a non-negative number, got {self.locate_weight!r}")
+        if self.locate_input and not (self.locate_weight > 0 and self.use_state and not self.state_noise_std
+                                      and not self.state_dropout):
+            raise ValueError("model.locate_input needs model.locate_weight > 0 (it feeds the locate query's positions) "
+                             "and the state as observed (use_state: true, no state_noise_std or state_dropout: the "
+                             "vectors start at the end effector's position), got locate_weight="
+                             f"{self.locate_weight}, use_state={self.use_state}, state_noise_std={self.state_noise_std}, "
+                             f"state_dropout={self.state_dropout}")
         if self.image_size % self.vggt.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of the VGGT patch size "
                              f"({self.vggt.patch_size})")

@@ -71,14 +71,23 @@ class Fusion(nn.Module):
         fused = fused + self.view_embed + self.token_embed
         return fused.flatten(1, 2)  # (B, S*T, D)
 
-    def forward(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor, state: Tensor) -> Tensor:
-        """`vision_layers`: each selected layer's tokens as `select_tokens` returns them."""
+    def encode(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor,
+               state: Tensor) -> tuple[Tensor, Tensor]:
+        """The mixed context (B, N, D) of vision, language and state tokens and its padding mask (B, N; True =
+        ignore). `vision_layers`: each selected layer's tokens as `select_tokens` returns them."""
         vision = self._vision_tokens(vision_layers) + self.type_embed[0]
         text = self.language_proj(language) + self.type_embed[1]  # (B, L, D)
         state_token = (self.state_proj(state) + self.type_embed[2]).unsqueeze(1)  # (B, 1, D)
         context = torch.cat((vision, text, state_token), dim=1)
         keep = torch.ones(vision.shape[:2], dtype=torch.bool, device=vision.device)
-        padding = ~torch.cat((keep, language_mask, keep[:, :1]), dim=1)  # True = ignore
-        context = self.encoder(context, src_key_padding_mask=padding)
-        queries = self.queries.expand(context.shape[0], -1, -1)
-        return self.norm(self.decoder(queries, context, memory_key_padding_mask=padding))  # (B, H, D)
+        padding = ~torch.cat((keep, language_mask, keep[:, :1]), dim=1)
+        return self.encoder(context, src_key_padding_mask=padding), padding
+
+    def decode(self, context: Tensor, padding: Tensor, queries: Tensor | None = None) -> Tensor:
+        """`queries` (Q, D; default all of them) attending to the context and to each other -> (B, Q, D)."""
+        queries = (self.queries if queries is None else queries).expand(context.shape[0], -1, -1)
+        return self.norm(self.decoder(queries, context, memory_key_padding_mask=padding))
+
+    def forward(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor, state: Tensor) -> Tensor:
+        """Every query's feature (B, action_horizon + extra_queries, D): `encode`, then `decode`."""
+        return self.decode(*self.encode(vision_layers, language, language_mask, state))

@@ -21,6 +21,7 @@ from atlas_vla.action_layout import GRIPPER, ROTATION
 from atlas_vla.constants import (
     ACTIONS,
     ACTIONS_PAD_MASK,
+    EEF_POSITION,
     INSTRUCTION,
     OBJECT_POSITIONS,
     OBS_IMAGES,
@@ -36,6 +37,9 @@ from atlas_vla.models.fusion import Fusion
 from atlas_vla.models.language import LanguageEncoder
 from atlas_vla.models.pretrained import PretrainedPolicy
 from atlas_vla.models.vggt import VGGTAggregator, build_vggt
+
+
+WHERE_UNIT = 0.1  # metres per unit of the where token's input: the table's distances become numbers of order 1
 
 
 class FrozenEncoders:
@@ -76,6 +80,9 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         self.head = build_action_head(config.head, config.fusion.hidden_dim)
         # the locate query's read-out: the goal object's and its target's xyz (OBJECT_POSITIONS)
         self.locator = nn.Linear(config.fusion.hidden_dim, 6) if config.locate_weight > 0 else None
+        # locate_input: the hand-to-object and hand-to-target vectors (in WHERE_UNIT) -> one more context token
+        D = config.fusion.hidden_dim
+        self.where = nn.Sequential(nn.Linear(6, D), nn.GELU(), nn.Linear(D, D)) if config.locate_input else None
         # position always normalised; rotation kept raw when the head predicts quaternions; gripper raw
         quaternion = config.head.rotation_format == "quaternion"
         self._action_keep = (GRIPPER,) + (tuple(range(ROTATION.start, ROTATION.stop)) if quaternion else ())
@@ -145,16 +152,33 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             layers, patch_start_idx = self.vggt(images, self.config.vggt_layers)
             layers = [self.fusion.select_tokens(layer, patch_start_idx) for layer in layers]
         language, language_mask = self.frozen.language.encode(list(batch[INSTRUCTION]))
-        state = torch.as_tensor(batch[OBS_STATE], device=self.device).float()
-        state = normalize(state, self.norm_stats.state, self.config.normalization_mode)
+        observed = torch.as_tensor(batch[OBS_STATE], device=self.device).float()
+        state = normalize(observed, self.norm_stats.state, self.config.normalization_mode)
         if not self.config.use_state:
             state = torch.zeros_like(state)
-        return {"layers": layers, "language": language, "language_mask": language_mask, "state": state}
+        return {"layers": layers, "language": language, "language_mask": language_mask, "state": state,
+                "hand": observed[:, EEF_POSITION]}
 
     def _features(self, encoded: Mapping[str, Any]) -> Tensor:
-        """The fusion's query features (B, action_horizon [+ 1 locate query], D)."""
-        return self.fusion([layer.float() for layer in encoded["layers"]], encoded["language"],
-                           encoded["language_mask"], encoded["state"])
+        """The fusion's query features (B, action_horizon [+ 1 locate query], D). With `locate_input` the locate query
+        decodes first and the action queries then also read the where token (`_where_token`)."""
+        context, padding = self.fusion.encode([layer.float() for layer in encoded["layers"]], encoded["language"],
+                                              encoded["language_mask"], encoded["state"])
+        if self.where is None:
+            return self.fusion.decode(context, padding)
+        H = self.config.action_horizon
+        locate = self.fusion.decode(context, padding, self.fusion.queries[H:])  # (B, 1, D)
+        where = self._where_token(self.locator(locate[:, 0]), encoded["hand"])
+        context = torch.cat((context, where.unsqueeze(1)), dim=1)
+        padding = torch.cat((padding, padding.new_zeros(padding.shape[0], 1)), dim=1)
+        return torch.cat((self.fusion.decode(context, padding, self.fusion.queries[:H]), locate), dim=1)
+
+    def _where_token(self, located: Tensor, hand: Tensor) -> Tensor:
+        """One context token (B, D) from the located goal object's and target's xyz (B, 6) and the end effector's (B, 3):
+        the vectors from the hand to each, so that the same vector means the same move in every layout. The positions
+        are detached: the action loss does not move the locator, whose outputs stay estimates of where things are."""
+        vectors = (located.detach().view(-1, 2, 3) - hand.unsqueeze(1)).flatten(1) / WHERE_UNIT
+        return self.where(vectors)
 
     def _locate_loss(self, features: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """Mean absolute error (metres) of the locate query's positions over the coordinates the batch knows

@@ -311,3 +311,51 @@ def test_the_locate_query_learns_the_positions_the_batch_knows_and_is_absent_at_
     assert policy(batch)["locate_loss"].item() < 0.3 * first
     with pytest.raises(ValueError, match="locate_weight must be a non-negative number, got -1"):
         tiny_policy_config(locate_weight=-1)
+
+
+def test_locate_input_gives_the_action_queries_the_vectors_from_the_hand_to_what_was_located(tmp_path, data, stats,
+                                                                                              observation_file):
+    """`locate_input`: the locate query decodes first; its positions minus the end effector's, in `WHERE_UNIT`, become
+    one more context token for the action queries. The actions depend on them, the action loss never reaches the
+    locator (detached), a hand and positions moved together give the same token, and the config refuses the
+    settings under which the state does not say where the hand is. A saved policy predicts the same."""
+    from atlas_vla.constants import OBS_STATE
+    from atlas_vla.models.policy import WHERE_UNIT
+
+    torch.manual_seed(0)
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_input=True), stats)
+    H = policy.config.action_horizon
+    batch = batch_of(data, policy.config)
+    seen = []
+    policy.where[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach().clone()))
+    features = policy._features(policy.encode_observations(batch))
+    assert features.shape == (8, H + 1, 64)
+    located = policy.locator(features[:, H]).detach()
+    hand = torch.as_tensor(batch[OBS_STATE])[:, :3]
+    expected = torch.cat((located[:, :3] - hand, located[:, 3:] - hand), dim=1) / WHERE_UNIT
+    assert torch.allclose(seen[-1], expected, atol=1e-6)
+    assert torch.allclose(policy._where_token(located + 0.25, hand + 0.25), policy._where_token(located, hand),
+                          atol=1e-5)
+
+    before = policy.predict_action_chunk(batch)
+    with torch.no_grad():
+        policy.locator.bias += 0.2  # it now says the objects are 20 cm further along every axis
+    after = policy.predict_action_chunk(batch)
+    assert not torch.allclose(before, after)  # the actions read where things are
+
+    policy.zero_grad()
+    out = policy(batch)
+    out["pose_loss"].backward()
+    assert policy.locator.weight.grad is None or not policy.locator.weight.grad.any()
+    assert policy.where[0].weight.grad.abs().sum() > 0
+    policy.zero_grad()
+    policy(dict(batch, **{OBJECT_POSITIONS: torch.full((8, 6), 0.5)}))["locate_loss"].backward()
+    assert policy.locator.weight.grad.abs().sum() > 0  # the locate loss still trains it
+    policy.eval()
+    loaded = AtlasPolicy.from_pretrained(policy.save_pretrained(tmp_path / "policy"), norm_stats=stats)
+    observation = dict(np.load(observation_file))
+    np.testing.assert_array_equal(loaded.predict_action(observation), policy.predict_action(observation))
+    for bad in (dict(locate_input=True), dict(locate_weight=1.0, locate_input=True, use_state=False),
+                dict(locate_weight=1.0, locate_input=True, state_dropout=0.3)):
+        with pytest.raises(ValueError, match="model.locate_input needs model.locate_weight > 0"):
+            tiny_policy_config(**bad)
