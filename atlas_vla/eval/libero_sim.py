@@ -27,9 +27,10 @@ import os
 import queue
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -171,11 +172,32 @@ def make_env(bddl_file: str, camera_size: int):
     return OffScreenRenderEnv(bddl_file_name=bddl_file, camera_heights=camera_size, camera_widths=camera_size)
 
 
+@contextmanager
+def cameras_off(env: Any) -> Iterator[None]:
+    """Steps inside this block render no camera (their observations hold black frames): on a CPU the two cameras are
+    about 90% of a step's cost. Nothing else changes: the physics, and every observation stepped after the block,
+    frames included, are what they would have been (robosuite's camera sensors keep their schedule; only the
+    simulator's `render` is stood in for). For steps whose frames nobody looks at: settling, replays."""
+    sim = env.sim
+
+    def blank(camera_name: str | None = None, width: int = 0, height: int = 0, depth: bool = False, **_: Any) -> Any:
+        image = np.zeros((height, width, 3), np.uint8)
+        return (image, np.zeros((height, width), np.float32)) if depth else image
+
+    sim.render = blank  # an instance attribute over MjSim.render, removed again below
+    try:
+        yield
+    finally:
+        del sim.render
+
+
 def settle(env: Any) -> dict[str, Any]:
     """The protocol's settling steps (the arm still, the gripper open): the objects come to rest; the last
-    observation."""
-    for _ in range(NUM_WAIT_STEPS):
-        obs, _, _, _ = env.step(list(WAIT_ACTION))
+    observation (the only one rendered)."""
+    with cameras_off(env):
+        for _ in range(NUM_WAIT_STEPS - 1):
+            env.step(list(WAIT_ACTION))
+    obs, _, _, _ = env.step(list(WAIT_ACTION))
     return obs
 
 
@@ -183,10 +205,11 @@ def settle_still(env: Any, scene: Any) -> None:
     """Hold the arm still until no object moves (`Scene.moving`; at most `MAX_REST_STEPS` steps). The protocol's
     settling leaves a few scenes in motion (libero_spatial task 5 drops its bowl onto the ramekin, where it comes to
     lean 20 steps later), and a scene is laid out anew, or its objects' poses read, only at rest."""
-    for _ in range(MAX_REST_STEPS):
-        if not scene.moving():
-            return
-        env.step(list(WAIT_ACTION))
+    with cameras_off(env):
+        for _ in range(MAX_REST_STEPS):
+            if not scene.moving():
+                return
+            env.step(list(WAIT_ACTION))
 
 
 def start_episode(env: Any, init_state: np.ndarray, seed: int = 0) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -127,11 +128,18 @@ class Generator:
         from atlas_vla.data.transforms import rotate_180
         from atlas_vla.generation.sources import recover
 
-        return recover(episode, lambda state: self.start(state, episode), lambda action: self.env.step(action.tolist())[0],
+        return recover(episode, lambda state: self.start(state, episode), self._step,
                        lambda observation: rotate_180(observation["agentview_image"]),
                        lambda: self.goal.holds(self.scene),
                        self._poses_at_rest,
                        len(self.initial_states))
+
+    def _step(self, action: np.ndarray, render: bool) -> Any:
+        """One action; its observation, whose camera frames are black unless `render`."""
+        from atlas_vla.eval.libero_sim import cameras_off
+
+        with nullcontext() if render else cameras_off(self.env):
+            return self.env.step(action.tolist())[0]
 
     def _poses_at_rest(self) -> dict[str, list[float]]:
         from atlas_vla.eval.libero_sim import settle_still

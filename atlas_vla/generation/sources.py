@@ -156,12 +156,13 @@ def frame_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
-def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Callable[[np.ndarray], Any],
+def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Callable[[np.ndarray, bool], Any],
             frame: Callable[[Any], np.ndarray], succeeded: Callable[[], bool], poses: Callable[[], dict[str, list]],
             num_states: int) -> Recovered:
     """Find the scene `episode` was recorded from and check its replay (see the module's docstring). `start(i)`
     resets the scene to official initial state i, settled (`start(None)`: to the episode's own recorded simulator
-    state) and returns the observation; `step(action)` runs one action; `frame(observation)` is its upright
+    state) and returns the observation; `step(action, render)` runs one action (its frames rendered only when `render`:
+    the replay looks at a few); `frame(observation)` is its upright
     agent-view image; `poses()` the objects' poses once the scene has come to rest (it may step the simulator: a
     bowl dropped onto a ramekin by the initial state is grasped where it came to lean, not where it was at the
     first frame)."""
@@ -205,12 +206,12 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
             if difference > FRAME_TOLERANCE:
                 raise SourceRefused(f"{episode.name}: its replay from {scene} renders frame {t} {difference:.1f} of "
                                     f"255 away from the recorded one (tolerance {FRAME_TOLERANCE})")
-        observation = step(action)
+        observation = step(action, t + 1 in episode.checked_frames)
     hold = np.concatenate([np.zeros(6), episode.actions[-1, 6:]]).astype(np.float32)
     for _ in range(GRACE_STEPS):  # a recording that ended on its success step may settle a step or two later here
         if succeeded():
             break
-        step(hold)
+        step(hold, False)
     if not succeeded():
         raise SourceRefused(f"{episode.name}: its replay from {scene} does not reach the goal (within "
                             f"{GRACE_STEPS} steps of holding still after its last action)")

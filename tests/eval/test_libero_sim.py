@@ -148,6 +148,42 @@ def test_recorded_demo_replays_to_success_from_its_initial_state(sim_demos_dir):
 @needs_sim
 @pytest.mark.sim
 @pytest.mark.slow
+def test_steps_without_cameras_change_nothing_but_their_own_frames():
+    """`cameras_off` (the settling steps' and a replay's) renders nothing inside its block, and leaves the physics and
+    every later observation, frames included, exactly as plain stepping gives them: the protocol's start with its
+    first nine settling steps unrendered equals the ten rendered ones, pixel for pixel, and so do the steps after."""
+    _, bddl, init_states = sim.task_info("libero_spatial", 1)
+    env = sim.make_env(bddl, 128)
+    move = [0.4, -0.3, 0.2, 0.0, 0.1, 0.0, -1.0]
+    try:
+        def run(start):
+            observations = [start()] + [env.step(move)[0] for _ in range(4)]
+            return observations, env.get_sim_state().copy()
+
+        def plain_start():
+            env.seed(0)
+            env.reset()
+            env.set_init_state(init_states[3])
+            return [env.step(list(sim.WAIT_ACTION))[0] for _ in range(sim.NUM_WAIT_STEPS)][-1]
+
+        fast, fast_state = run(lambda: sim.start_episode(env, init_states[3]))
+        with sim.cameras_off(env):
+            dark = env.step(move)[0]
+        slow, slow_state = run(plain_start)
+    finally:
+        env.close()
+    np.testing.assert_array_equal(fast_state, slow_state)
+    for a, b in zip(fast, slow):
+        for camera in ("agentview_image", "robot0_eye_in_hand_image"):
+            np.testing.assert_array_equal(a[camera], b[camera])
+            assert a[camera].mean() > 20  # a real frame
+        np.testing.assert_array_equal(a["robot0_eef_pos"], b["robot0_eef_pos"])
+    assert not dark["agentview_image"].any() and not dark["robot0_eye_in_hand_image"].any()
+
+
+@needs_sim
+@pytest.mark.sim
+@pytest.mark.slow
 def test_eval_libero_runs_a_real_rollout_with_a_tiny_policy(tmp_path, sim_demos_dir):
     from helpers import tiny_policy_config
 
