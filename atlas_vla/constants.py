@@ -28,6 +28,7 @@ CAMERAS = (AGENT_IMAGE, WRIST_IMAGE)  # the camera order everywhere: agent view 
 
 STATE_DIM = 8  # the action's layout (7-D) lives in `atlas_vla.action_layout`
 EEF_POSITION = slice(0, 3)  # the state's end-effector xyz (world frame, metres), as `data.transforms.libero_state` lays it out
+EEF_ROTATION = slice(3, 6)  # the state's end-effector orientation, axis-angle (radians)
 
 # --- batch keys (after the sample transforms; what AtlasPolicy.forward reads) ---
 # uint8 (B, S, 3, H, W); S = num_temporal_frames * num_cameras, current frame first, and within a

@@ -180,7 +180,11 @@ def cameras_off(env: Any) -> Iterator[None]:
     simulator's `render` is stood in for). For steps whose frames nobody looks at: settling, replays."""
     sim = env.sim
 
-    def blank(camera_name: str | None = None, width: int = 0, height: int = 0, depth: bool = False, **_: Any) -> Any:
+    def blank(width: int, height: int, *, camera_name: str | None = None, depth: bool = False,
+              segmentation: bool = False, **_: Any) -> Any:  # MjSim.render's signature
+        if segmentation:  # LIBERO's cameras ask for none; a black frame of the wrong shape would pass silently
+            raise NotImplementedError(f"cameras_off stands in for RGB and depth cameras only; camera {camera_name!r} "
+                                      "asks for segmentation")
         image = np.zeros((height, width, 3), np.uint8)
         return (image, np.zeros((height, width), np.float32)) if depth else image
 

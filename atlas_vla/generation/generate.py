@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from atlas_vla.action_layout import GRIPPER, gripper_closed
+from atlas_vla.constants import EEF_POSITION, EEF_ROTATION
 from atlas_vla.files import staged_file, write_json_atomic, write_text_atomic
 from atlas_vla.processes import die_with_parent
 from atlas_vla.scenes.layouts import Layout
@@ -167,7 +168,8 @@ class Generator:
         from scipy.spatial.transform import Rotation
 
         states = episode.states.astype(float)
-        waypoints = plan(states[:, :3], Rotation.from_rotvec(states[:, 3:6]), episode.actions[:, 6].astype(float),
+        waypoints = plan(states[:, EEF_POSITION], Rotation.from_rotvec(states[:, EEF_ROTATION]),
+                         episode.actions[:, GRIPPER].astype(float),
                          Pose.from_list(recovered.poses[self.goal.obj]), Pose.from_list(recovered.poses[goal.target]),
                          self.scene.pose(goal.obj), self.scene.pose(goal.target), hand_pose(observation))
         monitor = FailureMonitor(self.env, observation, goals=[(goal.predicate, goal.obj, goal.region)])

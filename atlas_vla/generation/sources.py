@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from atlas_vla.constants import ACTION, AGENT_IMAGE, EPISODE_INDEX, INSTRUCTION, STATE, WRIST_IMAGE
+from atlas_vla.constants import ACTION, AGENT_IMAGE, EEF_POSITION, EPISODE_INDEX, INSTRUCTION, STATE, WRIST_IMAGE
 
 SOURCE_STATES = 20  # official initial states 0..19 may be a source's; 20 and above are evaluation's alone
 FRAME_TOLERANCE = 6.0  # mean absolute difference of a frame, of 255 (JPEG noise is at most 2.9 on the fixtures)
@@ -178,7 +178,7 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
     for state in candidates:
         observation = start(state)
         difference = frame_difference(frame(observation), first)
-        arm = float(np.linalg.norm(np.asarray(observation["robot0_eef_pos"]) - episode.states[0, :3]))
+        arm = float(np.linalg.norm(np.asarray(observation["robot0_eef_pos"]) - episode.states[0, EEF_POSITION]))
         if difference < closest[0]:
             closest = (difference, state)
         if difference <= FRAME_TOLERANCE and arm <= STATE_TOLERANCE_M:  # similar scenes differ little in pixels
@@ -196,7 +196,7 @@ def recover(episode: SourceEpisode, start: Callable[[int | None], Any], step: Ca
     observation = start(state)
     for t, action in enumerate(episode.actions):
         position = np.asarray(observation["robot0_eef_pos"])
-        error = float(np.linalg.norm(position - episode.states[t, :3]))
+        error = float(np.linalg.norm(position - episode.states[t, EEF_POSITION]))
         if error > STATE_TOLERANCE_M:
             raise SourceRefused(f"{episode.name}: its replay from {scene} leaves the recorded path at step {t} (end "
                                 f"effector {error * 1000:.1f} mm away, tolerance {STATE_TOLERANCE_M * 1000:.0f} mm): "

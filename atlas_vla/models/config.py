@@ -166,6 +166,10 @@ class PolicyConfig:
     # action queries decode, so "move towards the object" is the same function in every layout. Detached: only the
     # locate loss trains the locator
     locate_input: bool = False
+    # with locate_weight: how the locate query's feature becomes positions. linear: one linear map of it. spatial: it
+    # asks the current agent-view frame's patch grid where the object and the target are, and the attention-weighted
+    # mean of the patch centres (a spatial soft-argmax) maps to world xyz (`models.locator`)
+    locate_readout: Literal["linear", "spatial"] = "linear"
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)
     vggt_pretrained: str | None = DEFAULT_VGGT_REPO_ID  # Hub id, folder or file; null = random init (demo/tests)
@@ -198,6 +202,11 @@ class PolicyConfig:
                              "vectors start at the end effector's position), got locate_weight="
                              f"{self.locate_weight}, use_state={self.use_state}, state_noise_std={self.state_noise_std}, "
                              f"state_dropout={self.state_dropout}")
+        if self.locate_readout not in ("linear", "spatial"):
+            raise ValueError(f"model.locate_readout must be linear or spatial, got {self.locate_readout!r}")
+        if self.locate_readout != "linear" and not self.locate_weight > 0:
+            raise ValueError(f"model.locate_readout: {self.locate_readout} reads out the locate query, which needs "
+                             f"model.locate_weight > 0, got {self.locate_weight}")
         if self.image_size % self.vggt.patch_size:
             raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of the VGGT patch size "
                              f"({self.vggt.patch_size})")

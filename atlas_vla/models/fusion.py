@@ -32,8 +32,8 @@ class Fusion(nn.Module):
         self.config = config
         D = config.hidden_dim
         self.patch_grid = patch_grid
-        pooled = (config.spatial_pool,) * 2 if config.spatial_pool else patch_grid
-        self.tokens_per_view = 1 + pooled[0] * pooled[1]  # camera token + (pooled) patches
+        self.token_grid = (config.spatial_pool,) * 2 if config.spatial_pool else patch_grid  # each view's patches
+        self.tokens_per_view = 1 + self.token_grid[0] * self.token_grid[1]  # camera token + (pooled) patches
         self.vision_proj = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, D)) for _ in range(num_vision_layers)
         )
@@ -82,6 +82,12 @@ class Fusion(nn.Module):
         keep = torch.ones(vision.shape[:2], dtype=torch.bool, device=vision.device)
         padding = ~torch.cat((keep, language_mask, keep[:, :1]), dim=1)
         return self.encoder(context, src_key_padding_mask=padding), padding
+
+    def view_patches(self, context: Tensor, view: int = 0) -> Tensor:
+        """One view's patch tokens in `encode`'s context (B, rows * columns of `token_grid`, D), row by row; view 0
+        is the current frame's agent view."""
+        start = view * self.tokens_per_view + 1  # after the view's camera token
+        return context[:, start:start + self.tokens_per_view - 1]
 
     def decode(self, context: Tensor, padding: Tensor, queries: Tensor | None = None) -> Tensor:
         """`queries` (Q, D; default all of them) attending to the context and to each other -> (B, Q, D)."""

@@ -11,7 +11,8 @@ share one path.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from atlas_vla.models.action_head import action_metrics, build_action_head
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.models.fusion import Fusion
 from atlas_vla.models.language import LanguageEncoder
+from atlas_vla.models.locator import LinearLocator, SpatialLocator
 from atlas_vla.models.pretrained import PretrainedPolicy
 from atlas_vla.models.vggt import VGGTAggregator, build_vggt
 
@@ -79,9 +81,10 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
                              action_horizon=config.action_horizon, extra_queries=int(config.locate_weight > 0))
         self.head = build_action_head(config.head, config.fusion.hidden_dim)
         # the locate query's read-out: the goal object's and its target's xyz (OBJECT_POSITIONS)
-        self.locator = nn.Linear(config.fusion.hidden_dim, 6) if config.locate_weight > 0 else None
-        # locate_input: the hand-to-object and hand-to-target vectors (in WHERE_UNIT) -> one more context token
         D = config.fusion.hidden_dim
+        self.locator = ((SpatialLocator(D, self.fusion.token_grid) if config.locate_readout == "spatial"
+                         else LinearLocator(D)) if config.locate_weight > 0 else None)
+        # locate_input: the hand-to-object and hand-to-target vectors (in WHERE_UNIT) -> one more context token
         self.where = nn.Sequential(nn.Linear(6, D), nn.GELU(), nn.Linear(D, D)) if config.locate_input else None
         # position always normalised; rotation kept raw when the head predicts quaternions; gripper raw
         quaternion = config.head.rotation_format == "quaternion"
@@ -159,19 +162,24 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         return {"layers": layers, "language": language, "language_mask": language_mask, "state": state,
                 "hand": observed[:, EEF_POSITION]}
 
-    def _features(self, encoded: Mapping[str, Any]) -> Tensor:
-        """The fusion's query features (B, action_horizon [+ 1 locate query], D). With `locate_input` the locate query
-        decodes first and the action queries then also read the where token (`_where_token`)."""
+    def _decode(self, encoded: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """The action queries' features (B, action_horizon, D) and, with a locate query, where it puts the goal's
+        object and its target (B, 6; else None). The locate query decodes beside the action queries, or, with
+        `locate_input`, first: the action queries then also read the where token (`_where_token`)."""
         context, padding = self.fusion.encode([layer.float() for layer in encoded["layers"]], encoded["language"],
                                               encoded["language_mask"], encoded["state"])
-        if self.where is None:
-            return self.fusion.decode(context, padding)
         H = self.config.action_horizon
-        locate = self.fusion.decode(context, padding, self.fusion.queries[H:])  # (B, 1, D)
-        where = self._where_token(self.locator(locate[:, 0]), encoded["hand"])
+        if self.locator is None:
+            return self.fusion.decode(context, padding), None
+        patches = self.fusion.view_patches(context)  # the current agent view's, for the spatial read-out
+        if self.where is None:
+            queries = self.fusion.decode(context, padding)
+            return queries[:, :H], self.locator(queries[:, H], patches)
+        located = self.locator(self.fusion.decode(context, padding, self.fusion.queries[H:])[:, 0], patches)
+        where = self._where_token(located, encoded["hand"])
         context = torch.cat((context, where.unsqueeze(1)), dim=1)
         padding = torch.cat((padding, padding.new_zeros(padding.shape[0], 1)), dim=1)
-        return torch.cat((self.fusion.decode(context, padding, self.fusion.queries[:H]), locate), dim=1)
+        return self.fusion.decode(context, padding, self.fusion.queries[:H]), located
 
     def _where_token(self, located: Tensor, hand: Tensor) -> Tensor:
         """One context token (B, D) from the located goal object's and target's xyz (B, 6) and the end effector's (B, 3):
@@ -180,10 +188,9 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         vectors = (located.detach().view(-1, 2, 3) - hand.unsqueeze(1)).flatten(1) / WHERE_UNIT
         return self.where(vectors)
 
-    def _locate_loss(self, features: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        """Mean absolute error (metres) of the locate query's positions over the coordinates the batch knows
+    def _locate_loss(self, located: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """Mean absolute error (metres) of the locate query's positions (B, 6) over the coordinates the batch knows
         (finite `OBJECT_POSITIONS`); zero, still connected to the locator, where it knows none."""
-        located = self.locator(features[:, self.config.action_horizon])  # (B, 6)
         known = batch.get(OBJECT_POSITIONS)
         target = (torch.as_tensor(known, device=self.device).float() if known is not None
                   else torch.full_like(located, float("nan")))
@@ -209,13 +216,12 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             state = encoded["state"]
             kept = torch.rand(state.shape[0], 1, device=state.device) >= self.config.state_dropout
             encoded["state"] = state * kept
-        queries = self._features(encoded)
-        features = queries[:, :self.config.action_horizon]  # (B, H, D)
+        features, located = self._decode(encoded)  # (B, H, D), (B, 6) or None
         actions = torch.as_tensor(batch[ACTIONS], device=self.device).float()  # (B, H, 7)
         valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=self.device)
         target = self._to_head_units(actions)
         losses = self.head.loss(features, target, valid)
-        losses["locate_loss"] = self._locate_loss(queries, batch) if self.locator is not None else queries.new_zeros(())
+        losses["locate_loss"] = self._locate_loss(located, batch) if located is not None else features.new_zeros(())
         loss = (self.config.head.pose_loss_weight * losses["pose_loss"]
                 + self.config.head.gripper_loss_weight * losses["gripper_loss"]
                 + self.config.locate_weight * losses["locate_loss"])
@@ -228,7 +234,7 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
     @torch.no_grad()
     def predict_action_chunk(self, batch: Mapping[str, Any]) -> Tensor:
         """(B, action_horizon, 7) actions in LIBERO units for a batch; gripper exactly -1 or +1."""
-        features = self._features(self.encode_observations(batch))[:, :self.config.action_horizon]
+        features, _ = self._decode(self.encode_observations(batch))
         return self._from_head_units(self.head.predict(features))
 
     @torch.no_grad()
@@ -237,12 +243,34 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         `task_description`) -> (action_horizon, 7) float array in LIBERO units, the observation taken as
         the first frame of an episode. A control loop uses `runtime.PolicyRuntime`, which keeps the
         episode's frames for temporal context and schedules the chunks."""
+        with self._evaluating():
+            batch = self._first_frame_batch(observation)
+            return self.predict_action_chunk(batch)[0].cpu().numpy().astype(np.float64)
+
+    @torch.no_grad()
+    def locate(self, observation: Mapping[str, Any]) -> np.ndarray:
+        """Where the locate query puts the goal's object and its target in one observation (as `predict_action`
+        takes it): (2, 3) world xyz in metres, the object's row first. What `locate_input` hands the action queries,
+        for checking the policy's sense of the scene against the simulator's poses; needs `locate_weight`."""
+        if self.locator is None:
+            raise ValueError("this policy has no locate query (model.locate_weight is 0)")
+        with self._evaluating():
+            _, located = self._decode(self.encode_observations(self._first_frame_batch(observation)))
+            return located.view(2, 3).cpu().numpy().astype(np.float64)
+
+    def _first_frame_batch(self, observation: Mapping[str, Any]) -> dict[str, Any]:
+        """A batch of one: `observation` as the first frame of an episode."""
+        history = ObservationHistory(self.config.sample_spec)
+        history.add(observation)
+        return batch_inputs([history.model_inputs()])
+
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Evaluation mode inside the block, the previous mode restored after it."""
         was_training = self.training
         self.eval()
         try:
-            history = ObservationHistory(self.config.sample_spec)
-            history.add(observation)
-            return self.predict_action_chunk(batch_inputs([history.model_inputs()]))[0].cpu().numpy().astype(np.float64)
+            yield
         finally:
             self.train(was_training)
 

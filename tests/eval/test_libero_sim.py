@@ -169,6 +169,8 @@ def test_steps_without_cameras_change_nothing_but_their_own_frames():
         fast, fast_state = run(lambda: sim.start_episode(env, init_states[3]))
         with sim.cameras_off(env):
             dark = env.step(move)[0]
+            with pytest.raises(NotImplementedError, match="segmentation"):  # not a black frame of the wrong shape
+                env.sim.render(128, 128, camera_name="agentview", segmentation=True)
         slow, slow_state = run(plain_start)
     finally:
         env.close()

@@ -255,9 +255,9 @@ def test_state_dropout_withholds_the_state_of_a_seeded_share_of_samples_in_train
     assert torch.equal(dropped[1.0](batch)["loss"], stateless(batch)["loss"])  # every state withheld
     encoded = plain.encode_observations(batch)
     torch.manual_seed(3)
-    features = dropped[0.5]._features  # the fusion's input: which samples kept their state
+    decode = dropped[0.5]._decode  # the fusion's input: which samples kept their state
     seen = []
-    dropped[0.5]._features = lambda enc: seen.append(enc["state"].clone()) or features(enc)
+    dropped[0.5]._decode = lambda enc: seen.append(enc["state"].clone()) or decode(enc)
     dropped[0.5](batch)
     withheld = (seen[0] == 0).all(dim=1)
     assert 0 < int(withheld.sum()) < len(withheld)
@@ -291,7 +291,7 @@ def test_the_locate_query_learns_the_positions_the_batch_knows_and_is_absent_at_
     positions[6:] = float("nan")  # a recorded episode: nothing known
     batch[OBJECT_POSITIONS] = positions
     out = policy(batch)
-    located = policy.locator(policy._features(policy.encode_observations(batch))[:, H])
+    _, located = policy._decode(policy.encode_observations(batch))
     known = torch.isfinite(positions)
     assert out["locate_loss"].item() == pytest.approx((located - positions)[known].abs().mean().item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx(
@@ -328,9 +328,9 @@ def test_locate_input_gives_the_action_queries_the_vectors_from_the_hand_to_what
     batch = batch_of(data, policy.config)
     seen = []
     policy.where[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach().clone()))
-    features = policy._features(policy.encode_observations(batch))
-    assert features.shape == (8, H + 1, 64)
-    located = policy.locator(features[:, H]).detach()
+    features, located = policy._decode(policy.encode_observations(batch))
+    assert features.shape == (8, H, 64) and located.shape == (8, 6)
+    located = located.detach()
     hand = torch.as_tensor(batch[OBS_STATE])[:, :3]
     expected = torch.cat((located[:, :3] - hand, located[:, 3:] - hand), dim=1) / WHERE_UNIT
     assert torch.allclose(seen[-1], expected, atol=1e-6)
@@ -359,3 +359,28 @@ def test_locate_input_gives_the_action_queries_the_vectors_from_the_hand_to_what
                 dict(locate_weight=1.0, locate_input=True, state_dropout=0.3)):
         with pytest.raises(ValueError, match="model.locate_input needs model.locate_weight > 0"):
             tiny_policy_config(**bad)
+
+
+def test_locate_says_where_the_locate_query_puts_the_goal_object_and_its_target(stats, observation_file):
+    """`locate(observation)`: the locate query's read-out for one observation taken as an episode's first frame, as
+    rows (object xyz, target xyz); the policy's mode is left as it was; a policy without the query says so."""
+    from atlas_vla.data.observations import ObservationHistory, batch_inputs
+
+    torch.manual_seed(0)
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_input=True), stats)
+    observation = dict(np.load(observation_file))
+    policy.train()
+    located = policy.locate(observation)
+    assert policy.training and located.shape == (2, 3)
+    history = ObservationHistory(policy.config.sample_spec)
+    history.add(observation)
+    policy.eval()
+    with torch.no_grad():
+        _, expected = policy._decode(policy.encode_observations(batch_inputs([history.model_inputs()])))
+        expected = expected.view(2, 3)
+        policy.locator.weight.zero_()
+        policy.locator.bias.copy_(torch.tensor([0.1, -0.2, 0.9, 0.3, 0.05, 1.0]))
+    np.testing.assert_allclose(located, expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(policy.locate(observation), [[0.1, -0.2, 0.9], [0.3, 0.05, 1.0]], atol=1e-6)
+    with pytest.raises(ValueError, match="no locate query"):
+        AtlasPolicy(tiny_policy_config(), stats).locate(observation)
