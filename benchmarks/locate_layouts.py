@@ -5,10 +5,14 @@ apart from "finds them and does not act on it", in a few seconds per episode and
 
     MUJOCO_GL=egl python benchmarks/locate_layouts.py --policy outputs/layouts_F/final \
         --config configs/sim_layouts.yaml --tasks 0,1,2,3,7 --initial-states 20-29 --layout-seed 1
+    python benchmarks/locate_layouts.py --run outputs/layouts_F --no-simulator   # the run's own episodes only
 
 Per episode and in summary: the mean absolute error per coordinate (metres) of the object and the target, and, for
 the new layouts, the same error measured against where the initial state had them. A locator that replays layouts
-is closer to the old positions than to the new ones.
+is closer to the old positions than to the new ones. With `--run` (a training output folder), also the first frame
+of every episode of its data that knows the positions (generated ones), training and validation split apart, beside
+the error of the best constant guess (each split's mean position): whether the query finds things at an episode's
+start even in the episodes it trained on.
 """
 
 from __future__ import annotations
@@ -34,9 +38,39 @@ def truth(env: Any) -> np.ndarray:
     return np.array([scene.pose(goal.obj).position, scene.pose(goal.target).position])
 
 
+def first_frames(policy: Any, run: Path) -> dict[str, dict[str, Any]]:
+    """The locate error at the first frame of each episode of the run's data that knows `OBJECT_POSITIONS`, per
+    split, with the best constant guess's (the split's mean position) beside it."""
+    from atlas_vla.config import load_config
+    from atlas_vla.constants import (AGENT_IMAGE, FRAME_INDEX, INSTRUCTION, OBJECT_POSITIONS, STATE, WRIST_IMAGE)
+    from atlas_vla.data.split import load_train_val
+
+    result = {}
+    for split, table in zip(("train", "validation"), load_train_val(load_config(run / "config.yaml").data)):
+        if OBJECT_POSITIONS not in table.column_names:
+            raise ValueError(f"{run}: its data has no {OBJECT_POSITIONS} (no generated source)")
+        known = np.isfinite(np.asarray(table[OBJECT_POSITIONS], dtype=np.float64)).all(axis=1)
+        rows = np.flatnonzero((np.asarray(table[FRAME_INDEX]) == 0) & known).tolist()
+        located, truths = [], []
+        for row in table.select(rows):
+            observation = {"agentview_image": np.asarray(row[AGENT_IMAGE]), "wrist_image": np.asarray(row[WRIST_IMAGE]),
+                           "state": np.asarray(row[STATE], np.float32), "task_description": row[INSTRUCTION]}
+            located.append(policy.locate(observation))
+            truths.append(np.asarray(row[OBJECT_POSITIONS], np.float64).reshape(2, 3))
+        located, truths = np.array(located), np.array(truths)
+        constant = np.abs(truths - truths.mean(axis=0)).mean(axis=(0, 2))
+        result[split] = {"episodes": len(rows), "error_m": np.abs(located - truths).mean(axis=(0, 2)).round(4).tolist(),
+                         "constant_guess_error_m": constant.round(4).tolist()}
+        print(f"{split}: first frames of {len(rows)} episodes, error (object, target) {result[split]['error_m']} m, "
+              f"the split's mean position {result[split]['constant_guess_error_m']} m", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", required=True, help="a saved policy with a locate query")
+    parser.add_argument("--policy", help="a saved policy with a locate query (default: <run>/final)")
+    parser.add_argument("--run", help="a training output folder: also its own episodes' first frames")
+    parser.add_argument("--no-simulator", action="store_true", help="only the run's episodes")
     parser.add_argument("--config", default="configs/sim_layouts.yaml", help="its eval: section sets the cameras")
     parser.add_argument("--tasks", default="0,1,2,3,7")
     parser.add_argument("--initial-states", default="20-29")
@@ -50,7 +84,16 @@ def main() -> None:
     from atlas_vla.eval import libero_sim as sim
     from atlas_vla.models.policy import AtlasPolicy
 
-    policy = AtlasPolicy.from_pretrained(args.policy)
+    if not (args.policy or args.run):
+        parser.error("give --policy, --run or both")
+    policy = AtlasPolicy.from_pretrained(args.policy or Path(args.run) / "final")
+    report: dict[str, Any] = {"settings": vars(args)}
+    if args.run:
+        report["first_frames"] = first_frames(policy, Path(args.run))
+    if args.no_simulator:
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=1))
+        return
     config = dataclasses.replace(load_config(args.config).eval, tasks=sim.parse_range(args.tasks),
                                  initial_states=sim.parse_range(args.initial_states), layouts="random",
                                  layout_seed=args.layout_seed, perturbations=[], videos=False)
@@ -73,19 +116,18 @@ def main() -> None:
                      "random_error_m": np.abs(moved - after).mean(axis=1).tolist(),
                      "random_error_to_old_positions_m": np.abs(moved - before).mean(axis=1).tolist(),
                      "moved_m": np.linalg.norm(after - before, axis=1).tolist()})
-        print(f"task {spec.task_id} state {spec.initial_state}: error (object, target) base "
-              f"{rows[-1]['base_error_m'][0]:.3f} {rows[-1]['base_error_m'][1]:.3f} m, random "
-              f"{rows[-1]['random_error_m'][0]:.3f} {rows[-1]['random_error_m'][1]:.3f} m (to the old positions "
-              f"{rows[-1]['random_error_to_old_positions_m'][0]:.3f} {rows[-1]['random_error_to_old_positions_m'][1]:.3f}"
-              f"; moved {rows[-1]['moved_m'][0]:.2f} {rows[-1]['moved_m'][1]:.2f} m)", flush=True)
+        row = {key: " ".join(f"{value:.3f}" for value in values) for key, values in rows[-1].items()
+               if key.endswith("_m")}
+        print(f"task {spec.task_id} state {spec.initial_state}: error (object, target) base {row['base_error_m']} m, "
+              f"random {row['random_error_m']} m (to the old positions {row['random_error_to_old_positions_m']}; "
+              f"moved {row['moved_m']} m)", flush=True)
     if env is not None:
         env.close()
     summary = {key: np.mean([row[key] for row in rows], axis=0).round(4).tolist()
                for key in ("base_error_m", "random_error_m", "random_error_to_old_positions_m", "moved_m")}
     print("mean (object, target):", json.dumps(summary))
     if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), "summary": summary, "episodes": rows},
-                                                indent=1))
+        Path(args.output).write_text(json.dumps({**report, "summary": summary, "episodes": rows}, indent=1))
 
 
 if __name__ == "__main__":
