@@ -38,13 +38,28 @@ def truth(env: Any) -> np.ndarray:
     return np.array([scene.pose(goal.obj).position, scene.pose(goal.target).position])
 
 
+def explained(inputs: np.ndarray, targets: np.ndarray) -> float:
+    """The share of the targets' variance (N, k) that a least-squares affine map of the inputs (N, d) explains,
+    averaged over the target columns (R^2 on the fitted episodes themselves)."""
+    design = np.c_[inputs, np.ones(len(inputs))]
+    residual = targets - design @ np.linalg.lstsq(design, targets, rcond=None)[0]
+    return round(float(np.mean(1 - residual.var(axis=0) / targets.var(axis=0))), 3)
+
+
 def first_frames(policy: Any, run: Path) -> dict[str, dict[str, Any]]:
     """The locate error at the first frame of each episode of the run's data that knows `OBJECT_POSITIONS`, per
-    split, with the best constant guess's (the split's mean position) beside it."""
+    split, with the best constant guess's (the split's mean position) beside it; for a spatial read-out, also how
+    peaked its attention is and how far its image positions move from episode to episode."""
+    import torch
     from atlas_vla.config import load_config
     from atlas_vla.constants import (AGENT_IMAGE, FRAME_INDEX, INSTRUCTION, OBJECT_POSITIONS, STATE, WRIST_IMAGE)
     from atlas_vla.data.split import load_train_val
 
+    from atlas_vla.models.locator import SpatialLocator
+
+    inputs: list[tuple[Any, ...]] = []  # what the locator read: (feature, patches)
+    if isinstance(policy.locator, SpatialLocator):
+        policy.locator.register_forward_pre_hook(lambda module, args: inputs.append(args))
     result = {}
     for split, table in zip(("train", "validation"), load_train_val(load_config(run / "config.yaml").data)):
         if OBJECT_POSITIONS not in table.column_names:
@@ -63,6 +78,20 @@ def first_frames(policy: Any, run: Path) -> dict[str, dict[str, Any]]:
                          "constant_guess_error_m": constant.round(4).tolist()}
         print(f"{split}: first frames of {len(rows)} episodes, error (object, target) {result[split]['error_m']} m, "
               f"the split's mean position {result[split]['constant_guess_error_m']} m", flush=True)
+        if inputs:  # does the attention pick patches, and do the image positions follow the layouts?
+            with torch.no_grad():
+                weights = torch.cat([policy.locator.attention(*args) for args in inputs[-len(rows):]])
+            weights = weights.double().numpy()
+            where = weights @ policy.locator.centres.double().numpy()  # (episodes, things, 2)
+            result[split]["attention_peak"] = weights.max(axis=2).mean(axis=0).round(3).tolist()
+            result[split]["image_position_spread"] = where.std(axis=0).mean(axis=1).round(3).tolist()
+            result[split]["image_position_r2"] = ([explained(where[:, k], truths[:, k, :2]) for k in range(2)]
+                                                  if len(rows) >= 10 else None)  # a fit to a handful says nothing
+            print(f"  spatial read-out: mean largest attention weight (object, target) "
+                  f"{result[split]['attention_peak']} (uniform: {1 / weights.shape[2]:.3f}); spread of the image "
+                  f"positions over the episodes {result[split]['image_position_spread']} (of -1..1); share of the "
+                  f"table positions' variance a linear map of them explains {result[split]['image_position_r2']}",
+                  flush=True)
     return result
 
 
@@ -86,6 +115,8 @@ def main() -> None:
 
     if not (args.policy or args.run):
         parser.error("give --policy, --run or both")
+    if args.no_simulator and not args.run:
+        parser.error("--no-simulator measures a run's own episodes: give --run")
     policy = AtlasPolicy.from_pretrained(args.policy or Path(args.run) / "final")
     report: dict[str, Any] = {"settings": vars(args)}
     if args.run:

@@ -1,5 +1,6 @@
 """The locate query's read-outs: from the query's feature (and the fused context) to where the goal's object and its
-target are, (B, 6) world xyz in metres, the object's first (`constants.OBJECT_POSITIONS`; `PolicyConfig.locate_readout`).
+target are, (B, 6) world xyz in metres, the object's first (`constants.OBJECT_POSITIONS`;
+`PolicyConfig.locate_readout`).
 
 - `LinearLocator` ("linear"): one linear map of the query's feature. Where something is must then pass through
   the query's attention into one vector, and on a coarse patch grid little of it does.
@@ -43,14 +44,18 @@ class SpatialLocator(nn.Module):
         self.to_world = nn.Sequential(nn.Linear(2 + THINGS, dim), nn.GELU(), nn.Linear(dim, 3))
         self.offset = nn.Linear(dim, 3 * THINGS)
 
-    def image_positions(self, feature: Tensor, patches: Tensor) -> Tensor:
-        """Where in the image (B, THINGS, 2; x then y, -1..1 from the first patch centre to the last) the feature's
-        attention over the patches puts each thing."""
+    def attention(self, feature: Tensor, patches: Tensor) -> Tensor:
+        """Each thing's attention over the patches (B, THINGS, P), summing to 1."""
         B, P, D = patches.shape
         if P != len(self.centres):
             raise ValueError(f"SpatialLocator expects {len(self.centres)} patch tokens, got {P}")
         asks = self.asks(feature).view(B, THINGS, D)
-        weights = torch.softmax(asks @ self.keys(patches).transpose(1, 2) / D ** 0.5, dim=-1)  # (B, THINGS, P)
+        return torch.softmax(asks @ self.keys(patches).transpose(1, 2) / D ** 0.5, dim=-1)
+
+    def image_positions(self, feature: Tensor, patches: Tensor) -> Tensor:
+        """Where in the image (B, THINGS, 2; x then y, -1..1 from the first patch centre to the last) the feature's
+        attention over the patches puts each thing."""
+        weights = self.attention(feature, patches)
         return weights @ self.centres.to(weights.dtype)
 
     def forward(self, feature: Tensor, patches: Tensor | None = None) -> Tensor:
