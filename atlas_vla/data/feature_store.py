@@ -353,18 +353,23 @@ def _encode_shard(samples: LiberoSamples, encode: Callable[[Tensor], Tensor], sh
 
 class StoredFeatureSamples(torch.utils.data.Dataset):
     """`LiberoSamples` whose frozen features come from a `FeatureStore`: sample i is `samples[i]` without its
-    images, plus `OBS_VISION_FEATURES` = one of the store's copies of sample i.
+    images, plus `OBS_VISION_FEATURES` = one of the store's copies of sample i. With `images=True` (a policy with
+    a pixel stem, which reads the pixels too) it keeps its images, shifted exactly as that copy's were when the
+    store was built, so both views of a sample show the same scene.
 
     The copy is drawn from (`seed`, epoch, i), not from a worker's random stream, so a resumed run that skips
     the batches it had already seen gets exactly the copies an uninterrupted run gets. The trainer calls
     `set_epoch`; a DataLoader over this dataset must not keep its workers across epochs (they would keep the
     epoch they were started with)."""
 
-    def __init__(self, samples: LiberoSamples, store: FeatureStore, seed: int = 0) -> None:
+    def __init__(self, samples: LiberoSamples, store: FeatureStore, seed: int = 0, *, images: bool = False) -> None:
         if len(samples) != store.num_samples:
             raise ValueError(f"feature store {store.path} holds {store.num_samples} samples, the run has "
                              f"{len(samples)}")
-        self.samples = samples.without_images()
+        if images and not samples.images:
+            raise ValueError("StoredFeatureSamples(images=True) needs samples that carry images")
+        self.samples = samples if images else samples.without_images()
+        self.images = images
         self.store = store
         self.seed = seed
         self.epoch = 0
@@ -386,8 +391,12 @@ class StoredFeatureSamples(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        samples = self.samples.__getitems__(indices)
-        for sample, index in zip(samples, indices):
-            index = int(index) % len(self)
-            sample[OBS_VISION_FEATURES] = self.store.read(index, self.copy_of(index))
+        indices = [int(index) % len(self) for index in indices]
+        copies = [self.copy_of(index) for index in indices]
+        if self.images:
+            samples = [_sample_with_images(self.samples, index, copy) for index, copy in zip(indices, copies)]
+        else:
+            samples = self.samples.__getitems__(indices)
+        for sample, index, copy in zip(samples, indices, copies):
+            sample[OBS_VISION_FEATURES] = self.store.read(index, copy)
         return samples

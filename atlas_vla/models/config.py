@@ -170,6 +170,10 @@ class PolicyConfig:
     # asks the current agent-view frame's patch grid where the object and the target are, and the attention-weighted
     # mean of the patch centres (a spatial soft-argmax) maps to world xyz (`models.locator`)
     locate_readout: Literal["linear", "spatial"] = "linear"
+    # a small trainable convolution over each camera image whose features are added to the fusion's patch tokens
+    # (`models.stem`): a view of the pixels that training reaches, beside the frozen backbone's. Training then reads
+    # the images also when the backbone's features come from a feature store
+    pixel_stem: bool = False
     # frozen geometry backbone
     vggt: VGGTConfig = field(default_factory=VGGTConfig)
     vggt_pretrained: str | None = DEFAULT_VGGT_REPO_ID  # Hub id, folder or file; null = random init (demo/tests)

@@ -64,18 +64,21 @@ class Fusion(nn.Module):
             patches = grid.flatten(2).transpose(1, 2).reshape(B, S, -1, C2)
         return torch.cat((camera, patches), dim=2)
 
-    def _vision_tokens(self, layers: list[Tensor]) -> Tensor:
+    def _vision_tokens(self, layers: list[Tensor], pixels: Tensor | None) -> Tensor:
         fused = 0
         for proj, tokens in zip(self.vision_proj, layers):  # selected tokens (B, S, T, 2C) of each layer
             fused = fused + proj(tokens.float())  # (B, S, T, D)
+        if pixels is not None:  # (B, S, T - 1, D): a feature per patch token, none for the camera token
+            fused = fused + F.pad(pixels, (0, 0, 1, 0))
         fused = fused + self.view_embed + self.token_embed
         return fused.flatten(1, 2)  # (B, S*T, D)
 
     def encode(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor,
-               state: Tensor) -> tuple[Tensor, Tensor]:
+               state: Tensor, pixels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The mixed context (B, N, D) of vision, language and state tokens and its padding mask (B, N; True =
-        ignore). `vision_layers`: each selected layer's tokens as `select_tokens` returns them."""
-        vision = self._vision_tokens(vision_layers) + self.type_embed[0]
+        ignore). `vision_layers`: each selected layer's tokens as `select_tokens` returns them; `pixels`: optional
+        features (B, S, rows * columns of `token_grid`, D) added to each view's patch tokens (`models.stem`)."""
+        vision = self._vision_tokens(vision_layers, pixels) + self.type_embed[0]
         text = self.language_proj(language) + self.type_embed[1]  # (B, L, D)
         state_token = (self.state_proj(state) + self.type_embed[2]).unsqueeze(1)  # (B, 1, D)
         context = torch.cat((vision, text, state_token), dim=1)
@@ -94,6 +97,7 @@ class Fusion(nn.Module):
         queries = (self.queries if queries is None else queries).expand(context.shape[0], -1, -1)
         return self.norm(self.decoder(queries, context, memory_key_padding_mask=padding))
 
-    def forward(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor, state: Tensor) -> Tensor:
+    def forward(self, vision_layers: list[Tensor], language: Tensor, language_mask: Tensor, state: Tensor,
+                pixels: Tensor | None = None) -> Tensor:
         """Every query's feature (B, action_horizon + extra_queries, D): `encode`, then `decode`."""
-        return self.decode(*self.encode(vision_layers, language, language_mask, state))
+        return self.decode(*self.encode(vision_layers, language, language_mask, state, pixels))

@@ -38,6 +38,7 @@ from atlas_vla.models.fusion import Fusion
 from atlas_vla.models.language import LanguageEncoder
 from atlas_vla.models.locator import LinearLocator, SpatialLocator
 from atlas_vla.models.pretrained import PretrainedPolicy
+from atlas_vla.models.stem import PixelStem
 from atlas_vla.models.vggt import VGGTAggregator, build_vggt
 
 
@@ -84,6 +85,7 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         D = config.fusion.hidden_dim
         self.locator = ((SpatialLocator(D, self.fusion.token_grid) if config.locate_readout == "spatial"
                          else LinearLocator(D)) if config.locate_weight > 0 else None)
+        self.stem = PixelStem(D, self.fusion.token_grid) if config.pixel_stem else None
         # locate_input: the hand-to-object and hand-to-target vectors (in WHERE_UNIT) -> one more context token
         self.where = nn.Sequential(nn.Linear(6, D), nn.GELU(), nn.Linear(D, D)) if config.locate_input else None
         # position always normalised; rotation kept raw when the head predicts quaternions; gripper raw
@@ -144,8 +146,9 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         return [self.fusion.select_tokens(layer, patch_start_idx) for layer in layers]
 
     def encode_observations(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Frozen features of a batch: the selected VGGT tokens of each layer (run now, or precomputed under
-        `OBS_VISION_FEATURES`), instruction tokens, normalised state."""
+        """Features of a batch: the frozen VGGT's selected tokens of each layer (run now, or precomputed under
+        `OBS_VISION_FEATURES`), the pixel stem's features of the images (None without `pixel_stem`), instruction
+        tokens, normalised state."""
         if OBS_VISION_FEATURES in batch:
             layers = list(batch[OBS_VISION_FEATURES].to(self.device, non_blocking=True).unbind(1))
         elif self.config.freeze_vggt:  # the live path: no stacking, the layers go straight to the fusion
@@ -154,20 +157,26 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             images = batch[OBS_IMAGES].to(self.device, non_blocking=True).float() / 255.0  # (B, S, 3, H, W)
             layers, patch_start_idx = self.vggt(images, self.config.vggt_layers)
             layers = [self.fusion.select_tokens(layer, patch_start_idx) for layer in layers]
+        pixels = None
+        if self.stem is not None:
+            if OBS_IMAGES not in batch:
+                raise ValueError(f"model.pixel_stem reads the camera images, and this batch has none (keys: "
+                                 f"{sorted(batch)})")
+            pixels = self.stem(batch[OBS_IMAGES].to(self.device, non_blocking=True))
         language, language_mask = self.frozen.language.encode(list(batch[INSTRUCTION]))
         observed = torch.as_tensor(batch[OBS_STATE], device=self.device).float()
         state = normalize(observed, self.norm_stats.state, self.config.normalization_mode)
         if not self.config.use_state:
             state = torch.zeros_like(state)
-        return {"layers": layers, "language": language, "language_mask": language_mask, "state": state,
-                "hand": observed[:, EEF_POSITION]}
+        return {"layers": layers, "pixels": pixels, "language": language, "language_mask": language_mask,
+                "state": state, "hand": observed[:, EEF_POSITION]}
 
     def _decode(self, encoded: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         """The action queries' features (B, action_horizon, D) and, with a locate query, where it puts the goal's
         object and its target (B, 6; else None). The locate query decodes beside the action queries, or, with
         `locate_input`, first: the action queries then also read the where token (`_where_token`)."""
         context, padding = self.fusion.encode([layer.float() for layer in encoded["layers"]], encoded["language"],
-                                              encoded["language_mask"], encoded["state"])
+                                              encoded["language_mask"], encoded["state"], encoded["pixels"])
         H = self.config.action_horizon
         if self.locator is None:
             return self.fusion.decode(context, padding), None

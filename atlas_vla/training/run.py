@@ -126,7 +126,8 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
     sampler = source_sampler(train_samples, config.data, config.training.seed)
     if config.training.feature_store:
         store = prepare_feature_store(accelerator, policy, train_samples, config.training)
-        train_samples = StoredFeatureSamples(train_samples, store, seed=config.training.seed)
+        train_samples = StoredFeatureSamples(train_samples, store, seed=config.training.seed,
+                                             images=config.model.pixel_stem)
     prepared = prepare_optimization(accelerator, policy, train_samples, val_samples, config.training, references,
                                     sampler)
     run = TrainingRun(config=config, accelerator=accelerator, policy=prepared.policy, optimizer=prepared.optimizer,

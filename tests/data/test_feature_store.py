@@ -290,3 +290,36 @@ def test_auto_store_is_reused_and_a_stored_run_resumes_exactly(tmp_path, capsys)
     # another key beside it: its own store
     assert train_main(train_args(data, runs / "other", *shift[:-1], "3")) == 0
     assert len([p for p in (runs / "feature_stores").iterdir() if p.is_dir()]) == 2
+
+
+def test_samples_for_a_pixel_stem_carry_the_images_each_stored_copy_was_computed_from(setup, tmp_path):
+    """`images=True` (a policy with `model.pixel_stem`): each sample's images are shifted exactly as the stored
+    copy it reads was, so the backbone's features of those images are the stored ones, in every epoch."""
+    _, policy, _, shifted = setup
+    store = build(tmp_path / "store", shifted, policy, copies=3)
+    stored = StoredFeatureSamples(shifted, store, seed=5, images=True)
+    for epoch in (0, 1, 2):
+        stored.set_epoch(epoch)
+        batch = collate(stored.__getitems__([0, 3, len(stored) - 1]))
+        torch.testing.assert_close(batch[OBS_VISION_FEATURES].float(), policy.vision_features(batch[OBS_IMAGES]),
+                                   atol=2e-2, rtol=2e-3)  # float16 storage
+    assert OBS_IMAGES not in StoredFeatureSamples(shifted, store)[0]
+    with pytest.raises(ValueError, match="needs samples that carry images"):
+        StoredFeatureSamples(shifted.without_images(), store, images=True)
+
+
+def test_a_policy_with_a_pixel_stem_trains_from_the_store_as_from_the_live_backbone(tmp_path):
+    """`model.pixel_stem` with `training.feature_store`: the trainer hands the stem the samples' images beside the
+    stored features, so training gives the weights the live run gives (up to the store's float16), the stem's too."""
+    from atlas_vla.training.train import main as train_main
+
+    data = synthetic_dataset(tmp_path, num_episodes=4)
+    stem = ["--model.pixel_stem", "true"]
+    assert train_main(train_args(data, tmp_path / "live", *stem)) == 0
+    assert train_main(train_args(data, tmp_path / "stored", *stem, "--training.feature_store", "auto")) == 0
+    live, stored = weights(tmp_path / "live" / "final"), weights(tmp_path / "stored" / "final")
+    halfway = weights(tmp_path / "live" / "checkpoints" / "checkpoint-4" / "policy")
+    assert live.keys() == stored.keys() and "stem.project.weight" in live
+    for name in ("stem.convolutions.0.weight", "stem.project.weight"):
+        moved = float((live[name] - halfway[name]).abs().max())
+        assert moved > 0 and float((live[name] - stored[name]).abs().max()) < 0.05 * moved, name
