@@ -391,12 +391,14 @@ class StoredFeatureSamples(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        indices = [int(index) % len(self) for index in indices]
-        copies = [self.copy_of(index) for index in indices]
-        if self.images:
-            samples = [_sample_with_images(self.samples, index, copy) for index, copy in zip(indices, copies)]
+        if any(not -len(self) <= int(index) < len(self) for index in indices):
+            raise IndexError(f"sample index out of range for {len(self)} samples: {list(indices)}")
+        positions = [int(index) % len(self) for index in indices]
+        copies = [self.copy_of(position) for position in positions]
+        if self.images:  # one sample at a time, each shifted as its copy was
+            samples = [_sample_with_images(self.samples, position, copy) for position, copy in zip(positions, copies)]
         else:
-            samples = self.samples.__getitems__(indices)
-        for sample, index, copy in zip(samples, indices, copies):
-            sample[OBS_VISION_FEATURES] = self.store.read(index, copy)
+            samples = self.samples.__getitems__(positions)
+        for sample, position, copy in zip(samples, positions, copies):
+            sample[OBS_VISION_FEATURES] = self.store.read(position, copy)
         return samples

@@ -304,6 +304,10 @@ def test_samples_for_a_pixel_stem_carry_the_images_each_stored_copy_was_computed
         torch.testing.assert_close(batch[OBS_VISION_FEATURES].float(), policy.vision_features(batch[OBS_IMAGES]),
                                    atol=2e-2, rtol=2e-3)  # float16 storage
     assert OBS_IMAGES not in StoredFeatureSamples(shifted, store)[0]
+    for samples in (stored, StoredFeatureSamples(shifted, store)):
+        torch.testing.assert_close(samples[-1][OBS_VISION_FEATURES], samples[len(samples) - 1][OBS_VISION_FEATURES])
+        with pytest.raises(IndexError, match=f"out of range for {len(samples)} samples"):
+            samples[len(samples)]
     with pytest.raises(ValueError, match="needs samples that carry images"):
         StoredFeatureSamples(shifted.without_images(), store, images=True)
 
