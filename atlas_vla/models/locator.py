@@ -8,7 +8,9 @@ target are, (B, 6) world xyz in metres, the object's first (`constants.OBJECT_PO
   target are; the attention-weighted mean of the patch centres (a spatial soft-argmax, as in deep spatial
   autoencoders) gives a position in the image finer than the grid, and a small MLP maps it to the world. The
   agent-view camera does not move, so that map is one function in every layout. A linear term of the feature is
-  added: what the image position alone does not say (the height of what the object rests on).
+  added: what the image position alone does not say (the height of what the object rests on). With a pixel stem
+  (`models.stem`) each thing's attention logits also get a linear map of the stem's cells at each patch: what a
+  plate or a bowl looks like, whichever plate or bowl the query then picks.
 """
 
 from __future__ import annotations
@@ -25,18 +27,19 @@ class LinearLocator(nn.Linear):
     def __init__(self, dim: int) -> None:
         super().__init__(dim, 3 * THINGS)
 
-    def forward(self, feature: Tensor, patches: Tensor | None = None) -> Tensor:
+    def forward(self, feature: Tensor, patches: Tensor | None = None, cells: Tensor | None = None) -> Tensor:
         return super().forward(feature)
 
 
 class SpatialLocator(nn.Module):
-    """Read-out "spatial": the query's feature (B, D) and the agent view's patch tokens (B, rows * columns, D), row by
-    row, -> (B, 6)."""
+    """Read-out "spatial": the query's feature (B, D), the agent view's patch tokens (B, rows * columns, D), row by
+    row, and with `cell_dim` the pixel stem's cells of that view (B, rows * columns, cell_dim) -> (B, 6)."""
 
-    def __init__(self, dim: int, grid: tuple[int, int]) -> None:
+    def __init__(self, dim: int, grid: tuple[int, int], cell_dim: int | None = None) -> None:
         super().__init__()
         self.asks = nn.Linear(dim, THINGS * dim)  # one attention query per thing, from the locate query's feature
         self.keys = nn.Linear(dim, dim)
+        self.looks = nn.Linear(cell_dim, THINGS) if cell_dim else None  # each thing's logit from the stem's cells
         rows, columns = grid
         y, x = torch.meshgrid(torch.linspace(-1, 1, rows), torch.linspace(-1, 1, columns), indexing="ij")
         self.register_buffer("centres", torch.stack((x, y), dim=-1).reshape(-1, 2), persistent=False)  # (P, 2)
@@ -44,23 +47,30 @@ class SpatialLocator(nn.Module):
         self.to_world = nn.Sequential(nn.Linear(2 + THINGS, dim), nn.GELU(), nn.Linear(dim, 3))
         self.offset = nn.Linear(dim, 3 * THINGS)
 
-    def attention(self, feature: Tensor, patches: Tensor) -> Tensor:
+    def attention(self, feature: Tensor, patches: Tensor, cells: Tensor | None = None) -> Tensor:
         """Each thing's attention over the patches (B, THINGS, P), summing to 1."""
         B, P, D = patches.shape
         if P != len(self.centres):
             raise ValueError(f"SpatialLocator expects {len(self.centres)} patch tokens, got {P}")
+        if (cells is None) != (self.looks is None):
+            raise ValueError("SpatialLocator: the pixel stem's cells are read exactly when it was built with cell_dim "
+                             f"(cell_dim {'set' if self.looks is not None else 'unset'}, cells "
+                             f"{'missing' if cells is None else 'given'})")
         asks = self.asks(feature).view(B, THINGS, D)
-        return torch.softmax(asks @ self.keys(patches).transpose(1, 2) / D ** 0.5, dim=-1)
+        logits = asks @ self.keys(patches).transpose(1, 2) / D ** 0.5
+        if self.looks is not None:
+            logits = logits + self.looks(cells).transpose(1, 2)
+        return torch.softmax(logits, dim=-1)
 
-    def image_positions(self, feature: Tensor, patches: Tensor) -> Tensor:
+    def image_positions(self, feature: Tensor, patches: Tensor, cells: Tensor | None = None) -> Tensor:
         """Where in the image (B, THINGS, 2; x then y, -1..1 from the first patch centre to the last) the feature's
         attention over the patches puts each thing."""
-        weights = self.attention(feature, patches)
+        weights = self.attention(feature, patches, cells)
         return weights @ self.centres.to(weights.dtype)
 
-    def forward(self, feature: Tensor, patches: Tensor | None = None) -> Tensor:
+    def forward(self, feature: Tensor, patches: Tensor | None = None, cells: Tensor | None = None) -> Tensor:
         if patches is None:
             raise ValueError("SpatialLocator reads the agent view's patch tokens; none were given")
-        where = self.image_positions(feature, patches)
+        where = self.image_positions(feature, patches, cells)
         which = torch.eye(THINGS, dtype=where.dtype, device=where.device).expand(where.shape[0], -1, -1)
         return self.to_world(torch.cat((where, which), dim=-1)).flatten(1) + self.offset(feature)

@@ -83,9 +83,10 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         self.head = build_action_head(config.head, config.fusion.hidden_dim)
         # the locate query's read-out: the goal object's and its target's xyz (OBJECT_POSITIONS)
         D = config.fusion.hidden_dim
-        self.locator = ((SpatialLocator(D, self.fusion.token_grid) if config.locate_readout == "spatial"
-                         else LinearLocator(D)) if config.locate_weight > 0 else None)
         self.stem = PixelStem(D, self.fusion.token_grid) if config.pixel_stem else None
+        cell_dim = PixelStem.channels if config.pixel_stem else None
+        self.locator = ((SpatialLocator(D, self.fusion.token_grid, cell_dim) if config.locate_readout == "spatial"
+                         else LinearLocator(D)) if config.locate_weight > 0 else None)
         # locate_input: the hand-to-object and hand-to-target vectors (in WHERE_UNIT) -> one more context token
         self.where = nn.Sequential(nn.Linear(6, D), nn.GELU(), nn.Linear(D, D)) if config.locate_input else None
         # position always normalised; rotation kept raw when the head predicts quaternions; gripper raw
@@ -147,8 +148,8 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
 
     def encode_observations(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Features of a batch: the frozen VGGT's selected tokens of each layer (run now, or precomputed under
-        `OBS_VISION_FEATURES`), the pixel stem's features of the images (None without `pixel_stem`), instruction
-        tokens, normalised state."""
+        `OBS_VISION_FEATURES`), the pixel stem's tokens and cells of the images (None without `pixel_stem`),
+        instruction tokens, normalised state."""
         if OBS_VISION_FEATURES in batch:
             layers = list(batch[OBS_VISION_FEATURES].to(self.device, non_blocking=True).unbind(1))
         elif self.config.freeze_vggt:  # the live path: no stacking, the layers go straight to the fusion
@@ -157,19 +158,19 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             images = batch[OBS_IMAGES].to(self.device, non_blocking=True).float() / 255.0  # (B, S, 3, H, W)
             layers, patch_start_idx = self.vggt(images, self.config.vggt_layers)
             layers = [self.fusion.select_tokens(layer, patch_start_idx) for layer in layers]
-        pixels = None
+        pixels = cells = None
         if self.stem is not None:
             if OBS_IMAGES not in batch:
                 raise ValueError(f"model.pixel_stem reads the camera images, and this batch has none (keys: "
                                  f"{sorted(batch)})")
-            pixels = self.stem(batch[OBS_IMAGES].to(self.device, non_blocking=True))
+            pixels, cells = self.stem(batch[OBS_IMAGES].to(self.device, non_blocking=True))
         language, language_mask = self.frozen.language.encode(list(batch[INSTRUCTION]))
         observed = torch.as_tensor(batch[OBS_STATE], device=self.device).float()
         state = normalize(observed, self.norm_stats.state, self.config.normalization_mode)
         if not self.config.use_state:
             state = torch.zeros_like(state)
-        return {"layers": layers, "pixels": pixels, "language": language, "language_mask": language_mask,
-                "state": state, "hand": observed[:, EEF_POSITION]}
+        return {"layers": layers, "pixels": pixels, "cells": cells, "language": language,
+                "language_mask": language_mask, "state": state, "hand": observed[:, EEF_POSITION]}
 
     def _decode(self, encoded: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         """The action queries' features (B, action_horizon, D) and, with a locate query, where it puts the goal's
@@ -180,11 +181,13 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         H = self.config.action_horizon
         if self.locator is None:
             return self.fusion.decode(context, padding), None
-        patches = self.fusion.view_patches(context)  # the current agent view's, for the spatial read-out
+        # the current agent view's patch tokens and stem cells, for the spatial read-out
+        patches = self.fusion.view_patches(context)
+        cells = encoded["cells"][:, 0] if encoded["cells"] is not None else None
         if self.where is None:
             queries = self.fusion.decode(context, padding)
-            return queries[:, :H], self.locator(queries[:, H], patches)
-        located = self.locator(self.fusion.decode(context, padding, self.fusion.queries[H:])[:, 0], patches)
+            return queries[:, :H], self.locator(queries[:, H], patches, cells)
+        located = self.locator(self.fusion.decode(context, padding, self.fusion.queries[H:])[:, 0], patches, cells)
         where = self._where_token(located, encoded["hand"])
         context = torch.cat((context, where.unsqueeze(1)), dim=1)
         padding = torch.cat((padding, padding.new_zeros(padding.shape[0], 1)), dim=1)

@@ -2,10 +2,11 @@
 
 The frozen backbone's patch tokens are what the fusion sees of an image. With a random (small, CPU) VGGT they keep
 little of what tells a white plate from the light table, and no training reaches them, so no read-out can learn to
-find the plate in them (`docs/closed-loop.md`, candidate G). The stem gives the fusion a trainable view of the same
-pixels: three stride-2 convolutions, average-pooled to the fusion's token grid, projected to its width and added to
-each view's patch tokens (`Fusion.encode`). Its last projection starts at zero, so a policy with a fresh stem
-computes exactly what it would without one.
+find the plate in them (`docs/closed-loop.md`, candidate G). The stem gives the policy a trainable view of the same
+pixels: three stride-2 convolutions, average-pooled to the fusion's token grid (the cells). Their projection to the
+fusion's width is added to each view's patch tokens (`Fusion.encode`); it starts at zero, so a policy with a fresh stem
+acts exactly as it would without one. The spatial read-out also reads the cells themselves (`SpatialLocator`): a
+short path from what a thing looks like to where the read-out looks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ CHANNELS = (16, 32, 64)  # widths of the three stride-2 convolutions: 126 px -> 
 
 
 class PixelStem(nn.Module):
-    """uint8 images (B, S, 3, H, W) -> features (B, S, rows * columns, dim) on `grid`, row by row."""
+    """uint8 images (B, S, 3, H, W) -> (tokens (B, S, rows * columns, dim), cells (B, S, rows * columns, `channels`)) on
+    `grid`, row by row: what joins the patch tokens, and the convolutions' pooled features it is projected from."""
+
+    channels = CHANNELS[-1]
 
     def __init__(self, dim: int, grid: tuple[int, int]) -> None:
         super().__init__()
@@ -32,8 +36,9 @@ class PixelStem(nn.Module):
         nn.init.zeros_(self.project.weight)
         nn.init.zeros_(self.project.bias)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         B, S = images.shape[:2]
         pixels = images.flatten(0, 1).float() / 127.5 - 1.0  # (B*S, 3, H, W) in -1..1
         cells = F.adaptive_avg_pool2d(self.convolutions(pixels), self.grid)  # (B*S, C, rows, columns)
-        return self.project(cells.flatten(2).transpose(1, 2)).unflatten(0, (B, S))
+        cells = cells.flatten(2).transpose(1, 2).unflatten(0, (B, S))
+        return self.project(cells), cells

@@ -54,6 +54,27 @@ def test_the_spatial_read_out_finds_the_patch_each_thing_is_in_and_maps_it_to_th
         locator(feature)
 
 
+def test_with_stem_cells_each_things_attention_also_follows_what_the_cells_show():
+    """`cell_dim`: each thing's logits add a linear map of the pixel stem's cell at each patch, so a cell that looks
+    like the target draws the target's attention even where the patch tokens say nothing; cells are required exactly
+    when the read-out was built for them."""
+    locator = SpatialLocator(4, (3, 4), cell_dim=2)
+    with torch.no_grad():
+        for layer in (locator.asks, locator.keys):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        locator.looks.weight.copy_(torch.tensor([[0.0, 0.0], [60.0, 0.0]]))  # the target looks like channel 0
+        locator.looks.bias.zero_()
+    cells = torch.zeros(1, 12, 2)
+    cells[0, 6, 0] = 1.0  # row 1, column 2
+    where = locator.image_positions(torch.zeros(1, 4), torch.zeros(1, 12, 4), cells)
+    np.testing.assert_allclose(where[0].detach(), [[0.0, 0.0], [1 / 3, 0.0]], atol=1e-6)  # the object: no cue
+    with pytest.raises(ValueError, match="cells are read exactly when it was built with cell_dim"):
+        locator(torch.zeros(1, 4), torch.zeros(1, 12, 4))
+    with pytest.raises(ValueError, match="cells are read exactly when it was built with cell_dim"):
+        pointing()(torch.zeros(1, 4), torch.zeros(1, 12, 4), cells)
+
+
 def test_a_policy_with_the_spatial_read_out_reads_the_current_agent_views_patches_and_learns(tmp_path):
     """`locate_readout: spatial`: the locator gets the fused context's tokens of the current frame's agent view
     (after its camera token: `Fusion.view_patches`), its positions train on `OBJECT_POSITIONS` and reach the action

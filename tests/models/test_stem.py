@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import synthetic_dataset, tiny_policy_config
 
-from atlas_vla.constants import OBS_IMAGES, OBS_VISION_FEATURES
+from atlas_vla.constants import OBJECT_POSITIONS, OBS_IMAGES, OBS_VISION_FEATURES
 from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.data.sources import load_libero
@@ -21,11 +21,12 @@ def test_each_grid_cell_of_the_stem_sees_its_own_part_of_each_image():
     torch.manual_seed(0)
     stem = PixelStem(8, (3, 4))
     images = torch.randint(0, 256, (2, 2, 3, 56, 56), dtype=torch.uint8)
-    assert torch.equal(stem(images), torch.zeros(2, 2, 12, 8))
+    tokens, cells = stem(images)
+    assert torch.equal(tokens, torch.zeros(2, 2, 12, 8)) and cells.shape == (2, 2, 12, PixelStem.channels)
     torch.nn.init.normal_(stem.project.weight)
-    before = stem(images)
+    torch.testing.assert_close(stem(images)[0], stem.project(cells))
     images[:, 1, :, :6, -6:] = 255 - images[:, 1, :, :6, -6:]
-    changed = (stem(images) - before).abs().amax(dim=-1) > 1e-6  # (B, S, 12)
+    changed = (stem(images)[1] - cells).abs().amax(dim=-1) > 1e-6  # (B, S, 12)
     assert changed[:, 1, 3].all() and changed.sum() == 2  # row 0, column 3 of view 1, in both samples
 
 
@@ -48,7 +49,7 @@ def test_the_policy_adds_the_stems_features_to_each_views_patch_tokens_and_train
     policy = stem_policy(stats)
     inputs, features = [], []
     hooks = [policy.fusion.encoder.register_forward_pre_hook(lambda module, args: inputs.append(args[0])),
-             policy.stem.register_forward_hook(lambda module, args, output: features.append(output))]
+             policy.stem.register_forward_hook(lambda module, args, output: features.append(output[0]))]
     with torch.no_grad():
         policy(batch)
         torch.nn.init.normal_(policy.stem.project.weight, std=0.1)
@@ -66,6 +67,22 @@ def test_the_policy_adds_the_stems_features_to_each_views_patch_tokens_and_train
     policy(batch)["loss"].backward()
     assert policy.stem.convolutions[0].weight.grad.abs().sum() > 0
     policy.zero_grad()
+
+
+def test_a_spatial_read_out_reads_the_stems_cells_of_the_current_agent_view(setup):
+    """With `locate_readout: spatial`, the locator gets the stem's cells of view 0 (the current agent view), and the
+    locate loss reaches the stem's convolutions through them."""
+    _, stats, batch = setup
+    torch.manual_seed(0)
+    policy = AtlasPolicy(tiny_policy_config(pixel_stem=True, locate_weight=1.0, locate_readout="spatial"), stats)
+    given, made = [], []
+    policy.locator.register_forward_pre_hook(lambda module, args: given.append(args[2]))
+    policy.stem.register_forward_hook(lambda module, args, output: made.append(output[1]))
+    batch = {**batch, OBJECT_POSITIONS: torch.linspace(-0.3, 0.9, 36).reshape(6, 6)}
+    losses = policy(batch)
+    assert torch.equal(given[0], made[0][:, 0])
+    losses["locate_loss"].backward()
+    assert policy.stem.convolutions[0].weight.grad.abs().sum() > 0
 
 
 def test_a_saved_policy_with_a_stem_acts_the_same_and_a_batch_without_images_is_refused(setup, tmp_path):
