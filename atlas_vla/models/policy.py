@@ -81,10 +81,10 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
                              patch_grid=(grid, grid), language_dim=language.hidden_size, state_dim=STATE_DIM,
                              action_horizon=config.action_horizon, extra_queries=int(config.locate_weight > 0))
         self.head = build_action_head(config.head, config.fusion.hidden_dim)
-        # the locate query's read-out: the goal object's and its target's xyz (OBJECT_POSITIONS)
         D = config.fusion.hidden_dim
         self.stem = PixelStem(D, self.fusion.token_grid) if config.pixel_stem else None
-        cell_dim = PixelStem.channels if config.pixel_stem else None
+        # the locate query's read-out: the goal object's and its target's xyz (OBJECT_POSITIONS)
+        cell_dim = self.stem.channels if self.stem is not None else None
         self.locator = ((SpatialLocator(D, self.fusion.token_grid, cell_dim) if config.locate_readout == "spatial"
                          else LinearLocator(D)) if config.locate_weight > 0 else None)
         # locate_input: the hand-to-object and hand-to-target vectors (in WHERE_UNIT) -> one more context token
