@@ -49,6 +49,9 @@ class TrainingConfig:
     max_train_steps: int | None = None  # optimizer updates; null = num_train_epochs full epochs
     num_train_epochs: int = 10
     learning_rate: float = 1e-4
+    # the locate read-out's and the pixel stem's learning rate (null: learning_rate): they learn where things are,
+    # and only the samples that carry positions teach them
+    locate_learning_rate: float | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -90,6 +93,8 @@ class TrainingConfig:
         if self.lr_warmup_steps < 0 or self.learning_rate <= 0:
             raise ValueError(f"training.learning_rate ({self.learning_rate}) must be > 0 and lr_warmup_steps "
                              f"({self.lr_warmup_steps}) >= 0")
+        if self.locate_learning_rate is not None and not self.locate_learning_rate > 0:
+            raise ValueError(f"training.locate_learning_rate must be > 0 or null, got {self.locate_learning_rate}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             from transformers import SchedulerType
 
@@ -190,6 +195,11 @@ class TrainConfig:
             raise ValueError(f"training.cached_copies: {self.training.cached_copies} stores differently shifted copies "
                              f"of each sample: it needs training.feature_store (got {store}) and data.random_shift "
                              f"> 0 (got {self.data.random_shift}); otherwise every copy is the same")
+        locating = self.model.locate_weight > 0 or self.model.pixel_stem
+        if self.training.locate_learning_rate is not None and not locating:
+            raise ValueError(f"training.locate_learning_rate: {self.training.locate_learning_rate} sets the rate of the "
+                             f"locate read-out and the pixel stem, and this model has neither: set model.locate_weight "
+                             f"> 0 or model.pixel_stem: true, or leave it null")
 
     @property
     def trackers(self) -> list[str]:

@@ -8,7 +8,9 @@ target are, (B, 6) world xyz in metres, the object's first (`constants.OBJECT_PO
   target are; the attention-weighted mean of the patch centres (a spatial soft-argmax, as in deep spatial
   autoencoders) gives a position in the image finer than the grid, and a small MLP maps it to the world. The
   agent-view camera does not move, so that map is one function in every layout. A linear term of the feature is
-  added: what the image position alone does not say (the height of what the object rests on). With a pixel stem
+  added to the heights only: what the image position alone does not say (the height of what the object rests on).
+  A term on x and y too would let the feature place things without looking (measured: the bowl's x and y came from
+  it, docs/closed-loop.md, candidate I). With a pixel stem
   (`models.stem`) each thing's attention logits also get a linear map of the stem's cells at each patch: what a
   plate or a bowl looks like, whichever plate or bowl the query then picks.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 THINGS = 2  # the goal's object, then its target
 
@@ -45,7 +48,7 @@ class SpatialLocator(nn.Module):
         self.register_buffer("centres", torch.stack((x, y), dim=-1).reshape(-1, 2), persistent=False)  # (P, 2)
         # (image x, image y, which thing) -> world xyz: the object and the target rest at different heights
         self.to_world = nn.Sequential(nn.Linear(2 + THINGS, dim), nn.GELU(), nn.Linear(dim, 3))
-        self.offset = nn.Linear(dim, 3 * THINGS)
+        self.heights = nn.Linear(dim, THINGS)  # added to each thing's z
 
     def attention(self, feature: Tensor, patches: Tensor, cells: Tensor | None = None) -> Tensor:
         """Each thing's attention over the patches (B, THINGS, P), summing to 1."""
@@ -73,4 +76,5 @@ class SpatialLocator(nn.Module):
             raise ValueError("SpatialLocator reads the agent view's patch tokens; none were given")
         where = self.image_positions(feature, patches, cells)
         which = torch.eye(THINGS, dtype=where.dtype, device=where.device).expand(where.shape[0], -1, -1)
-        return self.to_world(torch.cat((where, which), dim=-1)).flatten(1) + self.offset(feature)
+        lift = F.pad(self.heights(feature).unsqueeze(-1), (2, 0))  # (B, THINGS, 3): zero x and y
+        return (self.to_world(torch.cat((where, which), dim=-1)) + lift).flatten(1)

@@ -125,6 +125,10 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"total": own + frozen, "trainable": trainable}
 
+    def locating_parameters(self) -> list[nn.Parameter]:
+        """The locate read-out's and the pixel stem's parameters (`training.locate_learning_rate` sets their rate)."""
+        return [p for module in (self.locator, self.stem) if module is not None for p in module.parameters()]
+
     # --- forward -------------------------------------------------------------------------------
 
     def vision_features(self, images: Tensor) -> Tensor:

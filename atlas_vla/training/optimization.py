@@ -62,7 +62,7 @@ def prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_sa
                   if val_samples is not None else None)
     train_loader = build_loader(train_samples, training_cfg, shuffle=True, sampler=sampler)
     optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=training_cfg.learning_rate,
+        _parameter_groups(policy, training_cfg), lr=training_cfg.learning_rate,
         betas=(training_cfg.adam_beta1, training_cfg.adam_beta2), eps=training_cfg.adam_epsilon,
         weight_decay=training_cfg.weight_decay,
     )
@@ -89,6 +89,17 @@ def prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_sa
 
     accelerator.register_save_state_pre_hook(export_hook)
     return Prepared(policy, optimizer, scheduler, train_loader, val_loader, max_steps, batches_per_epoch, num_epochs)
+
+
+def _parameter_groups(policy: AtlasPolicy, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as AdamW's groups: with `locate_learning_rate`, the locating ones get their own rate
+    (the schedule scales each group's rate alike)."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    if training_cfg.locate_learning_rate is None:
+        return [{"params": trainable}]
+    locating = {id(p) for p in policy.locating_parameters()}
+    return [{"params": [p for p in trainable if id(p) not in locating]},
+            {"params": [p for p in trainable if id(p) in locating], "lr": training_cfg.locate_learning_rate}]
 
 
 def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> tuple[int, int]:

@@ -29,8 +29,8 @@ def pointing(dim: int = 4, grid: tuple[int, int] = (3, 4)) -> SpatialLocator:
 
 def test_the_spatial_read_out_finds_the_patch_each_thing_is_in_and_maps_it_to_the_world():
     """Each thing's attention over the patch grid (row by row) lands where its key is; the image position is that
-    patch's centre (x, then y, in -1..1); the world position is `to_world` of it and of which thing it is, plus the
-    feature's linear term. Moving the object's patch moves only the object's position."""
+    patch's centre (x, then y, in -1..1); the world position is `to_world` of it and of which thing it is, the
+    feature's linear term added to the heights only. Moving the object's patch moves only the object's position."""
     locator = pointing()
     patches = torch.zeros(2, 12, 4)
     patches[0, 5, 0] = 1.0  # row 1, column 1: the object
@@ -42,9 +42,14 @@ def test_the_spatial_read_out_finds_the_patch_each_thing_is_in_and_maps_it_to_th
     np.testing.assert_allclose(where[0].detach(), [[-1 / 3, 0.0], [1.0, 1.0]], atol=1e-6)
     np.testing.assert_allclose(where[1].detach(), [[1 / 3, -1.0], [1.0, 1.0]], atol=1e-6)
     located = locator(feature, patches)
-    expected = (locator.to_world(torch.cat((where, torch.eye(2).expand(2, -1, -1)), dim=-1)).flatten(1)
-                + locator.offset(feature))
+    on_image = locator.to_world(torch.cat((where, torch.eye(2).expand(2, -1, -1)), dim=-1))  # (2, things, xyz)
+    heights = locator.heights(feature)  # (2, things)
+    expected = torch.cat((on_image[..., :2], on_image[..., 2:] + heights.unsqueeze(-1)), dim=-1).flatten(1)
     torch.testing.assert_close(located, expected)
+    with torch.no_grad():
+        locator.heights.bias.add_(torch.tensor([0.5, -0.25]))  # the feature's term moves heights and nothing else
+    np.testing.assert_allclose((locator(feature, patches) - located).detach().view(2, 2, 3),
+                               [[[0, 0, 0.5], [0, 0, -0.25]]] * 2, atol=1e-6)
     assert not torch.allclose(located[0, :3], located[1, :3]) and torch.allclose(located[0, 3:], located[1, 3:])
     even = locator.image_positions(feature[:1], torch.zeros(1, 12, 4))  # no patch stands out: the grid's middle
     np.testing.assert_allclose(even.detach(), np.zeros((1, 2, 2)), atol=1e-6)
@@ -95,11 +100,11 @@ def test_a_policy_with_the_spatial_read_out_reads_the_current_agent_views_patche
     first = policy(batch)["locate_loss"].item()
     torch.testing.assert_close(given[-1], contexts[-1][:, 1:policy.fusion.tokens_per_view])
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    for _ in range(60):  # the attention finds its footing after about 40 updates on this batch
+    for _ in range(100):  # x and y come only through the attention: it finds its footing slowly on this batch
         policy(batch)["loss"].backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert policy(batch)["locate_loss"].item() < 0.3 * first
+    assert policy(batch)["locate_loss"].item() < 0.4 * first  # about 0.26 after 100 updates
     observation = {"agentview_image": np.asarray(data[0]["observation.images.agentview"]),
                    "wrist_image": np.asarray(data[0]["observation.images.wrist"]),
                    "state": np.asarray(data[0]["observation.state"], np.float32),

@@ -1,0 +1,65 @@
+"""AdamW's parameter groups (`training.optimization`): the locating parameters' own learning rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+from helpers import synthetic_dataset, tiny_policy_config
+
+from atlas_vla.config import TrainConfig, TrainingConfig
+from atlas_vla.constants import OBJECT_POSITIONS
+from atlas_vla.data.normalization import compute_norm_stats
+from atlas_vla.data.samples import LiberoSamples
+from atlas_vla.data.sources import load_libero
+from atlas_vla.models.policy import AtlasPolicy
+from atlas_vla.training.optimization import prepare_optimization
+
+
+def first_update(tmp_path, locate_learning_rate: float | None) -> dict[str, float]:
+    """How far AdamW's first update moves the locating parameters and the rest, at most (an update of Adam's first
+    step is the learning rate wherever the gradient is not zero)."""
+    data = load_libero(str(synthetic_dataset(tmp_path)))
+    torch.manual_seed(0)
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_readout="spatial", pixel_stem=True),
+                         compute_norm_stats(data))
+    training = TrainingConfig(learning_rate=1e-4, locate_learning_rate=locate_learning_rate, lr_scheduler="constant",
+                              lr_warmup_steps=0, weight_decay=0.0, train_batch_size=4, dataloader_num_workers=0,
+                              max_train_steps=1)
+    prepared = prepare_optimization(Accelerator(cpu=True), policy, LiberoSamples(data, policy.config.sample_spec),
+                                    None, training, policy.backbone_references(), None)
+    locating = {id(p) for p in policy.locating_parameters()}
+    before = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+    batch = next(iter(prepared.train_loader))
+    batch[OBJECT_POSITIONS] = torch.linspace(-0.3, 0.9, 24).reshape(4, 6)
+    prepared.policy(batch)["loss"].backward()
+    prepared.optimizer.step()
+    moved = {"locating": 0.0, "rest": 0.0}
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            group = "locating" if id(p) in locating else "rest"
+            moved[group] = max(moved[group], (p.detach() - before[name]).abs().max().item())
+    return moved
+
+
+def test_the_locate_read_out_and_the_pixel_stem_take_the_locate_learning_rate(tmp_path):
+    """With `locate_learning_rate` the read-out's and the stem's parameters step at it and every other parameter at
+    `learning_rate`; without it, all at `learning_rate`. Both kinds are in `locating_parameters`."""
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_readout="spatial", pixel_stem=True),
+                         compute_norm_stats(load_libero(str(synthetic_dataset(tmp_path)))))
+    names = {id(p): name for name, p in policy.named_parameters()}
+    prefixes = {names[id(p)].split(".")[0] for p in policy.locating_parameters()}
+    assert prefixes == {"locator", "stem"}
+    own = first_update(tmp_path, locate_learning_rate=1e-2)
+    assert own["locating"] == pytest.approx(1e-2, rel=1e-3) and own["rest"] == pytest.approx(1e-4, rel=1e-3)
+    shared = first_update(tmp_path, locate_learning_rate=None)
+    assert shared["locating"] == pytest.approx(1e-4, rel=1e-3) and shared["rest"] == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
+    """A rate for parameters the model does not have is a mistake in the config, named with what would give them."""
+    with pytest.raises(ValueError, match=r"training.locate_learning_rate: 0.001 sets the rate of the locate read-out "
+                                         r"and the pixel stem, and this model has neither"):
+        TrainConfig(training=TrainingConfig(locate_learning_rate=1e-3))
+    with pytest.raises(ValueError, match=r"training.locate_learning_rate must be > 0 or null, got 0.0"):
+        TrainingConfig(locate_learning_rate=0.0)
