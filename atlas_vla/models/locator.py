@@ -10,9 +10,9 @@ target are, (B, 6) world xyz in metres, the object's first (`constants.OBJECT_PO
   agent-view camera does not move, so that map is one function in every layout. A linear term of the feature is
   added to the heights only: what the image position alone does not say (the height of what the object rests on).
   A term on x and y too would let the feature place things without looking (measured: the bowl's x and y came from
-  it, docs/closed-loop.md, candidate I). With a pixel stem
-  (`models.stem`) each thing's attention logits also get a linear map of the stem's cells at each patch: what a
-  plate or a bowl looks like, whichever plate or bowl the query then picks.
+  it, docs/closed-loop.md, candidate I). With a pixel stem (`models.stem`) each thing's attention logits also get a
+  linear map of the stem's cells at each patch: what a plate or a bowl looks like, whichever plate or bowl the query
+  then picks.
 """
 
 from __future__ import annotations
