@@ -52,6 +52,9 @@ class TrainingConfig:
     # the locate read-out's and the pixel stem's learning rate (null: learning_rate): they learn where things are,
     # and only the samples that carry positions teach them
     locate_learning_rate: float | None = None
+    # the schedule of that rate (null: lr_scheduler), e.g. constant_with_warmup while the rest decays: the read-out
+    # finds things only after thousands of updates at a high rate, and a decaying rate stops it before then
+    locate_lr_scheduler: str | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -95,13 +98,20 @@ class TrainingConfig:
                              f"({self.lr_warmup_steps}) >= 0")
         if self.locate_learning_rate is not None and not self.locate_learning_rate > 0:
             raise ValueError(f"training.locate_learning_rate must be > 0 or null, got {self.locate_learning_rate}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            from transformers import SchedulerType
+        for key in ("lr_scheduler", "locate_lr_scheduler"):
+            name = getattr(self, key)
+            if name is not None and name not in LR_SCHEDULERS:
+                from transformers import SchedulerType
 
-            names = [s.value for s in SchedulerType]
-            if self.lr_scheduler not in names:
-                raise ValueError(f"training.lr_scheduler {self.lr_scheduler!r} is not a transformers scheduler; "
-                                 f"expected one of {names}{suggest(self.lr_scheduler, names)}")
+                names = [s.value for s in SchedulerType]
+                if name not in names:
+                    raise ValueError(f"training.{key} {name!r} is not a transformers scheduler; "
+                                     f"expected one of {names}{suggest(name, names)}")
+        if self.locate_lr_scheduler not in (None, self.lr_scheduler) and "reduce_lr_on_plateau" in (
+                self.lr_scheduler, self.locate_lr_scheduler):
+            raise ValueError(f"training.locate_lr_scheduler: {self.locate_lr_scheduler} differs from lr_scheduler: "
+                             f"{self.lr_scheduler}, and reduce_lr_on_plateau cannot be one of two schedules "
+                             f"(it follows a metric, not the update count)")
 
 
 @dataclass
@@ -196,10 +206,11 @@ class TrainConfig:
                              f"of each sample: it needs training.feature_store (got {store}) and data.random_shift "
                              f"> 0 (got {self.data.random_shift}); otherwise every copy is the same")
         locating = self.model.locate_weight > 0 or self.model.pixel_stem
-        if self.training.locate_learning_rate is not None and not locating:
-            raise ValueError(f"training.locate_learning_rate: {self.training.locate_learning_rate} sets the rate of the "
-                             f"locate read-out and the pixel stem, and this model has neither: set model.locate_weight "
-                             f"> 0 or model.pixel_stem: true, or leave it null")
+        for key, what in (("locate_learning_rate", "rate"), ("locate_lr_scheduler", "schedule")):
+            if getattr(self.training, key) is not None and not locating:
+                raise ValueError(f"training.{key}: {getattr(self.training, key)} sets the {what} of the locate "
+                                 f"read-out and the pixel stem, and this model has neither: set model.locate_weight "
+                                 f"> 0 or model.pixel_stem: true, or leave it null")
 
     @property
     def trackers(self) -> list[str]:

@@ -76,11 +76,7 @@ def prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_sa
     except TypeError:
         batches_per_epoch = None  # streaming
     max_steps, num_epochs = _run_length(batches_per_epoch, training_cfg)
-    # a prepared scheduler steps once per process per update: size it in process-steps
-    scheduler = get_scheduler(training_cfg.lr_scheduler, optimizer,
-                              num_warmup_steps=training_cfg.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=max_steps * accelerator.num_processes)
-    scheduler = accelerator.prepare(scheduler)
+    scheduler = accelerator.prepare(_schedule(optimizer, training_cfg, max_steps, accelerator.num_processes))
 
     def export_hook(models: list, weights: list, folder: str) -> None:
         """Every checkpoint also holds the exported policy (`policy/`), loadable without training code."""
@@ -92,14 +88,30 @@ def prepare_optimization(accelerator: Accelerator, policy: AtlasPolicy, train_sa
 
 
 def _parameter_groups(policy: AtlasPolicy, training_cfg: TrainingConfig) -> list[dict[str, Any]]:
-    """The trainable parameters as AdamW's groups: with `locate_learning_rate`, the locating ones get their own rate
-    (the schedule scales each group's rate alike)."""
+    """The trainable parameters as AdamW's groups: with `locate_learning_rate` or `locate_lr_scheduler`, the locating
+    ones form a second group, at their own rate (null: `learning_rate`)."""
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    if training_cfg.locate_learning_rate is None:
+    if training_cfg.locate_learning_rate is None and training_cfg.locate_lr_scheduler is None:
         return [{"params": trainable}]
     locating = {id(p) for p in policy.locating_parameters()}
     return [{"params": [p for p in trainable if id(p) not in locating]},
-            {"params": [p for p in trainable if id(p) in locating], "lr": training_cfg.locate_learning_rate}]
+            {"params": [p for p in trainable if id(p) in locating],
+             "lr": training_cfg.locate_learning_rate or training_cfg.learning_rate}]
+
+
+def _schedule(optimizer: torch.optim.Optimizer, training_cfg: TrainingConfig, max_steps: int,
+              num_processes: int) -> Any:
+    """The LR schedule: `lr_scheduler` for every group, or for the first only when the locating group (the second)
+    has a `locate_lr_scheduler` of its own. A prepared scheduler steps once per process per update, so it is sized
+    in process-steps."""
+    sizes = {"num_warmup_steps": training_cfg.lr_warmup_steps * num_processes,
+             "num_training_steps": max_steps * num_processes}
+    names = [training_cfg.lr_scheduler, training_cfg.locate_lr_scheduler or training_cfg.lr_scheduler]
+    if len(optimizer.param_groups) == 1 or names[0] == names[1]:
+        return get_scheduler(names[0], optimizer, **sizes)
+    # each transformers schedule is a LambdaLR of one factor per update; LambdaLR takes one factor per group
+    factors = [get_scheduler(name, optimizer, **sizes).lr_lambdas[0] for name in names]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> tuple[int, int]:

@@ -1,6 +1,8 @@
-"""AdamW's parameter groups (`training.optimization`): the locating parameters' own learning rate."""
+"""AdamW's parameter groups (`training.optimization`): the locating parameters' own learning rate and schedule."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -13,21 +15,25 @@ from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples
 from atlas_vla.data.sources import load_libero
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.training.optimization import prepare_optimization
+from atlas_vla.training.optimization import Prepared, prepare_optimization
+
+
+def prepared_policy(tmp_path, **training: object) -> tuple[AtlasPolicy, Prepared]:
+    """A tiny policy with a spatial read-out and a pixel stem, prepared for training by a real `Accelerator`."""
+    data = load_libero(str(synthetic_dataset(tmp_path)))
+    torch.manual_seed(0)
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_readout="spatial", pixel_stem=True),
+                         compute_norm_stats(data))
+    training_cfg = TrainingConfig(weight_decay=0.0, train_batch_size=4, dataloader_num_workers=0, **training)
+    return policy, prepare_optimization(Accelerator(cpu=True), policy, LiberoSamples(data, policy.config.sample_spec),
+                                        None, training_cfg, policy.backbone_references(), None)
 
 
 def first_update(tmp_path, locate_learning_rate: float | None) -> dict[str, float]:
     """How far AdamW's first update moves the locating parameters and the rest, at most (an update of Adam's first
     step is the learning rate wherever the gradient is not zero)."""
-    data = load_libero(str(synthetic_dataset(tmp_path)))
-    torch.manual_seed(0)
-    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_readout="spatial", pixel_stem=True),
-                         compute_norm_stats(data))
-    training = TrainingConfig(learning_rate=1e-4, locate_learning_rate=locate_learning_rate, lr_scheduler="constant",
-                              lr_warmup_steps=0, weight_decay=0.0, train_batch_size=4, dataloader_num_workers=0,
-                              max_train_steps=1)
-    prepared = prepare_optimization(Accelerator(cpu=True), policy, LiberoSamples(data, policy.config.sample_spec),
-                                    None, training, policy.backbone_references(), None)
+    policy, prepared = prepared_policy(tmp_path, learning_rate=1e-4, locate_learning_rate=locate_learning_rate,
+                                       lr_scheduler="constant", lr_warmup_steps=0, max_train_steps=1)
     locating = {id(p) for p in policy.locating_parameters()}
     before = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
     batch = next(iter(prepared.train_loader))
@@ -56,6 +62,31 @@ def test_the_locate_read_out_and_the_pixel_stem_take_the_locate_learning_rate(tm
     assert shared["locating"] == pytest.approx(1e-4, rel=1e-3) and shared["rest"] == pytest.approx(1e-4, rel=1e-3)
 
 
+def test_the_locating_parameters_follow_their_own_schedule(tmp_path):
+    """With `locate_lr_scheduler`, the locating group's rate follows it (here: warm-up, then constant) while the rest
+    follows `lr_scheduler` (warm-up, then a cosine decay to zero), update by update; a saved schedule resumes both."""
+    _, prepared = prepared_policy(tmp_path, learning_rate=1e-4, locate_learning_rate=1e-3, lr_scheduler="cosine",
+                                  locate_lr_scheduler="constant_with_warmup", lr_warmup_steps=2, max_train_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append([group["lr"] for group in prepared.optimizer.param_groups])
+        prepared.optimizer.step()
+        prepared.scheduler.step()
+    warm = [0.0, 0.5]
+    cosine = [0.5 * (1 + math.cos(math.pi * (step - 2) / 8)) for step in range(2, 10)]
+    assert [rest for rest, _ in rates] == pytest.approx([1e-4 * f for f in warm + cosine])
+    assert [locating for _, locating in rates] == pytest.approx([1e-3 * f for f in warm + [1.0] * 8])
+    _, resumed = prepared_policy(tmp_path / "resumed", learning_rate=1e-4, locate_learning_rate=1e-3,
+                                 lr_scheduler="cosine", locate_lr_scheduler="constant_with_warmup", lr_warmup_steps=2,
+                                 max_train_steps=10)
+    saved = prepared.scheduler.state_dict()
+    saved["last_epoch"] = 6
+    resumed.scheduler.load_state_dict(saved)
+    resumed.optimizer.step()
+    resumed.scheduler.step()
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == pytest.approx([1e-4 * cosine[5], 1e-3])
+
+
 def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
     """A rate for parameters the model does not have is a mistake in the config, named with what would give them."""
     with pytest.raises(ValueError, match=r"training.locate_learning_rate: 0.001 sets the rate of the locate read-out "
@@ -63,3 +94,10 @@ def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
         TrainConfig(training=TrainingConfig(locate_learning_rate=1e-3))
     with pytest.raises(ValueError, match=r"training.locate_learning_rate must be > 0 or null, got 0.0"):
         TrainingConfig(locate_learning_rate=0.0)
+    with pytest.raises(ValueError, match=r"training.locate_lr_scheduler: constant sets the schedule of the locate "
+                                         r"read-out and the pixel stem, and this model has neither"):
+        TrainConfig(training=TrainingConfig(locate_lr_scheduler="constant"))
+    with pytest.raises(ValueError, match=r"training.locate_lr_scheduler 'constnat' is not a transformers scheduler"):
+        TrainingConfig(locate_lr_scheduler="constnat")
+    with pytest.raises(ValueError, match=r"reduce_lr_on_plateau cannot be one of two schedules"):
+        TrainingConfig(lr_scheduler="reduce_lr_on_plateau", locate_lr_scheduler="constant")
