@@ -166,6 +166,11 @@ class PolicyConfig:
     # action queries decode, so "move towards the object" is the same function in every layout. Detached: only the
     # locate loss trains the locator
     locate_input: bool = False
+    # with locate_input, training only: the share of samples whose hand-to-object vectors start from where the
+    # simulator put things (`OBJECT_POSITIONS`, on the coordinates a sample knows; the locator's elsewhere) instead of
+    # where the locator puts them, so the actions learn to follow the vectors however well the locator does yet;
+    # drawn from torch's generator. 0 = off, 1 = every sample that knows them
+    locate_input_truth: float = 0.0
     # with locate_weight: how the locate query's feature becomes positions. linear: one linear map of it. spatial: it
     # asks the current agent-view frame's patch grid where the object and the target are, and the attention-weighted
     # mean of the patch centres (a spatial soft-argmax) maps to world xyz (`models.locator`)
@@ -206,6 +211,11 @@ class PolicyConfig:
                              "vectors start at the end effector's position), got locate_weight="
                              f"{self.locate_weight}, use_state={self.use_state}, state_noise_std={self.state_noise_std}, "
                              f"state_dropout={self.state_dropout}")
+        if not isinstance(self.locate_input_truth, (int, float)) or not 0 <= self.locate_input_truth <= 1:
+            raise ValueError(f"model.locate_input_truth must be in [0, 1], got {self.locate_input_truth!r}")
+        if self.locate_input_truth and not self.locate_input:
+            raise ValueError(f"model.locate_input_truth: {self.locate_input_truth} replaces what model.locate_input "
+                             f"feeds the action queries, and locate_input is false")
         if self.locate_readout not in ("linear", "spatial"):
             raise ValueError(f"model.locate_readout must be linear or spatial, got {self.locate_readout!r}")
         if self.locate_readout != "linear" and not self.locate_weight > 0:

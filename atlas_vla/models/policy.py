@@ -176,10 +176,11 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         return {"layers": layers, "pixels": pixels, "cells": cells, "language": language,
                 "language_mask": language_mask, "state": state, "hand": observed[:, EEF_POSITION]}
 
-    def _decode(self, encoded: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
+    def _decode(self, encoded: Mapping[str, Any], truth: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The action queries' features (B, action_horizon, D) and, with a locate query, where it puts the goal's
         object and its target (B, 6; else None). The locate query decodes beside the action queries, or, with
-        `locate_input`, first: the action queries then also read the where token (`_where_token`)."""
+        `locate_input`, first: the action queries then also read the where token (`_where_token`), made from `truth`
+        (B, 6) where it is finite and from the located positions elsewhere."""
         context, padding = self.fusion.encode([layer.float() for layer in encoded["layers"]], encoded["language"],
                                               encoded["language_mask"], encoded["state"], encoded["pixels"])
         H = self.config.action_horizon
@@ -192,7 +193,8 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             queries = self.fusion.decode(context, padding)
             return queries[:, :H], self.locator(queries[:, H], patches, cells)
         located = self.locator(self.fusion.decode(context, padding, self.fusion.queries[H:])[:, 0], patches, cells)
-        where = self._where_token(located, encoded["hand"])
+        given = located if truth is None else torch.where(torch.isfinite(truth), truth, located)
+        where = self._where_token(given, encoded["hand"])
         context = torch.cat((context, where.unsqueeze(1)), dim=1)
         padding = torch.cat((padding, padding.new_zeros(padding.shape[0], 1)), dim=1)
         return self.fusion.decode(context, padding, self.fusion.queries[:H]), located
@@ -203,6 +205,16 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         are detached: the action loss does not move the locator, whose outputs stay estimates of where things are."""
         vectors = (located.detach().view(-1, 2, 3) - hand.unsqueeze(1)).flatten(1) / WHERE_UNIT
         return self.where(vectors)
+
+    def _truth(self, batch: Mapping[str, Any]) -> Tensor | None:
+        """In training with `locate_input_truth`: the batch's `OBJECT_POSITIONS` (B, 6) for a drawn share of the
+        samples, NaN (use the located) for the rest and wherever the batch knows none; else None."""
+        share, known = self.config.locate_input_truth, batch.get(OBJECT_POSITIONS)
+        if not (self.training and share and known is not None):
+            return None
+        known = torch.as_tensor(known, device=self.device).float()
+        drawn = torch.rand(known.shape[0], 1, device=self.device) < share
+        return torch.where(drawn, known, torch.full_like(known, float("nan")))
 
     def _locate_loss(self, located: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """Mean absolute error (metres) of the locate query's positions (B, 6) over the coordinates the batch knows
@@ -223,8 +235,9 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Losses and metrics of a batch (LIBERO units in, metrics in real and normalised units out); in
         training mode the normalised state gets `state_noise_std` Gaussian noise, and a `state_dropout` share of the
-        samples gets no state (zero, as with `use_state: false`); both drawn from torch's generator. `locate_loss`
-        is the locate query's error in metres (`_locate_loss`; zero without `locate_weight`)."""
+        samples gets no state (zero, as with `use_state: false`), and a `locate_input_truth` share gets hand-to-object
+        vectors from the batch's `OBJECT_POSITIONS` (`_truth`); all drawn from torch's generator. `locate_loss` is the
+        locate query's error in metres (`_locate_loss`; zero without `locate_weight`)."""
         encoded = self.encode_observations(batch)
         if self.training and self.config.use_state and self.config.state_noise_std:
             encoded["state"] = encoded["state"] + self.config.state_noise_std * torch.randn_like(encoded["state"])
@@ -232,7 +245,7 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
             state = encoded["state"]
             kept = torch.rand(state.shape[0], 1, device=state.device) >= self.config.state_dropout
             encoded["state"] = state * kept
-        features, located = self._decode(encoded)  # (B, H, D), (B, 6) or None
+        features, located = self._decode(encoded, self._truth(batch))  # (B, H, D), (B, 6) or None
         actions = torch.as_tensor(batch[ACTIONS], device=self.device).float()  # (B, H, 7)
         valid = ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=self.device)
         target = self._to_head_units(actions)

@@ -361,6 +361,39 @@ def test_locate_input_gives_the_action_queries_the_vectors_from_the_hand_to_what
             tiny_policy_config(**bad)
 
 
+def test_locate_input_truth_starts_the_vectors_at_the_simulators_positions_in_training_only(data, stats):
+    """`locate_input_truth`: in training, a drawn share of the samples (torch's generator) gets vectors from the
+    hand to the batch's `OBJECT_POSITIONS` on the coordinates it knows and to the located positions on the rest; in
+    evaluation, and for the samples not drawn, the vectors start from the located positions only."""
+    from atlas_vla.constants import OBS_STATE
+    from atlas_vla.models.policy import WHERE_UNIT
+
+    torch.manual_seed(0)
+    policy = AtlasPolicy(tiny_policy_config(locate_weight=1.0, locate_input=True, locate_input_truth=0.5), stats)
+    known = torch.linspace(-0.3, 0.9, 48).reshape(8, 6)
+    known[4:, :3] = float("nan")  # the last four know the target only (the bowl is in the hand)
+    batch = dict(batch_of(data, policy.config), **{OBJECT_POSITIONS: known})
+    hand = torch.as_tensor(batch[OBS_STATE])[:, :3].repeat(1, 2)
+    seen, located = [], []
+    policy.where[0].register_forward_hook(lambda module, args, output: seen.append(args[0].detach().clone()))
+    policy.locator.register_forward_hook(lambda module, args, output: located.append(output.detach().clone()))
+    torch.manual_seed(3)
+    drawn = torch.rand(8, 1) < 0.5
+    assert 0 < drawn.sum() < 8
+    torch.manual_seed(3)
+    policy.train()
+    policy(batch)
+    given = torch.where(drawn & torch.isfinite(known), known, located[-1])
+    assert torch.allclose(seen[-1], (given - hand) / WHERE_UNIT, atol=1e-6)
+    policy.eval()
+    policy(batch)
+    assert torch.allclose(seen[-1], (located[-1] - hand) / WHERE_UNIT, atol=1e-6)
+    with pytest.raises(ValueError, match="model.locate_input_truth: 0.5 replaces what model.locate_input feeds"):
+        tiny_policy_config(locate_weight=1.0, locate_input_truth=0.5)
+    with pytest.raises(ValueError, match=r"model.locate_input_truth must be in \[0, 1\], got 2"):
+        tiny_policy_config(locate_weight=1.0, locate_input=True, locate_input_truth=2)
+
+
 def test_locate_says_where_the_locate_query_puts_the_goal_object_and_its_target(stats, observation_file):
     """`locate(observation)`: the locate query's read-out for one observation taken as an episode's first frame, as
     rows (object xyz, target xyz); the policy's mode is left as it was; a policy without the query says so."""
