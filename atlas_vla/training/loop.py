@@ -211,7 +211,10 @@ def log_train_metrics(run: TrainingRun, window: TrainWindow, throughput: Through
     step = state.global_step
     means = window.means_of(run.accelerator.reduce(window.totals(), "sum"))
     logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
-    logs.update({"train/lr": run.scheduler.get_last_lr()[0], "train/step": step,
+    rates = run.scheduler.get_last_lr()
+    if len(rates) > 1:  # the locating parameters' group (`training.locate_learning_rate`, `locate_lr_scheduler`)
+        logs["train/locate_lr"] = rates[1]
+    logs.update({"train/lr": rates[0], "train/step": step,
                  "train/epoch": state.epoch + state.batches_in_epoch / (run.batches_per_epoch or math.inf),
                  "train/steps_per_second": throughput.measure(step)})
     if window.source_samples is not None:  # every rank has them, or none does

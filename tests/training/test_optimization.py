@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import synthetic_dataset, tiny_policy_config
+from helpers import synthetic_dataset, tiny_args, tiny_policy_config
 
 from atlas_vla.config import TrainConfig, TrainingConfig
 from atlas_vla.constants import OBJECT_POSITIONS
@@ -16,6 +17,7 @@ from atlas_vla.data.samples import LiberoSamples
 from atlas_vla.data.sources import load_libero
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.training.optimization import Prepared, prepare_optimization
+from atlas_vla.training.train import main as train_main
 
 
 def prepared_policy(tmp_path, **training: object) -> tuple[AtlasPolicy, Prepared]:
@@ -85,6 +87,20 @@ def test_the_locating_parameters_follow_their_own_schedule(tmp_path):
     resumed.optimizer.step()
     resumed.scheduler.step()
     assert [group["lr"] for group in resumed.optimizer.param_groups] == pytest.approx([1e-4 * cosine[5], 1e-3])
+
+
+def test_a_run_logs_the_locating_groups_rate_beside_the_rest(tmp_path):
+    """train.py takes both keys, and `metrics.jsonl` has the locating group's rate as `train/locate_lr` beside
+    `train/lr`: here 2e-3 constant after a warm-up of 2 updates, while the rest (1e-3) decays to zero at update 6."""
+    out = tmp_path / "run"
+    assert train_main(tiny_args(synthetic_dataset(tmp_path), out, "--model.locate_weight", "1", "--learning_rate",
+                                "1e-3", "--training.locate_learning_rate", "2e-3", "--training.locate_lr_scheduler",
+                                "constant_with_warmup")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = {row["step"]: (row["train/lr"], row["train/locate_lr"]) for row in rows if "train/lr" in row}
+    assert sorted(rates) == [1, 2, 3, 4, 5, 6]
+    assert rates[1] == pytest.approx((0.5e-3, 1e-3)) and rates[2] == pytest.approx((1e-3, 2e-3))
+    assert rates[6][0] == pytest.approx(0.0, abs=1e-9) and rates[6][1] == pytest.approx(2e-3)
 
 
 def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
