@@ -257,7 +257,7 @@ def test_state_dropout_withholds_the_state_of_a_seeded_share_of_samples_in_train
     torch.manual_seed(3)
     decode = dropped[0.5]._decode  # the fusion's input: which samples kept their state
     seen = []
-    dropped[0.5]._decode = lambda enc: seen.append(enc["state"].clone()) or decode(enc)
+    dropped[0.5]._decode = lambda enc, truth: seen.append(enc["state"].clone()) or decode(enc, truth)
     dropped[0.5](batch)
     withheld = (seen[0] == 0).all(dim=1)
     assert 0 < int(withheld.sum()) < len(withheld)
