@@ -78,7 +78,7 @@ def test_the_locating_parameters_follow_their_own_schedule(tmp_path):
     cosine = [0.5 * (1 + math.cos(math.pi * (step - 2) / 8)) for step in range(2, 10)]
     assert [rest for rest, _ in rates] == pytest.approx([1e-4 * f for f in warm + cosine])
     assert [locating for _, locating in rates] == pytest.approx([1e-3 * f for f in warm + [1.0] * 8])
-    _, resumed = prepared_policy(tmp_path / "resumed", learning_rate=1e-4, locate_learning_rate=1e-3,
+    _, resumed = prepared_policy(tmp_path, learning_rate=1e-4, locate_learning_rate=1e-3,
                                  lr_scheduler="cosine", locate_lr_scheduler="constant_with_warmup", lr_warmup_steps=2,
                                  max_train_steps=10)
     saved = prepared.scheduler.state_dict()
