@@ -163,15 +163,17 @@ class Generator:
         from atlas_vla.data.transforms import libero_state, rotate_180
         from atlas_vla.eval.failures import FailureMonitor
         from atlas_vla.eval.suites import max_episode_steps
-        from atlas_vla.generation.retarget import execute, hand_pose, plan
+        from atlas_vla.generation.retarget import execute, hand_pose, plan, seen_pose
         from atlas_vla.scenes.scene import Pose
         from scipy.spatial.transform import Rotation
 
         states = episode.states.astype(float)
+        source = {new: Pose.from_list(recovered.poses[old]) for new, old in ((goal.obj, self.goal.obj),
+                                                                          (goal.target, goal.target))}
+        new = {name: seen_pose(self.scene.pose(name), source[name], self.scene.is_round(name)) for name in source}
         waypoints = plan(states[:, EEF_POSITION], Rotation.from_rotvec(states[:, EEF_ROTATION]),
-                         episode.actions[:, GRIPPER].astype(float),
-                         Pose.from_list(recovered.poses[self.goal.obj]), Pose.from_list(recovered.poses[goal.target]),
-                         self.scene.pose(goal.obj), self.scene.pose(goal.target), hand_pose(observation))
+                         episode.actions[:, GRIPPER].astype(float), source[goal.obj], source[goal.target],
+                         new[goal.obj], new[goal.target], hand_pose(observation))
         monitor = FailureMonitor(self.env, observation, goals=[(goal.predicate, goal.obj, goal.region)])
         frames: dict[str, list[np.ndarray]] = {"images": [], "wrist_images": [], "states": []}
 

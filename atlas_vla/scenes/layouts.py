@@ -26,7 +26,7 @@ from atlas_vla.scenes.scene import Pose, Scene, quaternion_multiply, yaw_quatern
 
 # the area object centres are drawn from, relative to the robot's base (metres): x forward, y to the left
 REACH = {"x": (0.38, 0.78), "y": (-0.32, 0.32)}
-MAX_YAW = np.pi / 4  # heading change per object: a grasp re-targeted to it turns the wrist as much
+MAX_YAW = np.pi / 4  # heading change per object: a grasp re-targeted to it turns the wrist as much (not a round one's)
 CLEARANCE = 0.01
 SETTLE_STEPS = 10  # LIBERO's own settling after a reset
 # settled, a moved object stays within these of where it was put, or the layout is rejected

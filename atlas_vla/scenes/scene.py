@@ -17,6 +17,10 @@ import numpy as np
 SPOKEN_NAMES = {"akita_black_bowl": "black bowl", "glazed_rim_porcelain_ramekin": "ramekin", "cookies": "cookie box",
                 "flat_stove": "stove", "new_salad_dressing": "salad dressing", "chocolate_pudding": "chocolate pudding"}
 REST_SPEED, REST_SPIN = 0.01, 0.1  # m/s and rad/s under which an object is at rest (`Scene.moving`)
+# an outline seen from above whose reach from the origin varies by less than this share over all directions is round
+# (a ring of 16 boxes, as LIBERO's bowls and plates collide, varies by about 2%; a square by 41%)
+ROUND_TOLERANCE = 0.1
+MESH, BOX, ELLIPSOID = 7, 6, 4  # MuJoCo's geom types (mjtGeom) read by `Scene._outline`
 # how they name a fixture's regions that hold things inside ("in the top drawer of the wooden cabinet"; the rest: the
 # region's name without "_region", e.g. "heating" for a microwave's heating_region)
 SPOKEN_REGIONS = {"top_region": "top drawer", "middle_region": "middle drawer", "bottom_region": "bottom drawer"}
@@ -70,6 +74,7 @@ class Scene:
         self.objects: list[str] = list(self.inner.objects_dict)  # movable: each has one free joint
         self.fixtures: list[str] = list(self.inner.fixtures_dict)
         self._radii: dict[str, float] = {}
+        self._round: dict[str, bool] = {}
 
     @property
     def sim(self) -> Any:
@@ -130,6 +135,37 @@ class Scene:
             self._radii[name] = max((float(np.linalg.norm(data.geom_xpos[g][:2] - centre) + model.geom_rbound[g])
                                      for g in self._geoms(name)), default=0.0)
         return self._radii[name]
+
+    def is_round(self, name: str) -> bool:
+        """Whether the object looks the same at every heading: its collision outline seen from above is a circle about
+        its origin (a bowl, a plate, a ramekin; not a box). A camera cannot tell how far such an object was turned."""
+        if name not in self._round:
+            data = self.sim.data
+            body = self.body(name)
+            points = np.concatenate([self._outline(g) for g in self._geoms(name)])
+            local = (points - data.body_xpos[body]) @ data.body_xmat[body].reshape(3, 3)  # in the object's own frame
+            angles = np.linspace(0.0, 2 * np.pi, 72, endpoint=False)
+            reach = (local[:, :2] @ np.stack([np.cos(angles), np.sin(angles)])).max(axis=0)
+            self._round[name] = bool(reach.min() > 0 and reach.max() - reach.min() <= ROUND_TOLERANCE * reach.max())
+        return self._round[name]
+
+    def _outline(self, geom: int) -> np.ndarray:
+        """World points whose convex hull holds the geom: a mesh's vertices, a box's corners, else circles of the
+        geom's radius about its axis (spheres, capsules, cylinders, ellipsoids) at its ends."""
+        model, data = self.sim.model, self.sim.data
+        size = model.geom_size[geom]
+        if model.geom_type[geom] == MESH:
+            start = model.mesh_vertadr[model.geom_dataid[geom]]
+            local = model.mesh_vert[start:start + model.mesh_vertnum[model.geom_dataid[geom]]]
+        elif model.geom_type[geom] == BOX:
+            local = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * size
+        else:
+            angles = np.linspace(0.0, 2 * np.pi, 32, endpoint=False)
+            ellipsoid = model.geom_type[geom] == ELLIPSOID
+            across, height = ((size[0], size[1]), size[2]) if ellipsoid else ((size[0], size[0]), size[1])
+            local = np.array([[across[0] * np.cos(a), across[1] * np.sin(a), z] for a in angles
+                              for z in (-height, height)])
+        return data.geom_xpos[geom] + local @ data.geom_xmat[geom].reshape(3, 3).T
 
     def supports(self) -> dict[str, str | None]:
         """What each movable object rests on: another object or a fixture it touches from above, or None (the table

@@ -81,6 +81,44 @@ def test_a_recorded_episode_retargeted_to_moved_objects_succeeds(one_episode, ge
     assert frame_difference(rotate_180(observation["agentview_image"]), arrays["images"][0]) == 0.0
 
 
+def test_round_objects_turned_by_a_layout_are_grasped_and_placed_at_the_sources_heading(one_episode, generator):
+    """A bowl and a plate look the same at any heading: the layout turns them, the hand does not follow (version 2
+    turned the grasp and the placement with them, by angles no camera shows)."""
+    from scipy.spatial.transform import Rotation
+
+    from atlas_vla.constants import EEF_ROTATION
+    from atlas_vla.scenes.layouts import Layout
+    from atlas_vla.scenes.scene import Pose, quaternion_multiply, yaw_quaternion
+
+    scene = generator.scene
+    assert [name for name in scene.objects + scene.fixtures if scene.is_round(name)] == [
+        "akita_black_bowl_1", "akita_black_bowl_2", "glazed_rim_porcelain_ramekin_1", "plate_1"]  # not the cookie box,
+    # the cabinet or the stove
+    [episode] = read_episodes(str(one_episode))
+    recovered = generator.recover(episode)
+    bowl, plate = generator.goal.obj, generator.goal.target
+    before = {name: Pose.from_list(pose) for name, pose in recovered.poses.items()}
+
+    def moved(name: str, dx: float, dy: float, turn: float) -> Pose:
+        x, y, z = before[name].position
+        return Pose((x + dx, y + dy, z), tuple(quaternion_multiply(yaw_quaternion(turn), before[name].quaternion)))
+
+    layout = Layout([0], {bowl: moved(bowl, 0.0, -0.06, 0.7), plate: moved(plate, 0.03, 0.0, -0.7)})
+    observation, layout = generator.lay_out(episode, recovered, layout)
+    assert abs(generator.scene.pose(bowl).yaw() - before[bowl].yaw() - 0.7) < 0.1  # the layout did turn them
+    kept, _, arrays = generator.attempt(episode, recovered, generator.goal, observation)
+    assert kept
+
+    def heading(states, actions, phase: str):  # the hand's rotation where the gripper first closes or last opens
+        closed = np.flatnonzero(actions[:, 6] > 0)
+        return Rotation.from_rotvec(states[closed[0] if phase == "grasp" else closed[-1], EEF_ROTATION])
+
+    for phase in ("grasp", "release"):
+        turned = heading(arrays["states"], arrays["actions"], phase) * heading(episode.states, episode.actions,
+                                                                                phase).inv()
+        assert turned.magnitude() < 0.15, (phase, turned.magnitude())  # 0.7 rad if it had followed
+
+
 def _record_hdf5(path: Path, episode, generator) -> Path:
     """`episode` replayed and recorded as LIBERO's own demo files hold it: the simulator `states` of every step, the
     raw (upside-down) camera frames, the end effector and gripper, the actions and the attributes."""
