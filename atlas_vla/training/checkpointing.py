@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from atlas_vla.config import CheckpointConfig, load_yaml
+from atlas_vla.config import CheckpointConfig, TrainingConfig, load_yaml
 from atlas_vla.files import swap_in_folder
 from atlas_vla.models.config import PolicyConfig
 from atlas_vla.schema import flatten, from_dict, to_dict
@@ -174,7 +174,7 @@ def apply_retention(output_dir: str | os.PathLike, total_limit: int | None) -> N
 
 
 def resume_state(accelerator: Accelerator, resume_dir: Path | None, checkpoint_cfg: CheckpointConfig,
-                 output_dir: Path, model_cfg: PolicyConfig) -> TrainingState:
+                 output_dir: Path, model_cfg: PolicyConfig, training_cfg: TrainingConfig) -> TrainingState:
     """Stage 4: load the accelerator state from `resume_dir` and return where training stands (step 0 without)."""
     if resume_dir is None:
         if checkpoint_cfg.resume_from_checkpoint == "latest":
@@ -185,20 +185,27 @@ def resume_state(accelerator: Accelerator, resume_dir: Path | None, checkpoint_c
         accelerator.load_state(str(resume_dir))
     except Exception as error:
         raise ValueError(f"cannot resume from {resume_dir}: "
-                         f"{_model_differences(resume_dir, model_cfg) or str(error).splitlines()[0]}") from None
+                         f"{_setting_differences(resume_dir, model_cfg, training_cfg) or str(error).splitlines()[0]}"
+                         ) from None
     check_random_states_restored(resume_dir, accelerator.process_index)
     logger.info("resumed from %s at step %d", resume_dir, state.global_step)
     return state
 
 
-def _model_differences(checkpoint: Path, model_cfg: PolicyConfig) -> str | None:
-    """'it was saved with model.a = x (this config: y), ...' when the checkpoint's `config.yaml` has another
-    model section than this run; None when they agree or the file cannot be read."""
+# the training keys that decide the optimizer's parameter groups, which a checkpoint's optimizer state must match
+GROUP_KEYS = ("locate_learning_rate", "locate_lr_scheduler")
+
+
+def _setting_differences(checkpoint: Path, model_cfg: PolicyConfig, training_cfg: TrainingConfig) -> str | None:
+    """'it was saved with model.a = x (this config: y), ...' when the checkpoint's `config.yaml` has another model
+    section, or other `GROUP_KEYS`, than this run; None when they agree or the file cannot be read."""
     try:
-        saved = flatten({"model": load_yaml(checkpoint / "config.yaml").get("model", {})})
+        recorded = load_yaml(checkpoint / "config.yaml")
     except (OSError, ValueError):
         return None
-    mine = flatten({"model": to_dict(model_cfg)})
+    groups = {key: (recorded.get("training") or {}).get(key) for key in GROUP_KEYS}
+    saved = flatten({"model": recorded.get("model", {}), "training": groups})
+    mine = flatten({"model": to_dict(model_cfg), "training": {key: getattr(training_cfg, key) for key in GROUP_KEYS}})
     differ = [f"{key} = {saved.get(key)!r} (this config: {mine.get(key)!r})"
               for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key)]
-    return f"it was saved with {', '.join(differ)}; resume with the same model settings" if differ else None
+    return f"it was saved with {', '.join(differ)}; resume with the same settings" if differ else None

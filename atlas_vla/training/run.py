@@ -135,7 +135,7 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
                       val_loader=prepared.val_loader, val_samples=val_samples, stats=stats, references=references,
                       parameter_counts=counts, max_steps=prepared.max_steps,
                       batches_per_epoch=prepared.batches_per_epoch, num_epochs=prepared.num_epochs)
-    run.state = resume_state(accelerator, resume_dir, config.checkpoint, output_dir, config.model)  # 4
+    run.state = resume_state(accelerator, resume_dir, config.checkpoint, output_dir, config.model, config.training)  # 4
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
     _start_trackers(run, fresh=resume_dir is None, service=service)  # 5
     return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_the_locating_parameters_follow_their_own_schedule(tmp_path):
     assert [group["lr"] for group in resumed.optimizer.param_groups] == pytest.approx([1e-4 * cosine[5], 1e-3])
 
 
-def test_a_run_logs_the_locating_groups_rate_beside_the_rest(tmp_path):
+def test_a_run_logs_the_locating_groups_rate_beside_the_rest(tmp_path, capsys):
     """train.py takes both keys, and `metrics.jsonl` has the locating group's rate as `train/locate_lr` beside
     `train/lr`: here 2e-3 constant after a warm-up of 2 updates, while the rest (1e-3) decays to zero at update 6."""
     out = tmp_path / "run"
@@ -101,6 +102,12 @@ def test_a_run_logs_the_locating_groups_rate_beside_the_rest(tmp_path):
     assert sorted(rates) == [1, 2, 3, 4, 5, 6]
     assert rates[1] == pytest.approx((0.5e-3, 1e-3)) and rates[2] == pytest.approx((1e-3, 2e-3))
     assert rates[6][0] == pytest.approx(0.0, abs=1e-9) and rates[6][1] == pytest.approx(2e-3)
+    # resumed without them, the optimizer has one group where the checkpoint has two: the error names the keys
+    assert train_main(tiny_args(synthetic_dataset(tmp_path), out, "--model.locate_weight", "1", "--learning_rate",
+                                "1e-3", "--resume_from_checkpoint", "latest")) == 2
+    assert re.search(r"cannot resume from .*checkpoint-6: it was saved with training.locate_learning_rate = 0.002 "
+                     r"\(this config: None\), training.locate_lr_scheduler = 'constant_with_warmup' \(this config: "
+                     r"None\); resume with the same settings", capsys.readouterr().err)
 
 
 def test_a_locate_learning_rate_without_anything_to_locate_is_refused():

@@ -251,7 +251,7 @@ def test_resuming_with_another_model_shape_names_the_differing_fields(tmp_path, 
     assert train_main(args) == 2
     error = capsys.readouterr().err
     assert re.search(r"cannot resume from .*checkpoint-6: it was saved with model.fusion.hidden_dim = \d+ "
-                     r"\(this config: 96\); resume with the same model settings", error), error
+                     r"\(this config: 96\); resume with the same settings", error), error
     assert len(error.strip().splitlines()[-1]) < 400 and "size mismatch" not in error
     assert_untouched(before)
 
