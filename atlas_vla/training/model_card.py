@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from atlas_vla.config import TrainConfig, load_config
+from atlas_vla.config import TrainConfig, TrainingConfig, load_config
 from atlas_vla.data.normalization import NormStats
 from atlas_vla.eval import libero_sim
 from atlas_vla.eval.intervals import format_rate
@@ -191,8 +191,8 @@ def _training_section(training: dict[str, Any], stats: NormStats) -> str:
     steps = training.get("steps")
     lines = ["## Training", "",
              f"- steps: {steps if steps is not None else f'{config.training.max_train_steps} configured'} optimizer "
-             f"updates, batch {config.training.train_batch_size} per process, learning rate "
-             f"{config.training.learning_rate}, seed {config.training.seed}",
+             f"updates, batch {config.training.train_batch_size} per process, {_rates(config.training)}, seed "
+             f"{config.training.seed}",
              *[f"- data: {line}" for line in data]]
     run_id = training.get("run_id")
     if run_id and config.trackers and "wandb" in config.trackers:
@@ -205,6 +205,16 @@ def _training_section(training: dict[str, Any], stats: NormStats) -> str:
                          f" once the run is synced: `--policy wandb:{entity}/{config.wandb.project}/"
                          f"{policy_artifact_name(run_id)}:step-{steps}`")
     return "\n".join(lines)
+
+
+def _rates(training: TrainingConfig) -> str:
+    """'learning rate 0.0001 (cosine, 500 warm-up updates)', and the locating parameters' when they have their own."""
+    text = (f"learning rate {training.learning_rate} ({training.lr_scheduler}, {training.lr_warmup_steps} warm-up "
+            "updates)")
+    if training.locate_learning_rate is None and training.locate_lr_scheduler is None:
+        return text
+    return (f"{text}; the locate read-out and the pixel stem {training.locate_learning_rate or training.learning_rate} "
+            f"({training.locate_lr_scheduler or training.lr_scheduler})")
 
 
 def _public_name(name: str | None) -> str | None:

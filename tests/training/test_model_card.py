@@ -73,7 +73,8 @@ def test_the_card_holds_the_hub_metadata_and_one_result_per_suite_by_value(run_f
     assert results["libero_spatial"].metric_value == 0.9 and results["libero_spatial_swap"].metric_value == 0.15
     text = card.text
     assert "| libero_spatial | 18/20 90.0% [70-97%] | 30-49 | 7 |" in text
-    assert "- steps: 380 optimizer updates" in text and "`synthetic-4` (a local folder)" in text
+    assert "- steps: 380 optimizer updates, batch 32 per process, learning rate 0.001 (cosine, 20 warm-up updates), " \
+        "seed" in text and "`synthetic-4` (a local folder)" in text
     assert str(run_folder.parent) not in card.content  # no local path leaves the machine in a card
     assert "- W&B run: `3x7k2m9q` in `my-team/atlas-vla` (https://wandb.ai/my-team/atlas-vla/runs/3x7k2m9q)" in text
     assert "`--policy wandb:my-team/atlas-vla/atlas-policy-3x7k2m9q:step-380`" in text
@@ -85,7 +86,8 @@ def test_a_policy_without_an_evaluation_says_so_and_names_hub_datasets(run_folde
     folder = tmp_path / "policy"
     AtlasPolicy.from_pretrained(run_folder / "final").save_pretrained(folder)
     config = config_from_args(["--config", str(run_folder / "config.yaml"), "--data.source",
-                               "physical-intelligence/libero", "--wandb.enabled", "false"])
+                               "physical-intelligence/libero", "--wandb.enabled", "false", "--model.locate_weight", "1",
+                               "--training.locate_learning_rate", "0.002"])
     save_config(config, folder / "config.yaml")  # the layout of a W&B policy version
     assert cli(["model-card", str(folder)]) == 0
     card = ModelCard.load(folder / "README.md")
@@ -93,6 +95,8 @@ def test_a_policy_without_an_evaluation_says_so_and_names_hub_datasets(run_folde
     assert "This policy has not been evaluated in closed loop" in card.text
     assert card.data.datasets == ["physical-intelligence/libero"]
     assert "W&B run" not in card.text and "- steps: 400 configured optimizer updates" in card.text
+    assert "learning rate 0.001 (cosine, 20 warm-up updates); the locate read-out and the pixel stem 0.002 (cosine)" \
+        in card.text
 
 
 def test_results_of_another_policy_are_refused_and_local_paths_stay_out(run_folder, tmp_path, capsys):
