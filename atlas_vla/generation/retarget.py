@@ -4,12 +4,15 @@ one placement).
 A source episode is split, from its end-effector path and gripper commands, into object-centric segments:
 
 - **reach and grasp** (from the step the hand is within `APPROACH_M` of where it closes the gripper, to the step
-  the carry begins): fixed relative to the object the goal moves;
-- **carry and place** (from the step the hand has moved `CARRY_M` sideways from the grasp, to the end): fixed
-  relative to the goal's target.
+  the carry begins, once the hand has moved `CARRY_M` sideways from the grasp): fixed relative to the object the
+  goal moves;
+- **place** (from the step the hand comes within `PLACE_M` sideways of where it lets go, to the end): fixed relative
+  to the goal's target.
 
-Each segment's end-effector poses are carried into the new poses' frames (`T_new @ inv(T_source) @ T_hand`), where
-a round object (a bowl, a plate: `Scene.is_round`) keeps its source heading (`seen_pose`), joined
+The source's carry between the two is not replayed: carried to the new target's frame it would start where the
+source's object stood relative to its target, and every generated carry would detour there first, a turn no object
+marks. Each segment's end-effector poses are carried into the new poses' frames (`T_new @ inv(T_source) @ T_hand`),
+where a round object (a bowl, a plate: `Scene.is_round`) keeps its source heading (`seen_pose`), joined
 to the hand's start and to each other by straight, evenly paced moves (`PACE_M` per step), and executed by the
 same operational-space controller the source ran (LIBERO's delta pose actions), closed loop. Each position action
 is the step the plan takes, over how far the hand moves per unit of action (`MOVE_PER_ACTION_M`, measured on the
@@ -34,14 +37,16 @@ from atlas_vla.scenes.scene import Pose
 
 APPROACH_M = 0.05  # the reach-and-grasp segment starts this close (sideways) to the grasp
 CARRY_M = 0.02  # the carry starts once the hand has moved this far sideways from the grasp
+PLACE_M = 0.05  # the place segment starts this close (sideways) to where the hand lets go
 PACE_M = 0.01  # metres per step of the joining moves (the source's own top speed is about 0.01 m per step)
 PACE_RAD = 0.05  # radians per step of the joining moves
 MOVE_PER_ACTION_M = 0.0118  # how far the hand moves in one step per unit of position action (LIBERO's controller)
 FEEDBACK_GAIN = 1.0  # lag behind the plan -> position action (1 cm -> 0.2), in LIBERO's scale below
 ROTATION_GAIN = 2.0  # rotation error to the next waypoint -> rotation action
 POSITION_SCALE, ROTATION_SCALE = 0.05, 0.5  # LIBERO's delta pose actions: metres and radians per unit
-# the controller's: a generation's tries all come from one (1: aimed at the next waypoint; 2: turned with round objects)
-RETARGET_VERSION = 3
+# the controller's: a generation's tries all come from one (1: aimed at the next waypoint; 2: turned with round objects;
+# 3: replayed the source's whole carry)
+RETARGET_VERSION = 4
 REACHED_M = 0.005
 SETTLE_STEPS = 20
 FINISH_STEPS = 30  # after the last waypoint: steps to wait for the goal, holding it
@@ -59,11 +64,12 @@ class Waypoint:
 @dataclass(frozen=True)
 class Segments:
     """The source's steps: `approach` (the reach-and-grasp segment starts), `grasp` (the gripper closes), `carry`
-    (the carry-and-place segment starts)."""
+    (the reach-and-grasp segment has ended), `place` (the place segment starts)."""
 
     approach: int
     grasp: int
     carry: int
+    place: int
 
 
 def as_matrix(pose: Pose) -> np.ndarray:
@@ -86,7 +92,12 @@ def split(positions: np.ndarray, gripper: np.ndarray) -> Segments:
         raise ValueError("the source never carries what it grasped away from where it grasped it")
     far = np.flatnonzero((np.arange(len(positions)) < grasp) & (sideways > APPROACH_M))
     approach = int(far[-1]) + 1 if len(far) else 0
-    return Segments(approach, grasp, int(carried[0]))
+    carry = int(carried[0])
+    opened = np.flatnonzero((np.arange(len(positions)) > carry) & (gripper < 0))
+    release = positions[opened[0] if len(opened) else -1, :2]  # a source that never lets go: where it ends
+    near = np.flatnonzero((np.arange(len(positions)) >= carry)
+                          & (np.linalg.norm(positions[:, :2] - release, axis=1) <= PLACE_M))
+    return Segments(approach, grasp, carry, int(near[0]))
 
 
 def _moved(positions: np.ndarray, rotations: Rotation, transform: np.ndarray) -> tuple[np.ndarray, Rotation]:
@@ -119,7 +130,7 @@ def plan(positions: np.ndarray, rotations: Rotation, gripper: np.ndarray, source
     object and target where the source had them) to `new_object` and `new_target`, from the hand pose `start`."""
     segments = split(positions, gripper)
     reach = slice(segments.approach, segments.carry)
-    place = slice(segments.carry, len(positions))
+    place = slice(segments.place, len(positions))
     to_object = as_matrix(new_object) @ np.linalg.inv(as_matrix(source_object))
     to_target = as_matrix(new_target) @ np.linalg.inv(as_matrix(source_target))
     reach_positions, reach_rotations = _moved(positions[reach], rotations[reach], to_object)
