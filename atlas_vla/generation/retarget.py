@@ -37,7 +37,8 @@ from atlas_vla.scenes.scene import Pose
 
 APPROACH_M = 0.05  # the reach-and-grasp segment starts this close (sideways) to the grasp
 CARRY_M = 0.02  # the carry starts once the hand has moved this far sideways from the grasp
-PLACE_M = 0.05  # the place segment starts this close (sideways) to where the hand lets go
+PLACE_M = 0.02  # the place segment starts this close (sideways) to where the hand lets go: the recorded ones are
+# still at carrying height there, and lower the object from it
 PACE_M = 0.01  # metres per step of the joining moves (the source's own top speed is about 0.01 m per step)
 PACE_RAD = 0.05  # radians per step of the joining moves
 MOVE_PER_ACTION_M = 0.0118  # how far the hand moves in one step per unit of position action (LIBERO's controller)
