@@ -13,7 +13,8 @@ The source's carry between the two is not replayed: carried to the new target's 
 source's object stood relative to its target, and every generated carry would detour there first, a turn no object
 marks. Each segment's end-effector poses are carried into the new poses' frames (`T_new @ inv(T_source) @ T_hand`),
 where a round object (a bowl, a plate: `Scene.is_round`) keeps its source heading (`seen_pose`), joined
-to the hand's start and to each other by straight, evenly paced moves (`PACE_M` per step), and executed by the
+to the hand's start and to each other by straight moves that start and end at rest (`PACE_M` per step at most),
+and executed by the
 same operational-space controller the source ran (LIBERO's delta pose actions), closed loop. Each position action
 is the step the plan takes, over how far the hand moves per unit of action (`MOVE_PER_ACTION_M`, measured on the
 recorded demonstrations), plus a soft pull (`FEEDBACK_GAIN`) back to where the hand should be now; rotations point
@@ -41,6 +42,7 @@ PLACE_M = 0.02  # the place segment starts this close (sideways) to where the ha
 # still at carrying height there, and lower the object from it
 PACE_M = 0.01  # metres per step of the joining moves (the source's own top speed is about 0.01 m per step)
 PACE_RAD = 0.05  # radians per step of the joining moves
+EASED_PEAK = 1.5  # a smoothstep's fastest step over its mean
 MOVE_PER_ACTION_M = 0.0118  # how far the hand moves in one step per unit of position action (LIBERO's controller)
 FEEDBACK_GAIN = 1.0  # lag behind the plan -> position action (1 cm -> 0.2), in LIBERO's scale below
 ROTATION_GAIN = 2.0  # rotation error to the next waypoint -> rotation action
@@ -107,13 +109,15 @@ def _moved(positions: np.ndarray, rotations: Rotation, transform: np.ndarray) ->
 
 
 def _join(start: tuple[np.ndarray, Rotation], end: tuple[np.ndarray, Rotation], gripper: float) -> list[Waypoint]:
-    """A straight, evenly paced move from `start` (excluded) to `end` (included)."""
+    """A straight move from `start` (excluded) to `end` (included) that speeds up and slows down as a person's does
+    (smoothstep), its fastest step `PACE_M` (`PACE_RAD`): at an even pace the arm ran on past the end, 3-4 cm where
+    the next segment turned back."""
     distance = float(np.linalg.norm(end[0] - start[0]))
     angle = float((end[1] * start[1].inv()).magnitude())
-    steps = max(1, int(np.ceil(max(distance / PACE_M, angle / PACE_RAD))))
+    steps = max(1, int(np.ceil(EASED_PEAK * max(distance / PACE_M, angle / PACE_RAD))))
     slerp = Slerp([0.0, 1.0], Rotation.concatenate([start[1], end[1]]))
     return [Waypoint(start[0] + (end[0] - start[0]) * f, slerp([f])[0], gripper)
-            for f in np.arange(1, steps + 1) / steps]
+            for f in (lambda t: t * t * (3 - 2 * t))(np.arange(1, steps + 1) / steps)]
 
 
 def seen_pose(new: Pose, source: Pose, round_object: bool) -> Pose:
