@@ -20,7 +20,6 @@ REST_SPEED, REST_SPIN = 0.01, 0.1  # m/s and rad/s under which an object is at r
 # an outline seen from above whose reach from the origin varies by less than this share over all directions is round
 # (a ring of 16 boxes, as LIBERO's bowls and plates collide, varies by about 2%; a square by 41%)
 ROUND_TOLERANCE = 0.1
-MESH, BOX, ELLIPSOID = 7, 6, 4  # MuJoCo's geom types (mjtGeom) read by `Scene._outline`
 # how they name a fixture's regions that hold things inside ("in the top drawer of the wooden cabinet"; the rest: the
 # region's name without "_region", e.g. "heating" for a microwave's heating_region)
 SPOKEN_REGIONS = {"top_region": "top drawer", "middle_region": "middle drawer", "bottom_region": "bottom drawer"}
@@ -137,8 +136,9 @@ class Scene:
         return self._radii[name]
 
     def is_round(self, name: str) -> bool:
-        """Whether the object looks the same at every heading: its collision outline seen from above is a circle about
-        its origin (a bowl, a plate, a ramekin; not a box). A camera cannot tell how far such an object was turned."""
+        """Whether the object looks the same at every heading: its collision outline seen from above (the corners of
+        its geoms' bounding boxes) is a circle about its origin, as the ring of boxes a bowl, a plate or a ramekin
+        collides with; not a box. A camera cannot tell how far such an object was turned."""
         if name not in self._round:
             data = self.sim.data
             body = self.body(name)
@@ -150,21 +150,11 @@ class Scene:
         return self._round[name]
 
     def _outline(self, geom: int) -> np.ndarray:
-        """World points whose convex hull holds the geom: a mesh's vertices, a box's corners, else circles of the
-        geom's radius about its axis (spheres, capsules, cylinders, ellipsoids) at its ends."""
+        """The world corners of the geom's bounding box: a box's own corners; a cylinder or a mesh reads as its box,
+        so an object made of one alone is never taken for round."""
         model, data = self.sim.model, self.sim.data
-        size = model.geom_size[geom]
-        if model.geom_type[geom] == MESH:
-            start = model.mesh_vertadr[model.geom_dataid[geom]]
-            local = model.mesh_vert[start:start + model.mesh_vertnum[model.geom_dataid[geom]]]
-        elif model.geom_type[geom] == BOX:
-            local = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * size
-        else:
-            angles = np.linspace(0.0, 2 * np.pi, 32, endpoint=False)
-            ellipsoid = model.geom_type[geom] == ELLIPSOID
-            across, height = ((size[0], size[1]), size[2]) if ellipsoid else ((size[0], size[0]), size[1])
-            local = np.array([[across[0] * np.cos(a), across[1] * np.sin(a), z] for a in angles
-                              for z in (-height, height)])
+        centre, half = model.geom_aabb[geom][:3], model.geom_aabb[geom][3:]
+        local = centre + np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)]) * half
         return data.geom_xpos[geom] + local @ data.geom_xmat[geom].reshape(3, 3).T
 
     def supports(self) -> dict[str, str | None]:
