@@ -12,13 +12,12 @@ A source episode is split, from its end-effector path and gripper commands, into
 The source's carry between the two is not replayed: carried to the new target's frame it would start where the
 source's object stood relative to its target, and every generated carry would detour there first, a turn no object
 marks. Each segment's end-effector poses are carried into the new poses' frames (`T_new @ inv(T_source) @ T_hand`),
-where a round object (a bowl, a plate: `Scene.is_round`) keeps its source heading (`seen_pose`), joined
-to the hand's start and to each other by straight moves that start and end at rest (`PACE_M` per step at most),
-and executed by the
-same operational-space controller the source ran (LIBERO's delta pose actions), closed loop. Each position action
-is the step the plan takes, over how far the hand moves per unit of action (`MOVE_PER_ACTION_M`, measured on the
-recorded demonstrations), plus a soft pull (`FEEDBACK_GAIN`) back to where the hand should be now; rotations point
-at the next waypoint (`ROTATION_GAIN`). Before the gripper closes or opens, the hand waits (up to `SETTLE_STEPS`)
+where a round object (a bowl, a plate: `Scene.is_round`) keeps its source heading (`seen_pose`), joined to the
+hand's start and to each other by straight moves that start and end at rest (`PACE_M` per step at most), and
+executed by the same operational-space controller the source ran (LIBERO's delta pose actions), closed loop. Each
+position action is the step the plan takes, over how far the hand moves per unit of action (`MOVE_PER_ACTION_M`,
+measured on the recorded demonstrations), plus a soft pull (`FEEDBACK_GAIN`) back to where the hand should be now;
+rotations point at the next waypoint (`ROTATION_GAIN`). Before the gripper closes or opens, the hand waits (up to `SETTLE_STEPS`)
 until it is within `REACHED_M` of the waypoint. The episode is kept only when the goal holds in the simulator.
 
 The actions are the training targets, so they follow the plan as smoothly as a person's: aiming each action
@@ -116,8 +115,8 @@ def _join(start: tuple[np.ndarray, Rotation], end: tuple[np.ndarray, Rotation], 
     angle = float((end[1] * start[1].inv()).magnitude())
     steps = max(1, int(np.ceil(EASED_PEAK * max(distance / PACE_M, angle / PACE_RAD))))
     slerp = Slerp([0.0, 1.0], Rotation.concatenate([start[1], end[1]]))
-    return [Waypoint(start[0] + (end[0] - start[0]) * f, slerp([f])[0], gripper)
-            for f in (lambda t: t * t * (3 - 2 * t))(np.arange(1, steps + 1) / steps)]
+    even = np.arange(1, steps + 1) / steps
+    return [Waypoint(start[0] + (end[0] - start[0]) * f, slerp([f])[0], gripper) for f in even * even * (3 - 2 * even)]
 
 
 def seen_pose(new: Pose, source: Pose, round_object: bool) -> Pose:
