@@ -17,8 +17,9 @@ hand's start and to each other by straight moves that start and end at rest (`PA
 executed by the same operational-space controller the source ran (LIBERO's delta pose actions), closed loop. Each
 position action is the step the plan takes, over how far the hand moves per unit of action (`MOVE_PER_ACTION_M`,
 measured on the recorded demonstrations), plus a soft pull (`FEEDBACK_GAIN`) back to where the hand should be now;
-rotations point at the next waypoint (`ROTATION_GAIN`). Before the gripper closes or opens, the hand waits (up to `SETTLE_STEPS`)
-until it is within `REACHED_M` of the waypoint. The episode is kept only when the goal holds in the simulator.
+rotations point at the next waypoint (`ROTATION_GAIN`). Before the gripper closes or opens, the hand waits (up to
+`SETTLE_STEPS`) until it is within `REACHED_M` of the waypoint. The episode is kept only when the goal holds in the
+simulator.
 
 The actions are the training targets, so they follow the plan as smoothly as a person's: aiming each action
 straight at the next waypoint (a gain of 5) made them swing from step to step 2-3 times as much as the recorded ones,
