@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from atlas_vla.generation.generate import Settings, TryLog
+from atlas_vla.generation.retarget import RETARGET_VERSION
 
 
 def test_one_generation_at_a_time_writes_a_folder_and_a_closed_log_lets_the_next_continue(tmp_path):
@@ -47,11 +48,12 @@ def test_the_tries_of_an_earlier_controller_are_not_continued(tmp_path):
     # a log of the first controller, whose settings named no controller
     (work / "tries.jsonl").write_text(json.dumps({"settings": {"sources": ["demos"], "seed": 0, "other_goals": True}})
                                       + "\n" + json.dumps({"task": "libero_spatial/0", "try": 0, "kept": True}) + "\n")
-    with pytest.raises(ValueError, match=r"another re-targeting controller \(version 1, this one is 2\): .*--fresh"):
+    version = rf"controller \(version 1, this one is {RETARGET_VERSION}\)"
+    with pytest.raises(ValueError, match=rf"another re-targeting {version}: .*--fresh"):
         TryLog(work, Settings(["demos"], 0, True), fresh=False)
-    with pytest.raises(ValueError, match=r"controller \(version 1, this one is 2\) and other settings \(seed\)"):
+    with pytest.raises(ValueError, match=rf"{version} and other settings \(seed\)"):
         TryLog(work, Settings(["demos"], 3, True), fresh=False)
     fresh = TryLog(work, Settings(["demos"], 0, True), fresh=True)
     assert fresh.records == []
     fresh.close()
-    assert json.loads((work / "tries.jsonl").read_text().splitlines()[0])["settings"]["controller"] == 2
+    assert json.loads((work / "tries.jsonl").read_text().splitlines()[0])["settings"]["controller"] == RETARGET_VERSION
