@@ -113,6 +113,13 @@ class TrainingConfig:
                              f"{self.lr_scheduler}, and reduce_lr_on_plateau cannot be one of two schedules "
                              f"(it follows a metric, not the update count)")
 
+    def locate_group(self) -> tuple[float, str] | None:
+        """The locating parameters' own (rate, schedule), each falling back to the rest's, when either key gives them
+        a group of their own; None when they share the rest's."""
+        if self.locate_learning_rate is None and self.locate_lr_scheduler is None:
+            return None
+        return self.locate_learning_rate or self.learning_rate, self.locate_lr_scheduler or self.lr_scheduler
+
 
 @dataclass
 class CheckpointConfig:

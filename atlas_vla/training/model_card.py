@@ -209,12 +209,17 @@ def _training_section(training: dict[str, Any], stats: NormStats) -> str:
 
 def _rates(training: TrainingConfig) -> str:
     """'learning rate 0.0001 (cosine, 500 warm-up updates)', and the locating parameters' when they have their own."""
-    text = (f"learning rate {training.learning_rate} ({training.lr_scheduler}, {training.lr_warmup_steps} warm-up "
-            "updates)")
-    if training.locate_learning_rate is None and training.locate_lr_scheduler is None:
-        return text
-    return (f"{text}; the locate read-out and the pixel stem {training.locate_learning_rate or training.learning_rate} "
-            f"({training.locate_lr_scheduler or training.lr_scheduler})")
+    group = training.locate_group()
+    text = f"learning rate {training.learning_rate} ({_schedule_text(training.lr_scheduler, training)})"
+    return text if group is None else (f"{text}; the locate read-out and the pixel stem {group[0]} "
+                                       f"({_schedule_text(group[1], training)})")
+
+
+def _schedule_text(name: str, training: TrainingConfig) -> str:
+    """A schedule's name, with its warm-up where it has one (transformers' constant and plateau schedules take none)."""
+    if name in ("constant", "reduce_lr_on_plateau"):
+        return name
+    return f"{name}, {training.lr_warmup_steps} warm-up updates"
 
 
 def _public_name(name: str | None) -> str | None:

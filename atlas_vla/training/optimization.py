@@ -91,12 +91,12 @@ def _parameter_groups(policy: AtlasPolicy, training_cfg: TrainingConfig) -> list
     """The trainable parameters as AdamW's groups: with `locate_learning_rate` or `locate_lr_scheduler`, the locating
     ones form a second group, at their own rate (null: `learning_rate`)."""
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    if training_cfg.locate_learning_rate is None and training_cfg.locate_lr_scheduler is None:
+    group = training_cfg.locate_group()
+    if group is None:
         return [{"params": trainable}]
     locating = {id(p) for p in policy.locating_parameters()}
     return [{"params": [p for p in trainable if id(p) not in locating]},
-            {"params": [p for p in trainable if id(p) in locating],
-             "lr": training_cfg.locate_learning_rate or training_cfg.learning_rate}]
+            {"params": [p for p in trainable if id(p) in locating], "lr": group[0]}]
 
 
 def _schedule(optimizer: torch.optim.Optimizer, training_cfg: TrainingConfig, max_steps: int,
@@ -106,7 +106,8 @@ def _schedule(optimizer: torch.optim.Optimizer, training_cfg: TrainingConfig, ma
     in process-steps."""
     sizes = {"num_warmup_steps": training_cfg.lr_warmup_steps * num_processes,
              "num_training_steps": max_steps * num_processes}
-    names = [training_cfg.lr_scheduler, training_cfg.locate_lr_scheduler or training_cfg.lr_scheduler]
+    group = training_cfg.locate_group()
+    names = [training_cfg.lr_scheduler, group[1] if group else training_cfg.lr_scheduler]
     if len(optimizer.param_groups) == 1 or names[0] == names[1]:
         return get_scheduler(names[0], optimizer, **sizes)
     # each transformers schedule is a LambdaLR of one factor per update; LambdaLR takes one factor per group
