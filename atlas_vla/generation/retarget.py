@@ -84,7 +84,7 @@ def as_matrix(pose: Pose) -> np.ndarray:
 
 def split(positions: np.ndarray, gripper: np.ndarray) -> Segments:
     """The segments of a source from its hand positions (T, 3) and gripper commands (T,); `ValueError` when it
-    never closes the gripper or never carries what it grasped."""
+    never closes the gripper, never carries what it grasped, or lets go and grasps again before it carries."""
     closing = np.flatnonzero(gripper > 0)
     if not len(closing):
         raise ValueError("the source never closes the gripper: nothing to re-target")
@@ -96,6 +96,9 @@ def split(positions: np.ndarray, gripper: np.ndarray) -> Segments:
     far = np.flatnonzero((np.arange(len(positions)) < grasp) & (sideways > APPROACH_M))
     approach = int(far[-1]) + 1 if len(far) else 0
     carry = int(carried[0])
+    if (gripper[grasp:carry + 1] < 0).any():
+        raise ValueError(f"the source opens the gripper again between its grasp (step {grasp}) and its carry (step "
+                         f"{carry}): a regrasp is not one grasp and one placement")
     opened = np.flatnonzero((np.arange(len(positions)) > carry) & (gripper < 0))
     release = positions[opened[0] if len(opened) else -1, :2]  # a source that never lets go: where it ends
     near = np.flatnonzero((np.arange(len(positions)) >= carry)

@@ -18,7 +18,7 @@ SPOKEN_NAMES = {"akita_black_bowl": "black bowl", "glazed_rim_porcelain_ramekin"
                 "flat_stove": "stove", "new_salad_dressing": "salad dressing", "chocolate_pudding": "chocolate pudding"}
 REST_SPEED, REST_SPIN = 0.01, 0.1  # m/s and rad/s under which an object is at rest (`Scene.moving`)
 # an outline seen from above whose reach from the origin varies by less than this share over all directions is round
-# (a ring of 16 boxes, as LIBERO's bowls and plates collide, varies by about 2%; a square by 41%)
+# of the largest (a ring of 16 boxes, as LIBERO's bowls and plates collide, varies by about 2%; a square by 29%)
 ROUND_TOLERANCE = 0.1
 # how they name a fixture's regions that hold things inside ("in the top drawer of the wooden cabinet"; the rest: the
 # region's name without "_region", e.g. "heating" for a microwave's heating_region)
@@ -140,9 +140,12 @@ class Scene:
         its geoms' bounding boxes) is a circle about its origin, as the ring of boxes a bowl, a plate or a ramekin
         collides with; not a box. A camera cannot tell how far such an object was turned."""
         if name not in self._round:
-            data = self.sim.data
+            data, geoms = self.sim.data, self._geoms(name)
+            if not geoms:  # no outline to judge: carried with its heading, as any other object
+                self._round[name] = False
+                return False
             body = self.body(name)
-            points = np.concatenate([self._outline(g) for g in self._geoms(name)])
+            points = np.concatenate([self._outline(g) for g in geoms])
             local = (points - data.body_xpos[body]) @ data.body_xmat[body].reshape(3, 3)  # in the object's own frame
             angles = np.linspace(0.0, 2 * np.pi, 72, endpoint=False)
             reach = (local[:, :2] @ np.stack([np.cos(angles), np.sin(angles)])).max(axis=0)

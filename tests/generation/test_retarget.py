@@ -94,3 +94,14 @@ def test_a_round_objects_segments_move_with_it_and_keep_the_sources_heading_wher
     turn = np.array([[np.cos(-0.6), -np.sin(-0.6)], [np.sin(-0.6), np.cos(-0.6)]])
     np.testing.assert_allclose(place[:, :2], offset @ turn.T + [0.6, -0.1], atol=1e-9)
     np.testing.assert_allclose((turns * rotations[place_start:].inv()).magnitude(), 0.6, atol=1e-9)
+
+
+def test_a_source_that_never_lets_go_places_where_it_ends_and_a_regrasp_is_refused():
+    positions, _, gripper = _source()
+    holding = np.where(np.arange(40) >= 10, 1.0, -1.0)  # still closed at its last step
+    assert split(positions, holding).place == split(positions, gripper).place == 25  # its end stands where it let go
+    regrasp = gripper.copy()
+    regrasp[14:17] = -1.0  # opens and closes again while lifting
+    with pytest.raises(ValueError, match=r"the source opens the gripper again between its grasp \(step 10\) and "
+                                         r"its carry \(step 20\): a regrasp is not one grasp and one placement"):
+        split(positions, regrasp)
