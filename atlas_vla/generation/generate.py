@@ -168,12 +168,14 @@ class Generator:
         from scipy.spatial.transform import Rotation
 
         states = episode.states.astype(float)
-        source = {new: Pose.from_list(recovered.poses[old]) for new, old in ((goal.obj, self.goal.obj),
-                                                                          (goal.target, goal.target))}
-        new = {name: seen_pose(self.scene.pose(name), source[name], self.scene.is_round(name)) for name in source}
+        # the source grasped the task's own object; the goal's may be its twin (`--other-goals`), of the same kind
+        source_object = Pose.from_list(recovered.poses[self.goal.obj])
+        source_target = Pose.from_list(recovered.poses[goal.target])
+        new_object = seen_pose(self.scene.pose(goal.obj), source_object, self.scene.is_round(goal.obj))
+        new_target = seen_pose(self.scene.pose(goal.target), source_target, self.scene.is_round(goal.target))
         waypoints = plan(states[:, EEF_POSITION], Rotation.from_rotvec(states[:, EEF_ROTATION]),
-                         episode.actions[:, GRIPPER].astype(float), source[goal.obj], source[goal.target],
-                         new[goal.obj], new[goal.target], hand_pose(observation))
+                         episode.actions[:, GRIPPER].astype(float), source_object, source_target, new_object,
+                         new_target, hand_pose(observation))
         monitor = FailureMonitor(self.env, observation, goals=[(goal.predicate, goal.obj, goal.region)])
         frames: dict[str, list[np.ndarray]] = {"images": [], "wrist_images": [], "states": []}
 
