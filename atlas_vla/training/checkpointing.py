@@ -16,6 +16,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -190,6 +191,16 @@ def resume_state(accelerator: Accelerator, resume_dir: Path | None, checkpoint_c
     check_random_states_restored(resume_dir, accelerator.process_index)
     logger.info("resumed from %s at step %d", resume_dir, state.global_step)
     return state
+
+
+def saved_training(checkpoint: Path) -> dict[str, Any] | None:
+    """The `training` section of the config a checkpoint was saved with (None when its `config.yaml` is unreadable
+    or has no learning rate)."""
+    try:
+        section = load_yaml(checkpoint / "config.yaml").get("training") or {}
+    except (OSError, ValueError):
+        return None
+    return section if "learning_rate" in section else None
 
 
 # the training keys that decide the optimizer's parameter groups, which a checkpoint's optimizer state must match

@@ -115,6 +115,36 @@ def _schedule(optimizer: torch.optim.Optimizer, training_cfg: TrainingConfig, ma
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
+# the AdamW settings a config gives every group: torch restores a checkpoint's over them
+ADAMW_KEYS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, training_cfg: TrainingConfig,
+                             saved: dict[str, Any]) -> list[str]:
+    """After `load_state`: this config's learning rates and AdamW settings in place of the checkpoint's, which torch
+    restored with the optimizer's and the schedule's state. A group whose rate differs is rescaled, so its schedule
+    goes on from where it stood at the new rate. `saved` is the checkpoint's `training` section; returns
+    "training.key = saved -> new" for each setting that changed."""
+    def rates(section: dict[str, Any]) -> list[float]:
+        return [section["learning_rate"], section.get("locate_learning_rate") or section["learning_rate"]]
+
+    configured = rates({"learning_rate": training_cfg.learning_rate,
+                        "locate_learning_rate": training_cfg.locate_learning_rate})
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
+    for index, (group, old, new) in enumerate(zip(optimizer.param_groups, rates(saved), configured)):
+        if old != new:
+            group["lr"] *= new / old
+            if "initial_lr" in group:
+                group["initial_lr"] = new
+            if hasattr(inner, "base_lrs"):  # LambdaLR computes each step's rate from it
+                inner.base_lrs[index] = new
+        group.update(weight_decay=training_cfg.weight_decay, eps=training_cfg.adam_epsilon,
+                     betas=(training_cfg.adam_beta1, training_cfg.adam_beta2))
+    return [f"training.{key} = {saved.get(key)!r} -> {getattr(training_cfg, key)!r}"
+            for key in ("learning_rate", "locate_learning_rate", *ADAMW_KEYS)
+            if saved.get(key) != getattr(training_cfg, key)]
+
+
 def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> tuple[int, int]:
     """(max_steps, num_epochs): the optimizer updates to run and the epochs they span (a stream: unbounded)."""
     if training_cfg.max_train_steps is None and batches_per_epoch is None:

@@ -31,10 +31,11 @@ from atlas_vla.training.checkpointing import (
     check_output_dir,
     resolve_resume,
     resume_state,
+    saved_training,
 )
 from atlas_vla.training.features import prepare_feature_store
 from atlas_vla.training.loaders import check_one_batch, load_data, source_sampler
-from atlas_vla.training.optimization import build_policy, prepare_optimization
+from atlas_vla.training.optimization import build_policy, keep_configured_settings, prepare_optimization
 from atlas_vla.training.run_folder import METRICS_NAME, RUN_ID_FILE
 from atlas_vla.training.tracking import WandbService, new_run_id, wandb_init_kwargs
 from atlas_vla.wandb_artifacts import is_wandb_reference, parse_reference
@@ -136,9 +137,24 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
                       parameter_counts=counts, max_steps=prepared.max_steps,
                       batches_per_epoch=prepared.batches_per_epoch, num_epochs=prepared.num_epochs)
     run.state = resume_state(accelerator, resume_dir, config.checkpoint, output_dir, config.model, config.training)  # 4
+    if resume_dir is not None:
+        _keep_configured_settings(run, resume_dir)
     run.state.wandb_run_id = run.state.wandb_run_id or wandb_run_id or new_run_id()
     _start_trackers(run, fresh=resume_dir is None, service=service)  # 5
     return run
+
+
+def _keep_configured_settings(run: TrainingRun, resume_dir: Path) -> None:
+    """Stage 4b: the config's learning rates and AdamW settings replace the ones the checkpoint restored, saying
+    which changed (torch restores the saved ones, so a resume with another rate would otherwise keep the old)."""
+    saved = saved_training(resume_dir)
+    if saved is None:
+        logger.warning("%s has no readable config.yaml: the run goes on with the learning rates and AdamW settings "
+                       "saved in its optimizer state", resume_dir)
+        return
+    changed = keep_configured_settings(run.optimizer, run.scheduler, run.config.training, saved)
+    if changed:
+        logger.warning("resuming from %s with settings other than its own: %s", resume_dir, ", ".join(changed))
 
 
 def _check_resumed_project(config: TrainConfig) -> None:

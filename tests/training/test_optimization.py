@@ -124,3 +124,22 @@ def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
         TrainingConfig(locate_lr_scheduler="constnat")
     with pytest.raises(ValueError, match=r"reduce_lr_on_plateau cannot be one of two schedules"):
         TrainingConfig(lr_scheduler="reduce_lr_on_plateau", locate_lr_scheduler="constant")
+
+
+def test_a_resume_with_another_rate_and_weight_decay_goes_on_with_them(tmp_path, capsys):
+    """torch restores a checkpoint's rates and AdamW settings over the config's: a resume that changes them says so and
+    runs with the config's, the schedule going on from where it stood. Here a 6-update run at 1e-3 (cosine, 2 updates
+    of warm-up) resumed to 10 updates at 5e-4 logs 5e-4 times the 10-update cosine at updates 7-10."""
+    out, data = tmp_path / "run", synthetic_dataset(tmp_path)
+    assert train_main(tiny_args(data, out, "--learning_rate", "1e-3")) == 0
+    assert train_main(tiny_args(data, out, "--learning_rate", "5e-4", "--training.weight_decay", "0.05",
+                                "--max_train_steps", "10", "--resume_from_checkpoint", "latest")) == 0
+    logged = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = {row["step"]: row["train/lr"] for row in rows if "train/lr" in row}
+    cosine = {step: 0.5 * (1 + math.cos(math.pi * (step - 2) / 8)) for step in (7, 8, 9)}
+    assert [rates[step] for step in (7, 8, 9)] == pytest.approx([5e-4 * cosine[step] for step in (7, 8, 9)])
+    assert re.search(r"resuming from .*checkpoint-6 with settings other than its own: training.learning_rate = "
+                     r"0.001 -> 0.0005, training.weight_decay = 0.01 -> 0.05", logged)
+    saved = torch.load(out / "checkpoints" / "checkpoint-10" / "optimizer.bin", weights_only=True)
+    assert [group["weight_decay"] for group in saved["param_groups"]] == [0.05]
