@@ -178,7 +178,8 @@ def push_policy_folder(folder: str | os.PathLike, repo_id: str, *, private: bool
                        commit_message: str = "Upload Atlas policy") -> str:
     """Upload a saved policy folder (`UPLOADED`: the policy's files and its model card `README.md`, if written; not
     results files or a training config, which name local paths) to the Hub model repo `repo_id`,
-    created if needed; returns the commit's URL. The token is used, never written anywhere; a folder that is not a
+    created if needed; returns the commit's URL. The same commit deletes the repo's `UPLOADED` files the folder lacks,
+    so a card left by an earlier push never describes this policy. The token is used, never written anywhere; a folder that is not a
     whole policy is refused before anything is uploaded, and a failed upload is a `ConnectionError` with the Hub's
     reason."""
     from huggingface_hub import HfApi
@@ -188,7 +189,7 @@ def push_policy_folder(folder: str | os.PathLike, repo_id: str, *, private: bool
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                 allow_patterns=list(UPLOADED))
+                                 allow_patterns=list(UPLOADED), delete_patterns=list(UPLOADED))
     except Exception as error:  # no network, no login, no write access: the Hub's reason on one line
         raise ConnectionError(f"uploading {folder} to the Hub repo {repo_id} failed: {hub_failure(error)}") from error
     return str(info)
