@@ -29,6 +29,19 @@ def is_hub_id(name: str | os.PathLike) -> bool:
             and not text.lower().endswith(FILE_SUFFIXES))
 
 
+def is_local(name: str | os.PathLike) -> bool:
+    """Whether `name` is a local path: on disk, or not shaped like a Hub id (a W&B reference is not local)."""
+    if is_wandb_reference(str(name)):
+        return False
+    return Path(name).expanduser().exists() or not is_hub_id(name)
+
+
+def public_name(name: str | os.PathLike) -> str:
+    """What may leave this machine of a source's or a model's name (a pushed policy, a model card): a Hub id or a
+    W&B reference as it is, a local path by its last part only (the rest names the user's machine)."""
+    return Path(name).name if is_local(name) else str(name)
+
+
 def absolute_path(path: str | os.PathLike) -> str:
     """A local path fixed against the working directory (`~` expanded, symbolic links kept)."""
     return str(Path(path).expanduser().absolute())
@@ -37,11 +50,7 @@ def absolute_path(path: str | os.PathLike) -> str:
 def resolve_local(name: str) -> str:
     """`name` with a local path made absolute (`absolute_path`): an existing path, or a name that cannot be a Hub
     id; a Hub id that is not on disk, and a W&B artifact reference (`wandb:...`), are returned as they are."""
-    if is_wandb_reference(name):
-        return name
-    if Path(name).expanduser().exists() or not is_hub_id(name):
-        return absolute_path(name)
-    return name
+    return absolute_path(name) if is_local(name) else name
 
 
 def hub_failure(error: BaseException) -> str:

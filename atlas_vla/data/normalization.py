@@ -22,6 +22,7 @@ import torch
 from atlas_vla.action_layout import ACTION_DIM
 from atlas_vla.constants import ACTION, EPISODE_INDEX, SOURCE_INDEX, STATE, STATE_DIM
 from atlas_vla.files import write_json_atomic
+from atlas_vla.hub import public_name
 
 NormalizationMode = Literal["mean_std", "quantile", "none"]
 NORMALIZATION_MODES = ("mean_std", "quantile", "none")
@@ -74,7 +75,7 @@ class NormStats:
     state: FeatureStats
     num_frames: int
     fingerprint: str
-    # with several data sources: per source (in data.source order) its name, frames and fingerprint
+    # with several data sources: per source (in data.source order) its public name, frames and fingerprint
     sources: list[dict[str, Any]] = field(default_factory=list)
 
     def per_source(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -154,7 +155,8 @@ def compute_norm_stats(dataset: datasets.Dataset, source_names: Sequence[str] | 
     Only the numeric columns are read from Arrow (images are never decoded). The fingerprint is a
     hash of exactly those frames, so the same split gives the same fingerprint on any machine. A
     table joined from several sources (with `SOURCE_INDEX`) gets statistics over the union and, per
-    source, the fingerprint of its frames (named by `source_names`, in `data.source` order).
+    source, the fingerprint of its frames (named by `source_names`, in `data.source` order: a local folder by its
+    name only, as the statistics travel with a pushed policy).
     """
     for column in (ACTION, STATE, EPISODE_INDEX):
         if column not in dataset.column_names:
@@ -179,7 +181,7 @@ def compute_norm_stats(dataset: datasets.Dataset, source_names: Sequence[str] | 
         origin = np.asarray(table[SOURCE_INDEX])
         for index in np.unique(origin).tolist():
             rows = origin == index
-            name = source_names[index] if source_names is not None else str(index)
+            name = public_name(source_names[index]) if source_names is not None else str(index)
             sources.append({"source": name, "num_frames": int(rows.sum()),
                             "fingerprint": data_fingerprint(actions[rows], states[rows], episodes[rows])})
     return NormStats(FeatureStats.compute(actions), FeatureStats.compute(states), int(len(actions)),

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from atlas_vla.config import TrainConfig, WandbConfig
 from atlas_vla.data.normalization import NormStats
 from atlas_vla.files import file_hash, file_hashes
+from atlas_vla.hub import public_name
 from atlas_vla.wandb_artifacts import CHECKPOINT_ARTIFACT_TYPE, POLICY_ARTIFACT_TYPE
 
 logger = logging.getLogger("atlas_vla.train")
@@ -157,10 +158,11 @@ def policy_metadata(step: int, metrics: Mapping[str, float], measured: Mapping[s
 
 
 def run_metadata(config: TrainConfig, stats: NormStats, references: Mapping[str, Any]) -> dict[str, Any]:
-    """What every policy version of a run shares: each data source with the fingerprint of its frames, the
-    frozen encoders (ids and weight hashes), the atlas-vla version and the git commit (`git_commit`)."""
+    """What every policy version of a run shares: each data source (a local one by its folder's name, as in the
+    policy's statistics) with the fingerprint of its frames, the frozen encoders (ids and weight hashes), the
+    atlas-vla version and the git commit (`git_commit`)."""
     from atlas_vla import __version__
 
-    return {"data": {"sources": stats.per_source(config.data.sources[0]), "fingerprint": stats.fingerprint,
-                     "num_frames": stats.num_frames},
+    sources = stats.per_source(public_name(config.data.sources[0]))
+    return {"data": {"sources": sources, "fingerprint": stats.fingerprint, "num_frames": stats.num_frames},
             "backbones": dict(references), "atlas_vla_version": __version__, "git": git_commit()}

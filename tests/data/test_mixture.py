@@ -68,7 +68,7 @@ def test_statistics_over_the_union_record_every_source(two_sources, tmp_path, ca
     config = DataConfig(source=[str(a), str(b)], val_fraction=0.0)
     union = compute_norm_stats(load_train_val(config)[0], config.sources)
     assert union.num_frames == 35 and [s["num_frames"] for s in union.sources] == [20, 15]
-    assert [s["source"] for s in union.sources] == [str(a), str(b)]
+    assert [s["source"] for s in union.sources] == [a.name, b.name]  # a policy's statistics name no local path
     assert union.sources[0]["fingerprint"] == compute_norm_stats(load_train_val(
         DataConfig(source=str(a), val_fraction=0.0))[0]).fingerprint  # source 0's episodes keep their indices
     out = tmp_path / "stats.json"
@@ -116,7 +116,7 @@ def test_a_run_trains_on_several_sources_and_records_them(two_sources, tmp_path)
             "--logging.log_every_steps", "1", "--logging.log_media", "false", "--data.source_weights", "[1, 3]"]
     assert train_main(argv) == 0
     stats = NormStats.load(out / "final" / "norm_stats.json")
-    assert [s["source"] for s in stats.sources] == [str(a), str(b)]
+    assert [s["source"] for s in stats.sources] == [a.name, b.name]
     # what the run trained on, as it logged it: every sample counted once, three in four from the second source
     # (by the sources' sizes it would be fewer than half); the draw is seeded, so this is the same every run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

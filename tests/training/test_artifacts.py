@@ -82,7 +82,7 @@ def test_log_model_all_logs_one_artifact_with_a_version_per_checkpoint(tmp_path,
         metadata = artifact.metadata
         assert metadata["metric"] == "val/pose_l1_error" and metadata["evaluations"] == []
         assert metadata["metric_suite"] == "libero_spatial"  # the suite eval/success_rate would mean
-        assert metadata["data"] == {"sources": [{"source": str(data_dir), "num_frames": stats.num_frames,
+        assert metadata["data"] == {"sources": [{"source": data_dir.name, "num_frames": stats.num_frames,
                                                  "fingerprint": stats.fingerprint}],
                                     "fingerprint": stats.fingerprint, "num_frames": stats.num_frames}
         assert metadata["backbones"] == json.loads((final / "config.json").read_text())["backbones"]
