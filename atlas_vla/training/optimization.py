@@ -125,13 +125,11 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t
     restored with the optimizer's and the schedule's state. A group whose rate differs is rescaled, so its schedule
     goes on from where it stood at the new rate. `saved` is the checkpoint's `training` section; returns
     "training.key = saved -> new" for each setting that changed."""
-    def rates(section: dict[str, Any]) -> list[float]:
-        return [section["learning_rate"], section.get("locate_learning_rate") or section["learning_rate"]]
-
-    configured = rates({"learning_rate": training_cfg.learning_rate,
-                        "locate_learning_rate": training_cfg.locate_learning_rate})
+    locating = training_cfg.locate_group()
+    configured = [training_cfg.learning_rate, locating[0] if locating else training_cfg.learning_rate]
+    previous = [saved["learning_rate"], saved.get("locate_learning_rate") or saved["learning_rate"]]
     inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
-    for index, (group, old, new) in enumerate(zip(optimizer.param_groups, rates(saved), configured)):
+    for index, (group, old, new) in enumerate(zip(optimizer.param_groups, previous, configured)):
         if old != new:
             group["lr"] *= new / old
             if "initial_lr" in group:
