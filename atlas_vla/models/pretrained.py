@@ -177,9 +177,9 @@ class PretrainedPolicy:
 def push_policy_folder(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
                        commit_message: str = "Upload Atlas policy") -> str:
     """Upload a saved policy folder (`UPLOADED`: the policy's files and its model card `README.md`, if written; not
-    results files or a training config, which name local paths) to the Hub model repo `repo_id`,
-    created if needed; returns the commit's URL. The same commit deletes the repo's `UPLOADED` files the folder lacks,
-    so a card left by an earlier push never describes this policy. The token is used, never written anywhere; a folder that is not a
+    results files or a training config, which name local paths) to the Hub model repo `repo_id`, created if needed;
+    returns the commit's URL. The same commit deletes the repo's `UPLOADED` files the folder lacks, so a card left by
+    an earlier push never describes this policy. The token is used, never written anywhere; a folder that is not a
     whole policy is refused before anything is uploaded, and a failed upload is a `ConnectionError` with the Hub's
     reason."""
     from huggingface_hub import HfApi

@@ -16,7 +16,6 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -193,28 +192,22 @@ def resume_state(accelerator: Accelerator, resume_dir: Path | None, checkpoint_c
     return state
 
 
-def saved_training(checkpoint: Path) -> dict[str, Any] | None:
-    """The `training` section of the config a checkpoint was saved with (None when its `config.yaml` is unreadable
-    or has no learning rate)."""
-    try:
-        section = load_yaml(checkpoint / "config.yaml").get("training") or {}
-    except (OSError, ValueError):
-        return None
-    return section if "learning_rate" in section else None
-
-
-# the training keys that decide the optimizer's parameter groups, which a checkpoint's optimizer state must match
+# the training keys that give the optimizer a second parameter group, which a checkpoint's optimizer state must
+# match (their values may change on a resume: `optimization.keep_configured_settings`)
 GROUP_KEYS = ("locate_learning_rate", "locate_lr_scheduler")
 
 
 def _setting_differences(checkpoint: Path, model_cfg: PolicyConfig, training_cfg: TrainingConfig) -> str | None:
     """'it was saved with model.a = x (this config: y), ...' when the checkpoint's `config.yaml` has another model
-    section, or other `GROUP_KEYS`, than this run; None when they agree or the file cannot be read."""
+    section than this run, or `GROUP_KEYS` that give another number of groups; None when they agree or the file cannot
+    be read."""
     try:
         recorded = load_yaml(checkpoint / "config.yaml")
     except (OSError, ValueError):
         return None
     groups = {key: (recorded.get("training") or {}).get(key) for key in GROUP_KEYS}
+    if any(groups.values()) == (training_cfg.locate_group() is not None):
+        groups = {key: getattr(training_cfg, key) for key in GROUP_KEYS}  # the same groups: nothing to name
     saved = flatten({"model": recorded.get("model", {}), "training": groups})
     mine = flatten({"model": to_dict(model_cfg), "training": {key: getattr(training_cfg, key) for key in GROUP_KEYS}})
     differ = [f"{key} = {saved.get(key)!r} (this config: {mine.get(key)!r})"

@@ -115,32 +115,36 @@ def _schedule(optimizer: torch.optim.Optimizer, training_cfg: TrainingConfig, ma
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
-# the AdamW settings a config gives every group: torch restores a checkpoint's over them
-ADAMW_KEYS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+# the config's names of the AdamW settings every group holds (its rate: `learning_rate` or `locate_learning_rate`)
+_SETTING_NAMES = {"weight_decay": "weight_decay", "eps": "adam_epsilon", "betas": "adam_beta1, adam_beta2"}
 
 
-def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, training_cfg: TrainingConfig,
-                             saved: dict[str, Any]) -> list[str]:
+def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, training_cfg: TrainingConfig
+                             ) -> list[str]:
     """After `load_state`: this config's learning rates and AdamW settings in place of the checkpoint's, which torch
-    restored with the optimizer's and the schedule's state. A group whose rate differs is rescaled, so its schedule
-    goes on from where it stood at the new rate. `saved` is the checkpoint's `training` section; returns
-    "training.key = saved -> new" for each setting that changed."""
+    restored with the optimizer's and the schedule's state. The schedule goes on from the update it reached, with
+    this config's rates and length. Returns "training.key old -> new" for each restored setting that changed."""
     locating = training_cfg.locate_group()
-    configured = [training_cfg.learning_rate, locating[0] if locating else training_cfg.learning_rate]
-    previous = [saved["learning_rate"], saved.get("locate_learning_rate") or saved["learning_rate"]]
+    rates = [training_cfg.learning_rate, locating[0] if locating else training_cfg.learning_rate]
     inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
-    for index, (group, old, new) in enumerate(zip(optimizer.param_groups, previous, configured)):
-        if old != new:
-            group["lr"] *= new / old
-            if "initial_lr" in group:
-                group["initial_lr"] = new
-            if hasattr(inner, "base_lrs"):  # LambdaLR computes each step's rate from it
-                inner.base_lrs[index] = new
-        group.update(weight_decay=training_cfg.weight_decay, eps=training_cfg.adam_epsilon,
-                     betas=(training_cfg.adam_beta1, training_cfg.adam_beta2))
-    return [f"training.{key} = {saved.get(key)!r} -> {getattr(training_cfg, key)!r}"
-            for key in ("learning_rate", "locate_learning_rate", *ADAMW_KEYS)
-            if saved.get(key) != getattr(training_cfg, key)]
+    wanted = {"weight_decay": training_cfg.weight_decay, "eps": training_cfg.adam_epsilon,
+              "betas": (training_cfg.adam_beta1, training_cfg.adam_beta2)}
+    changed: list[str] = []
+    for index, (group, rate) in enumerate(zip(optimizer.param_groups, rates)):
+        restored = {"lr": group.get("initial_lr", group["lr"]), "weight_decay": group["weight_decay"],
+                    "eps": group["eps"], "betas": tuple(group["betas"])}
+        for key, value in {"lr": rate, **wanted}.items():
+            name = ("learning_rate", "locate_learning_rate")[index] if key == "lr" else _SETTING_NAMES[key]
+            line = f"training.{name} {restored[key]!r} -> {value!r}"
+            if restored[key] != value and line not in changed:
+                changed.append(line)
+        group.update(wanted)
+        if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):  # every transformers schedule but the plateau
+            inner.base_lrs[index] = group["initial_lr"] = rate
+            group["lr"] = rate * inner.lr_lambdas[index](inner.last_epoch)
+        elif restored["lr"] != rate:  # reduce_lr_on_plateau: the reductions so far kept, at the new rate
+            group["lr"] *= rate / restored["lr"]
+    return changed
 
 
 def _run_length(batches_per_epoch: int | None, training_cfg: TrainingConfig) -> tuple[int, int]:

@@ -31,7 +31,6 @@ from atlas_vla.training.checkpointing import (
     check_output_dir,
     resolve_resume,
     resume_state,
-    saved_training,
 )
 from atlas_vla.training.features import prepare_feature_store
 from atlas_vla.training.loaders import check_one_batch, load_data, source_sampler
@@ -147,14 +146,10 @@ def setup_run(accelerator: Accelerator, config: TrainConfig, wandb_run_id: str |
 def _keep_configured_settings(run: TrainingRun, resume_dir: Path) -> None:
     """Stage 4b: the config's learning rates and AdamW settings replace the ones the checkpoint restored, saying
     which changed (torch restores the saved ones, so a resume with another rate would otherwise keep the old)."""
-    saved = saved_training(resume_dir)
-    if saved is None:
-        logger.warning("%s has no readable config.yaml: the run goes on with the learning rates and AdamW settings "
-                       "saved in its optimizer state", resume_dir)
-        return
-    changed = keep_configured_settings(run.optimizer, run.scheduler, run.config.training, saved)
-    if changed:
-        logger.warning("resuming from %s with settings other than its own: %s", resume_dir, ", ".join(changed))
+    changed = keep_configured_settings(run.optimizer, run.scheduler, run.config.training)
+    if changed and run.accelerator.is_main_process:
+        logger.warning("resuming from %s with settings other than its optimizer's: %s", resume_dir,
+                       ", ".join(changed))
 
 
 def _check_resumed_project(config: TrainConfig) -> None:

@@ -17,7 +17,7 @@ from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples
 from atlas_vla.data.sources import load_libero
 from atlas_vla.models.policy import AtlasPolicy
-from atlas_vla.training.optimization import Prepared, prepare_optimization
+from atlas_vla.training.optimization import Prepared, keep_configured_settings, prepare_optimization
 from atlas_vla.training.train import main as train_main
 
 
@@ -110,6 +110,32 @@ def test_a_run_logs_the_locating_groups_rate_beside_the_rest(tmp_path, capsys):
                      r"None\); resume with the same settings", capsys.readouterr().err)
 
 
+def test_a_restored_optimizer_takes_the_configs_rates_and_settings_before_its_next_update(tmp_path):
+    """After a checkpoint's optimizer and schedule are loaded (here 6 updates of a 10-update run), each group's rate is
+    the config's times the new schedule's factor at the update reached, before any further update, and every group
+    holds the config's AdamW settings; each change is named once, and a second call finds none."""
+    schedules = {"lr_scheduler": "cosine", "locate_lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}
+    _, first = prepared_policy(tmp_path, learning_rate=1e-4, locate_learning_rate=1e-3, max_train_steps=10, **schedules)
+    for _ in range(6):
+        first.optimizer.step()
+        first.scheduler.step()
+    settings = {"learning_rate": 2e-4, "locate_learning_rate": 5e-4, "max_train_steps": 20, "adam_beta2": 0.99,
+                "adam_epsilon": 1e-6, **schedules}
+    _, resumed = prepared_policy(tmp_path, **settings)
+    resumed.optimizer.load_state_dict(first.optimizer.state_dict())
+    resumed.scheduler.load_state_dict(first.scheduler.state_dict())
+    config = TrainingConfig(weight_decay=0.0, train_batch_size=4, dataloader_num_workers=0, **settings)
+    assert keep_configured_settings(resumed.optimizer, resumed.scheduler, config) == [
+        "training.learning_rate 0.0001 -> 0.0002", "training.adam_epsilon 1e-08 -> 1e-06",
+        "training.adam_beta1, adam_beta2 (0.9, 0.95) -> (0.9, 0.99)", "training.locate_learning_rate 0.001 -> 0.0005"]
+    cosine = 0.5 * (1 + math.cos(math.pi * (6 - 2) / 18))
+    groups = resumed.optimizer.param_groups
+    assert [group["lr"] for group in groups] == pytest.approx([2e-4 * cosine, 5e-4])
+    assert all(group["betas"] == (0.9, 0.99) and group["eps"] == 1e-6 for group in groups)
+    assert keep_configured_settings(resumed.optimizer, resumed.scheduler, config) == []
+    assert [group["lr"] for group in groups] == pytest.approx([2e-4 * cosine, 5e-4])
+
+
 def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
     """A rate for parameters the model does not have is a mistake in the config, named with what would give them."""
     with pytest.raises(ValueError, match=r"training.locate_learning_rate: 0.001 sets the rate of the locate read-out "
@@ -139,7 +165,7 @@ def test_a_resume_with_another_rate_and_weight_decay_goes_on_with_them(tmp_path,
     rates = {row["step"]: row["train/lr"] for row in rows if "train/lr" in row}
     cosine = {step: 0.5 * (1 + math.cos(math.pi * (step - 2) / 8)) for step in (7, 8, 9)}
     assert [rates[step] for step in (7, 8, 9)] == pytest.approx([5e-4 * cosine[step] for step in (7, 8, 9)])
-    assert re.search(r"resuming from .*checkpoint-6 with settings other than its own: training.learning_rate = "
-                     r"0.001 -> 0.0005, training.weight_decay = 0.01 -> 0.05", logged)
+    assert re.search(r"resuming from .*checkpoint-6 with settings other than its optimizer's: training.learning_rate "
+                     r"0.001 -> 0.0005, training.weight_decay 0.01 -> 0.05", logged)
     saved = torch.load(out / "checkpoints" / "checkpoint-10" / "optimizer.bin", weights_only=True)
     assert [group["weight_decay"] for group in saved["param_groups"]] == [0.05]
