@@ -29,11 +29,14 @@ def is_hub_id(name: str | os.PathLike) -> bool:
             and not text.lower().endswith(FILE_SUFFIXES))
 
 
+def is_hub_repo(name: str | os.PathLike) -> bool:
+    """Whether `name` means a Hub repo: shaped like one and not a path on disk."""
+    return is_hub_id(name) and not Path(name).expanduser().exists()
+
+
 def is_local(name: str | os.PathLike) -> bool:
-    """Whether `name` is a local path: on disk, or not shaped like a Hub id (a W&B reference is not local)."""
-    if is_wandb_reference(str(name)):
-        return False
-    return Path(name).expanduser().exists() or not is_hub_id(name)
+    """Whether `name` is a local path: neither a Hub repo (`is_hub_repo`) nor a W&B reference."""
+    return not (is_wandb_reference(str(name)) or is_hub_repo(name))
 
 
 def public_name(name: str | os.PathLike) -> str:

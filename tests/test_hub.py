@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_vla.hub import hub_failure, is_hub_id, local_path_or_hub_id, public_name
+from atlas_vla.hub import hub_failure, is_hub_id, is_hub_repo, local_path_or_hub_id, public_name
 
 
 @pytest.mark.parametrize("name", ["physical-intelligence/libero", "facebook/VGGT-1B", "org/atlas-libero-v1.5",
@@ -37,6 +37,9 @@ def test_what_leaves_the_machine_of_a_name_is_a_hub_id_or_a_local_folders_name(t
     assert public_name("lerobot/libero_spatial_image") == "lerobot/libero_spatial_image"
     assert public_name("/home/alice/missing/demos") == "demos"
     assert public_name("wandb:team/atlas/atlas-policy-x:latest") == "wandb:team/atlas/atlas-policy-x:latest"
+    # what a card may list as a Hub dataset or base model: a repo, not a local folder or a W&B reference
+    assert [is_hub_repo(name) for name in ("lerobot/libero_spatial_image", "org/demos", "wandb:team/atlas/x:v0")] == [
+        True, False, False]
 
 
 def test_a_hub_failure_is_one_line_naming_the_error_type():

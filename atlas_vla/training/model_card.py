@@ -19,7 +19,7 @@ from atlas_vla.data.normalization import NormStats
 from atlas_vla.eval import libero_sim
 from atlas_vla.eval.intervals import format_rate
 from atlas_vla.files import read_json, write_text_atomic
-from atlas_vla.hub import is_local
+from atlas_vla.hub import is_hub_repo, is_local
 from atlas_vla.models.config import MINILM
 from atlas_vla.models.pretrained import STATS_NAME, policy_hash, read_policy_config
 from atlas_vla.training.artifacts import policy_artifact_name
@@ -148,7 +148,7 @@ def _hub_datasets(config: TrainConfig | None) -> list[str]:
     """The training sources that are Hub datasets (local folders have no public name)."""
     if config is None:
         return []
-    return [source for source in config.data.sources if not is_local(source)]
+    return [source for source in config.data.sources if is_hub_repo(source)]
 
 
 def _base_models(saved: dict[str, Any]) -> list[str]:
@@ -156,7 +156,7 @@ def _base_models(saved: dict[str, Any]) -> list[str]:
     backbones = saved.get("backbones", {})
     names = [backbones.get("vggt", {}).get("pretrained"), backbones.get("language", {}).get("model_name_or_path")]
     names = [MINILM_HUB_ID if name == MINILM else name for name in names]
-    return [name for name in names if name and not is_local(name)]
+    return [name for name in names if name and is_hub_repo(name)]
 
 
 def _summary(saved: dict[str, Any]) -> str:
