@@ -123,7 +123,8 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t
                              ) -> list[str]:
     """After `load_state`: this config's learning rates and AdamW settings in place of the checkpoint's, which torch
     restored with the optimizer's and the schedule's state. The schedule goes on from the update it reached, with
-    this config's rates and length. Returns "training.key old -> new" for each restored setting that changed."""
+    this config's rates and length (the plateau schedule, which keeps no base rate, keeps its rates). Returns
+    "training.key old -> new" for each restored setting that changed."""
     locating = training_cfg.locate_group()
     rates = [training_cfg.learning_rate, locating[0] if locating else training_cfg.learning_rate]
     inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
@@ -131,19 +132,19 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t
               "betas": (training_cfg.adam_beta1, training_cfg.adam_beta2)}
     changed: list[str] = []
     for index, (group, rate) in enumerate(zip(optimizer.param_groups, rates)):
-        restored = {"lr": group.get("initial_lr", group["lr"]), "weight_decay": group["weight_decay"],
-                    "eps": group["eps"], "betas": tuple(group["betas"])}
-        for key, value in {"lr": rate, **wanted}.items():
+        # the base rate: set by every transformers schedule but the plateau, which keeps none
+        restored = {"lr": group["initial_lr"]} if "initial_lr" in group else {}
+        restored.update(weight_decay=group["weight_decay"], eps=group["eps"], betas=tuple(group["betas"]))
+        for key, old in restored.items():
+            value = rate if key == "lr" else wanted[key]
             name = ("learning_rate", "locate_learning_rate")[index] if key == "lr" else _SETTING_NAMES[key]
-            line = f"training.{name} {restored[key]!r} -> {value!r}"
-            if restored[key] != value and line not in changed:
+            line = f"training.{name} {old!r} -> {value!r}"
+            if old != value and line not in changed:
                 changed.append(line)
         group.update(wanted)
-        if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):  # every transformers schedule but the plateau
+        if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
             inner.base_lrs[index] = group["initial_lr"] = rate
             group["lr"] = rate * inner.lr_lambdas[index](inner.last_epoch)
-        elif restored["lr"] != rate:  # reduce_lr_on_plateau: the reductions so far kept, at the new rate
-            group["lr"] *= rate / restored["lr"]
     return changed
 
 
