@@ -19,7 +19,7 @@ from atlas_vla.data.normalization import NormStats
 from atlas_vla.eval import libero_sim
 from atlas_vla.eval.intervals import format_rate
 from atlas_vla.files import read_json, write_text_atomic
-from atlas_vla.hub import is_hub_repo, is_local
+from atlas_vla.hub import is_hub_repo, is_local, public_name
 from atlas_vla.models.config import MINILM
 from atlas_vla.models.pretrained import STATS_NAME, policy_hash, read_policy_config
 from atlas_vla.training.artifacts import policy_artifact_name
@@ -226,7 +226,7 @@ def _public_name(name: str | None) -> str | None:
     """A Hub id as it is; a local file or folder by its name only (a card is public)."""
     if not name or not is_local(name):
         return name
-    return f"a local copy named `{Path(name).name}`"
+    return f"a local copy named `{public_name(name)}`"
 
 
 def _source_label(name: str | None) -> str:
@@ -234,7 +234,7 @@ def _source_label(name: str | None) -> str:
         return "data of unknown origin"
     if not is_local(name):
         return f"`{name}`"
-    return f"`{Path(name).name}` (a local folder)"
+    return f"`{public_name(name)}` (a local folder)"
 
 
 def _results_section(suites: Sequence[dict[str, Any]]) -> str:
