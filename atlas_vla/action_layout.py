@@ -4,14 +4,17 @@ An action is `[dx, dy, dz, droll, dpitch, dyaw, gripper]`: a 6-D end-effector po
 (position, then axis-angle rotation) and a gripper command, -1 open and +1 close. Every module that
 slices an action or reads a gripper command uses these names, and every place that turns a
 continuous gripper value (a logit, an ensembled mean, a 0/1 source value) into a command calls
-`binarize_gripper`, so the rule "closed means > 0" is written once.
+`binarize_gripper`, so the rule "closed means > 0" is written once. A frame may also have no action at all
+(`known_actions`: a rendered scene, which teaches only where things are).
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import numpy as np
+
+from atlas_vla.constants import ACTION
 
 ACTION_DIM = 7
 POSITION = slice(0, 3)  # dx, dy, dz
@@ -40,3 +43,21 @@ def binarize_gripper(values: Values) -> Values:
     import torch
 
     return torch.where(gripper_closed(values), GRIPPER_CLOSE, GRIPPER_OPEN).to(values.dtype)
+
+
+def known_actions(actions: np.ndarray, positions: np.ndarray | None, where: Callable[[int], str]) -> np.ndarray:
+    """(N,) bool: which rows of `actions` (N, 7) are actions. A row that is NaN in every dimension says "no action
+    known": a frame that only says where things are (`atlas-vla render-scenes` writes them), so it must say that,
+    with a finite value in its row of `positions` (N, 6, `OBJECT_POSITIONS`). Any other non-finite value is corrupt
+    data: `ValueError` naming the first such row (`where(row)`, e.g. "at episode 2, frame 3") and its value."""
+    unknown = np.isnan(actions).all(axis=1)
+    located = np.isfinite(positions).any(axis=1) if positions is not None else np.zeros(len(actions), bool)
+    bare = unknown & ~located
+    bad = ~np.isfinite(actions) & ~(unknown & located)[:, None]
+    if bad.any():
+        row, dim = (int(i) for i in np.argwhere(bad)[0])
+        hint = ("; a frame without an action (NaN in every dimension) must say where things are (object_positions)"
+                if bare[row] else "; expected finite numbers, or NaN in every dimension for a frame without an action")
+        raise ValueError(f"column {ACTION!r} holds a non-finite value ({actions[row, dim]}) {where(row)}, dimension "
+                         f"{dim}{hint}")
+    return ~unknown

@@ -254,6 +254,41 @@ def _run_generate_demos(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("render-scenes", "Render first frames of recorded LIBERO tasks' scenes in new layouts, with where the goal's "
+                           "object and its target rest (data for the locate query; no actions).")
+def _add_render_scenes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", action="append", required=True, metavar="DEMOS",
+                        help="recorded episodes (a LeRobot folder or Hub dataset data.source reads; repeatable): their "
+                             "tasks, instructions and image format")
+    parser.add_argument("--output", required=True, help="the LeRobot folder to write (its scenes are kept beside it, "
+                                                        "in OUTPUT.scenes/, so a rerun continues)")
+    parser.add_argument("--num-scenes", type=int, required=True, help="scenes per task")
+    parser.add_argument("--seed", type=int, default=0, help="decides every layout (neither generate-demos nor the "
+                                                            "evaluation draws them, whatever their seeds)")
+    parser.add_argument("--initial-states", default="0-19",
+                        help="the official initial states the scenes start from, e.g. 0-19 or 0,2,5 (default 0-19: "
+                             "those the shared recordings start from)")
+    parser.add_argument("--num-workers", type=int, default=1, help="simulator worker processes")
+    parser.add_argument("--no-other-goals", dest="other_goals", action="store_false",
+                        help="name only the task's own goal object (by default the other objects of its kind are "
+                             "goals too, in turn, each named by where it is)")
+    parser.add_argument("--fresh", action="store_true", help="discard the scenes of an earlier run and start over")
+
+
+@_add_render_scenes.runner
+def _run_render_scenes(args: argparse.Namespace) -> int:
+    from atlas_vla.eval.libero_sim import parse_range
+    from atlas_vla.generation.scenes import REPORT_NAME, render_scenes
+
+    report = render_scenes(args.source, args.output, num_scenes=args.num_scenes, seed=args.seed,
+                           num_workers=args.num_workers, other_goals=args.other_goals,
+                           initial_states=parse_range(args.initial_states), fresh=args.fresh)
+    for task, row in report["tasks"].items():
+        print(f"{task}: {row['kept']} of {row['scenes']} scenes written ({row['no_layout']} without a usable layout)")
+    print(f"wrote {args.output} ({REPORT_NAME} holds the report)")
+    return 0
+
+
 @_command("compute-stats", "Compute action/state normalisation statistics of a LIBERO source's training split.")
 def _add_compute_stats(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", nargs="*", default=None,

@@ -19,8 +19,8 @@ import datasets
 import numpy as np
 import torch
 
-from atlas_vla.action_layout import ACTION_DIM
-from atlas_vla.constants import ACTION, EPISODE_INDEX, SOURCE_INDEX, STATE, STATE_DIM
+from atlas_vla.action_layout import ACTION_DIM, known_actions
+from atlas_vla.constants import ACTION, EPISODE_INDEX, OBJECT_POSITIONS, SOURCE_INDEX, STATE, STATE_DIM
 from atlas_vla.files import write_json_atomic
 from atlas_vla.hub import public_name
 
@@ -150,7 +150,8 @@ def data_fingerprint(actions: np.ndarray, states: np.ndarray, episodes: np.ndarr
 
 
 def compute_norm_stats(dataset: datasets.Dataset, source_names: Sequence[str] | None = None) -> NormStats:
-    """Statistics of the action and state columns of `dataset` (canonical columns), vectorised.
+    """Statistics of the action and state columns of `dataset` (canonical columns), vectorised; the actions' over
+    the frames that have one (`action_layout.known_actions`: a rendered scene has none).
 
     Only the numeric columns are read from Arrow (images are never decoded). The fingerprint is a
     hash of exactly those frames, so the same split gives the same fingerprint on any machine. A
@@ -164,18 +165,26 @@ def compute_norm_stats(dataset: datasets.Dataset, source_names: Sequence[str] | 
     if len(dataset) == 0:
         raise ValueError("cannot compute statistics of an empty dataset")
     joined = SOURCE_INDEX in dataset.column_names
-    table = dataset.select_columns([ACTION, STATE, EPISODE_INDEX, *([SOURCE_INDEX] if joined else [])]).with_format(
-        "numpy")[:]
+    located = OBJECT_POSITIONS in dataset.column_names
+    table = dataset.select_columns([ACTION, STATE, EPISODE_INDEX, *([SOURCE_INDEX] if joined else []),
+                                    *([OBJECT_POSITIONS] if located else [])]).with_format("numpy")[:]
     actions = np.asarray(table[ACTION], dtype=np.float32)
     states = np.asarray(table[STATE], dtype=np.float32)
     episodes = np.asarray(table[EPISODE_INDEX])
     if actions.shape[1:] != (ACTION_DIM,) or states.shape[1:] != (STATE_DIM,):
         raise ValueError(f"expected actions (N, {ACTION_DIM}) and states (N, {STATE_DIM}), "
                          f"got {actions.shape} and {states.shape}")
-    for name, values in ((ACTION, actions), (STATE, states)):
-        if not np.isfinite(values).all():
-            row = int(np.argwhere(~np.isfinite(values))[0, 0])
-            raise ValueError(f"column {name!r} holds a non-finite value at row {row} (episode {int(episodes[row])})")
+
+    def where(row: int) -> str:
+        return f"at row {row} (episode {int(episodes[row])})"
+
+    known = known_actions(actions, np.asarray(table[OBJECT_POSITIONS], np.float32) if located else None, where)
+    if not known.any():
+        raise ValueError("cannot compute action statistics: no frame has an action (only rendered scenes?); train "
+                         "them with demonstrations")
+    if not np.isfinite(states).all():
+        row = int(np.argwhere(~np.isfinite(states))[0, 0])
+        raise ValueError(f"column {STATE!r} holds a non-finite value {where(row)}")
     sources = []
     if joined:
         origin = np.asarray(table[SOURCE_INDEX])
@@ -184,7 +193,7 @@ def compute_norm_stats(dataset: datasets.Dataset, source_names: Sequence[str] | 
             name = public_name(source_names[index]) if source_names is not None else str(index)
             sources.append({"source": name, "num_frames": int(rows.sum()),
                             "fingerprint": data_fingerprint(actions[rows], states[rows], episodes[rows])})
-    return NormStats(FeatureStats.compute(actions), FeatureStats.compute(states), int(len(actions)),
+    return NormStats(FeatureStats.compute(actions[known]), FeatureStats.compute(states), int(len(actions)),
                      data_fingerprint(actions, states, episodes), sources)
 
 

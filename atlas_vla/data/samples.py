@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from atlas_vla.action_layout import known_actions
 from atlas_vla.constants import (
     ACTION,
     ACTIONS,
@@ -53,7 +54,8 @@ class _Frames:
     start: np.ndarray  # (N,) int64 first position of the episode
     end: np.ndarray  # (N,) int64 one past the last position of the episode
     state: np.ndarray  # (N, 8) float32
-    action: np.ndarray  # (N, 7) float32
+    action: np.ndarray  # (N, 7) float32, zero where unknown
+    action_known: np.ndarray  # (N,) bool: False for a frame without an action (`action_layout.known_actions`)
     episode: np.ndarray  # (N,) int64
     frame: np.ndarray  # (N,) int64
     instruction_code: np.ndarray  # (N,) int index into `instructions`
@@ -73,19 +75,22 @@ class _Frames:
         # both the map-style and the streaming sample paths come through here, so a NaN/inf fails
         # early even when training skips `compute_norm_stats` (statistics given in the config)
         state = _finite(STATE, _float_matrix(table.column(STATE))[rows], episode, frame)
-        action = _finite(ACTION, _float_matrix(table.column(ACTION))[rows], episode, frame)
+        positions = (_float_matrix(table.column(OBJECT_POSITIONS))[rows]
+                     if OBJECT_POSITIONS in table.column_names else None)
+        action = _float_matrix(table.column(ACTION))[rows]
+        known = known_actions(action, positions, lambda p: f"at episode {int(episode[p])}, frame {int(frame[p])}")
         return cls(
             rows=rows,
             start=np.repeat(starts, lengths),
             end=np.repeat(starts + lengths, lengths),
             state=state,
-            action=action,
+            action=np.where(known[:, None], action, 0.0).astype(np.float32),
+            action_known=known,
             episode=episode,
             frame=frame,
             instruction_code=encoded.indices.to_numpy(zero_copy_only=False)[rows],
             instructions=encoded.dictionary.to_pylist(),
-            positions=(_float_matrix(table.column(OBJECT_POSITIONS))[rows]
-                       if OBJECT_POSITIONS in table.column_names else None),
+            positions=positions,
         )
 
 
@@ -116,7 +121,8 @@ def _build_samples(
 
     Views are the current frame then `num_temporal_frames - 1` past frames `temporal_stride` apart
     (clamped to the episode start), each as [agentview, wrist]. The chunk holds actions
-    t .. t + action_horizon - 1; steps past the episode end repeat its last action and are masked.
+    t .. t + action_horizon - 1; steps past the episode end repeat its last action and are masked, as are steps
+    whose frame has no action (zero in the chunk).
     `take_images(rows)` returns the camera columns of those source rows as an Arrow table; with
     `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache). When the
     table says where the objects are, each sample carries its current frame's `OBJECT_POSITIONS`.
@@ -127,8 +133,9 @@ def _build_samples(
     steps_back = spec.temporal_stride * np.arange(spec.num_temporal_frames)
     context = np.maximum(positions[:, None] - steps_back, frames.start[positions][:, None])  # (B, T)
     chunk = positions[:, None] + np.arange(spec.action_horizon)  # (B, H)
-    pad = chunk >= frames.end[positions][:, None]  # (B, H)
-    chunk = np.minimum(chunk, frames.end[positions][:, None] - 1)
+    chunk_end = frames.end[positions][:, None]
+    chunk = np.minimum(chunk, chunk_end - 1)
+    pad = (positions[:, None] + np.arange(spec.action_horizon) >= chunk_end) | ~frames.action_known[chunk]  # (B, H)
 
     views = None
     if take_images is not None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from atlas_vla.action_layout import GRIPPER, binarize_gripper
-from atlas_vla.constants import ACTIONS, ACTIONS_PAD_MASK
+from atlas_vla.constants import ACTIONS, ACTIONS_PAD_MASK, OBJECT_POSITIONS
 from atlas_vla.data.config import DataConfig
 from atlas_vla.data.normalization import NormStats
 from atlas_vla.files import write_json_atomic
@@ -22,10 +22,21 @@ VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss", "pose_l2_erro
 BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `action_metrics` of the mean action
 
 
+POSITION_METRICS = ("locate_loss",)  # means over the positions a batch knows; every other metric over action steps
+
+
 def valid_steps(batch: Mapping[str, Any]) -> torch.Tensor:
-    """How many action steps of a batch are real (not the padding after an episode's end): the weight of its
-    metrics, each a mean over those steps. A float tensor on the batch's device (reading it does not wait for one)."""
+    """How many action steps of a batch are real (not the padding after an episode's end, nor a frame without an
+    action): the weight of its action metrics, each a mean over those steps. A float tensor on the batch's device
+    (reading it does not wait for one)."""
     return (~torch.as_tensor(batch[ACTIONS_PAD_MASK])).sum().float()
+
+
+def known_coordinates(batch: Mapping[str, Any]) -> torch.Tensor:
+    """How many `OBJECT_POSITIONS` coordinates a batch knows (finite): the weight of its `POSITION_METRICS`, each a
+    mean over those coordinates; zero for a batch without positions."""
+    positions = batch.get(OBJECT_POSITIONS)
+    return torch.isfinite(torch.as_tensor(positions)).sum().float() if positions is not None else torch.zeros(())
 
 
 def scored_samples(samples: Any, count: int | None) -> Any:
@@ -42,27 +53,30 @@ def scored_samples(samples: Any, count: int | None) -> Any:
     return torch.utils.data.Subset(samples, positions.tolist())
 
 
-def _step_weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None,
-                        metrics_of: Callable[[Mapping[str, Any]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`metrics_of(batch)` (a tensor of means over the batch's valid action steps) summed over up to `limit`
-    batches, each weighed by its valid steps, and the number of those steps."""
-    total, steps = None, torch.zeros(())
+def _weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None, names: Sequence[str],
+                   metrics_of: Callable[[Mapping[str, Any]], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`metrics_of(batch)` (a tensor of the metrics `names`, each a mean over what the batch scores it on) summed
+    over up to `limit` batches, each weighed by what it scored each on (`known_coordinates` for a
+    `POSITION_METRICS` one, else `valid_steps`), and those weights summed: their ratio is each metric's mean over
+    every step (or coordinate), whatever the batches."""
+    by_positions = torch.tensor([name in POSITION_METRICS for name in names])
+    total, weights = torch.zeros(len(names)), torch.zeros(len(names))
     for count, batch in enumerate(batches, start=1):
-        weight = valid_steps(batch).cpu()
-        values = metrics_of(batch).detach().float().cpu() * weight
-        total = values if total is None else total + values
-        steps = steps + weight
+        weight = torch.where(by_positions, known_coordinates(batch).cpu(), valid_steps(batch).cpu())
+        total = total + metrics_of(batch).detach().float().cpu() * weight
+        weights = weights + weight
         if limit is not None and count >= limit:
             break
-    return total, steps
+    return total, weights
 
 
 @torch.no_grad()
 def metric_sums(policy: torch.nn.Module, batches: Iterable[Mapping[str, Any]], limit: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each of `VAL_METRICS` (as one tensor) summed over every valid action step of up to `limit` batches, and the
-    number of those steps: their ratio is the mean over every step, the same for any batch size (a batch's
-    mean weighs as many steps as it has, so a short last batch is not counted like a full one)."""
+    """Each of `VAL_METRICS` summed over up to `limit` batches as `_weighted_sums` weighs them, and the weights: the
+    ratios are the means over every valid action step (the locate loss: every known coordinate), the same for any
+    batch size (a batch's mean weighs as many steps as it has, so a short last batch is not counted like a full
+    one)."""
     was_training = policy.training
     policy.eval()
 
@@ -70,16 +84,16 @@ def metric_sums(policy: torch.nn.Module, batches: Iterable[Mapping[str, Any]], l
         out = policy(batch)
         return torch.stack([out[key].float() for key in VAL_METRICS])
 
-    total, steps = _step_weighted_sums(batches, limit, metrics_of)
+    sums = _weighted_sums(batches, limit, VAL_METRICS, metrics_of)
     policy.train(was_training)
-    return (total if total is not None else torch.zeros(len(VAL_METRICS))), steps
+    return sums
 
 
 @torch.no_grad()
 def baseline_sums(batches: Iterable[Mapping[str, Any]], stats: NormStats, limit: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`BASELINE_METRICS` of always predicting the training mean action with the majority gripper command, summed
-    over every valid action step as `metric_sums` sums them, and the number of those steps."""
+    over every valid action step as `metric_sums` sums them, and their weights."""
 
     def metrics_of(batch: Mapping[str, Any]) -> torch.Tensor:
         actions = batch[ACTIONS].float()
@@ -88,8 +102,7 @@ def baseline_sums(batches: Iterable[Mapping[str, Any]], stats: NormStats, limit:
         metrics = action_metrics(mean, actions, ~torch.as_tensor(batch[ACTIONS_PAD_MASK], device=actions.device))
         return torch.stack([metrics[key].float() for key in BASELINE_METRICS])
 
-    total, steps = _step_weighted_sums(batches, limit, metrics_of)
-    return (total if total is not None else torch.zeros(len(BASELINE_METRICS))), steps
+    return _weighted_sums(batches, limit, BASELINE_METRICS, metrics_of)
 
 
 def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "val", val_fraction: float | None = None,
@@ -130,7 +143,7 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     for source, part in parts.items():
         loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         sums[source] = (*metric_sums(policy, loader, limit), *baseline_sums(loader, policy.norm_stats, limit))
-    if not any(values[1] for values in sums.values()):  # no source has a scored step
+    if not any(values[1].any() for values in sums.values()):  # no source has a scored step or position
         raise ValueError(f"the {split} split of {config.source} is empty")
     totals, steps, baseline, baseline_steps = (sum(values) for values in zip(*sums.values()))
     metrics = _means(f"{split}/", totals, steps, baseline, baseline_steps)
@@ -148,9 +161,10 @@ def _sample_sources(samples: Any) -> np.ndarray | None:
     return getattr(samples, "sample_sources", None)
 
 
-def named_means(prefix: str, names: Sequence[str], totals: torch.Tensor, steps: torch.Tensor) -> dict[str, float]:
-    """Step-weighted sums (`metric_sums`, `baseline_sums`) as means over their steps, each named `<prefix><name>`."""
-    return {f"{prefix}{name}": float(value / steps) for name, value in zip(names, totals)}
+def named_means(prefix: str, names: Sequence[str], totals: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    """Weighted sums (`metric_sums`, `baseline_sums`) as means over their weights, each named `<prefix><name>`; a
+    metric nothing scored (no action step, or no known position) is left out."""
+    return {f"{prefix}{name}": float(value / weight) for name, value, weight in zip(names, totals, weights) if weight}
 
 
 def _means(prefix: str, totals: torch.Tensor, steps: torch.Tensor, baseline: torch.Tensor,

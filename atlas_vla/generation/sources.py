@@ -123,6 +123,9 @@ def _lerobot_episodes(source: str, dataset: datasets.Dataset) -> list[SourceEpis
     for episode in dict.fromkeys(episodes_index.tolist()):
         rows = np.flatnonzero(episodes_index == episode)
         instruction = str(numbers[INSTRUCTION][rows[0]])
+        if np.isnan(np.asarray(numbers[ACTION][rows], np.float32)).all(axis=1).any():
+            raise ValueError(f"{source} episode {episode}: frames without an action (rendered scenes?); only recorded "
+                             f"demonstrations are generated or rendered from")
         frames = {i: raw[int(rows[i])][AGENT_IMAGE] for i in checked_indices(len(rows))}
         episodes.append(SourceEpisode(
             source, int(episode), seen.get(instruction, 0), instruction,

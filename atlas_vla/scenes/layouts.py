@@ -9,9 +9,9 @@ few-centimetre placement regions) and a heading turned by up to `max_yaw` from t
 group's footprint (the bounding radii of its objects, `Scene.radius`) keeps `clearance` from every other footprint
 and fixture. After the physics settles, a layout in which something tipped, fell or slid is rejected.
 
-Layouts come from a seed alone, so a layout is reproduced from its record (`Layout`); the seeds of generation and
-of evaluation (`eval-libero --layouts random`) are drawn in separate streams (`PURPOSES`), so no evaluated layout is
-one a generation run trained on, whatever seeds the two were given.
+Layouts come from a seed alone, so a layout is reproduced from its record (`Layout`); the seeds of generation, of
+rendered scenes and of evaluation (`eval-libero --layouts random`) are drawn in separate streams (`PURPOSES`), so no
+evaluated layout is one a training run saw, whatever seeds they were given.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ CLEARANCE = 0.01
 SETTLE_STEPS = 10  # LIBERO's own settling after a reset
 # settled, a moved object stays within these of where it was put, or the layout is rejected
 MAX_SLIDE, MAX_DROP, MAX_TILT = 0.02, 0.02, np.radians(10)
-PURPOSES = {"generation": 0, "evaluation": 1}  # separate seed streams: an evaluated layout is never a generated one
+PURPOSES = {"generation": 0, "evaluation": 1, "scenes": 2}  # separate seed streams: an evaluated layout is never one
+# that generate-demos or render-scenes drew
 ATTEMPTS = 10  # layouts drawn from one stream before it gives up (each rejected one costs a reset and a settle)
 
 
@@ -65,7 +66,7 @@ class Layout:
 
 
 def layout_rng(purpose: str, seed: int, suite: str, *keys: int) -> tuple[list[int], np.random.Generator]:
-    """The random stream of one layout: `purpose` (generation or evaluation), the run's seed, the suite and what
+    """The random stream of one layout: `purpose` (a key of `PURPOSES`), the run's seed, the suite and what
     the layout is for (task, try or initial state): the same keys give the same layout, other purposes never do."""
     entropy = [PURPOSES[purpose], int(seed), zlib.crc32(suite.encode()), *map(int, keys)]
     return entropy, np.random.default_rng(entropy)

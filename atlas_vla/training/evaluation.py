@@ -29,24 +29,24 @@ logger = logging.getLogger("atlas_vla.train")
 
 
 def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable, limit: int | None) -> dict[str, float]:
-    """`val/*` metrics over up to `limit` batches per process: each the mean over every valid action step that
-    any process scored (`metric_sums`), so neither the batch size nor the number of processes changes it."""
-    totals, steps = _across_processes(accelerator, *metric_sums(policy, loader, limit))
-    return named_means("val/", VAL_METRICS, totals, steps) if steps else {}
+    """`val/*` metrics over up to `limit` batches per process: each the mean over every valid action step (the
+    locate loss: every known coordinate) that any process scored (`metric_sums`), so neither the batch size nor the
+    number of processes changes it."""
+    return named_means("val/", VAL_METRICS, *_across_processes(accelerator, *metric_sums(policy, loader, limit)))
 
 
 def baseline_metrics(accelerator: Accelerator, loader: Iterable, stats: NormStats, limit: int | None
                      ) -> dict[str, float]:
     """The `val/baseline_*` values, the mean-action baseline's metrics, over the steps `validate` scores."""
-    totals, steps = _across_processes(accelerator, *baseline_sums(loader, stats, limit))
-    return named_means("val/baseline_", BASELINE_METRICS, totals, steps) if steps else {}
+    return named_means("val/baseline_", BASELINE_METRICS, *_across_processes(accelerator, *baseline_sums(loader, stats,
+                                                                                                       limit)))
 
 
-def _across_processes(accelerator: Accelerator, totals: torch.Tensor, steps: torch.Tensor
+def _across_processes(accelerator: Accelerator, totals: torch.Tensor, weights: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums and step counts of every process, added up."""
-    summed = accelerator.reduce(torch.cat([totals, steps.reshape(1)]).to(accelerator.device), reduction="sum")
-    return summed[:-1].cpu(), summed[-1].cpu()
+    """Sums and weights of every process, added up."""
+    summed = accelerator.reduce(torch.cat([totals, weights]).to(accelerator.device), reduction="sum").cpu()
+    return summed[:len(totals)], summed[len(totals):]
 
 
 def run_validation(run: TrainingRun, baseline: Mapping[str, float], num_batches: int | None) -> None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from atlas_vla.config import CheckpointConfig, LoggingConfig, TrainingConfig, config_yaml
 from atlas_vla.constants import SOURCE_INDEX
 from atlas_vla.eval.config import EvalConfig
-from atlas_vla.eval.offline import valid_steps
+from atlas_vla.eval.offline import POSITION_METRICS, known_coordinates, valid_steps
 from atlas_vla.training.checkpointing import TrainingState, checkpoints_dir, save_checkpoint
 from atlas_vla.training.evaluation import (
     baseline_metrics,
@@ -38,35 +38,42 @@ TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss")
 @dataclass
 class TrainWindow:
     """What the micro-batches since the last `train/*` log saw on this process: their losses weighed by their
-    valid action steps (the logged value is the mean over every such step of every process, as for `val/*`)
+    valid action steps, the locate loss by its known coordinates (the logged value is the mean over every such step
+    or coordinate of every process, as for `val/*`)
     and, with several data sources, how many samples came from each (`train/samples/source_<i>`)."""
 
     num_sources: int = 1
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    steps: torch.Tensor | float = 0.0
+    weights: dict[str, torch.Tensor | float] = field(default_factory=dict)
     source_samples: torch.Tensor | None = None
 
     def add(self, out: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
-        weight = valid_steps(batch).to(out["loss"].device)
+        steps = valid_steps(batch).to(out["loss"].device)
+        coordinates = known_coordinates(batch).to(out["loss"].device)
         for key in TRAIN_METRICS:
+            weight = coordinates if key in POSITION_METRICS else steps
             self.sums[key] = self.sums.get(key, 0) + out[key].detach().float() * weight
-        self.steps = self.steps + weight
+            self.weights[key] = self.weights.get(key, 0) + weight
         if SOURCE_INDEX in batch:
             drawn = torch.bincount(torch.as_tensor(batch[SOURCE_INDEX]).cpu(), minlength=self.num_sources)
             self.source_samples = drawn if self.source_samples is None else self.source_samples + drawn
 
     def totals(self) -> torch.Tensor:
-        """This process's step-weighted sum of each of `TRAIN_METRICS` and, last, its valid steps: one tensor
-        that sums over processes into the means of the whole run (`means_of`)."""
-        return torch.stack([*(self.sums[key] for key in TRAIN_METRICS), torch.as_tensor(self.steps).to(self.sums["loss"])])
+        """This process's weighted sum of each of `TRAIN_METRICS` and then their weights (valid action steps; for
+        the locate loss, known coordinates): one tensor that sums over processes into the means of the whole run
+        (`means_of`)."""
+        return torch.stack([*(self.sums[key] for key in TRAIN_METRICS),
+                            *(torch.as_tensor(self.weights[key]).to(self.sums["loss"]) for key in TRAIN_METRICS)])
 
     @staticmethod
     def means_of(totals: torch.Tensor) -> torch.Tensor:
-        """The mean of each of `TRAIN_METRICS` from `totals` (summed over processes or not)."""
-        return totals[:-1] / totals[-1].clamp(min=1)
+        """The mean of each of `TRAIN_METRICS` from `totals` (summed over processes or not); 0 where nothing was
+        scored."""
+        sums, weights = totals.split(len(TRAIN_METRICS))
+        return sums / weights.clamp(min=1)
 
     def reset(self) -> None:
-        self.sums, self.steps, self.source_samples = {}, 0.0, None
+        self.sums, self.weights, self.source_samples = {}, {}, None
 
 
 @dataclass
@@ -155,15 +162,21 @@ def _train_batches(run: TrainingRun) -> Iterator[Any]:
 def update_policy(run: TrainingRun, batch: Mapping[str, Any], max_grad_norm: float | None) -> dict[str, torch.Tensor]:
     """Forward and backward one micro-batch; returns the policy's losses.
 
-    On several processes the gradient is that of the mean over every valid action step of all processes'
-    micro-batches, as one process with their union would compute (`process_share`). Under
+    On several processes the gradient is that of the mean over every valid action step (for the locate loss, every
+    known coordinate) of all processes' micro-batches, as one process with their union would compute
+    (`process_share`). Under
     `accelerator.accumulate` the gradients are clipped and the optimizer, the schedule and the zeroing take
     effect only on the micro-batch that completes an update (`sync_gradients`).
     """
     accelerator = run.accelerator
     with accelerator.accumulate(run.policy):
         out = run.policy(batch)
-        accelerator.backward(out["loss"] * process_share(accelerator, batch))
+        if accelerator.num_processes == 1:
+            accelerator.backward(out["loss"])
+        else:
+            located = accelerator.unwrap_model(run.policy).config.locate_weight * out["locate_loss"]
+            accelerator.backward((out["loss"] - located) * process_share(accelerator, valid_steps(batch))
+                                 + located * process_share(accelerator, known_coordinates(batch)))
         if accelerator.sync_gradients and max_grad_norm:
             accelerator.clip_grad_norm_(run.policy.parameters(), max_grad_norm)
         run.optimizer.step()
@@ -172,16 +185,15 @@ def update_policy(run: TrainingRun, batch: Mapping[str, Any], max_grad_norm: flo
     return out
 
 
-def process_share(accelerator: Any, batch: Mapping[str, Any]) -> torch.Tensor | float:
-    """This process's valid action steps over the mean of all processes': the factor that turns its loss (a
-    mean over its own steps) into its part of the mean over everyone's, once DDP averages the gradients.
+def process_share(accelerator: Any, weight: torch.Tensor) -> torch.Tensor:
+    """This process's `weight` (its valid action steps, or its known coordinates) over the mean of all processes':
+    the factor that turns its loss (a mean over its own steps) into its part of the mean over everyone's, once DDP
+    averages the gradients.
 
     Without it a process whose micro-batch ends more episodes (more padded steps) would weigh each of its
     steps more, and two processes of 8 would not train as one of 16."""
-    if accelerator.num_processes == 1:
-        return 1.0
-    steps = valid_steps(batch).to(accelerator.device)
-    return steps / accelerator.reduce(steps, "mean").clamp(min=1)
+    weight = weight.to(accelerator.device)
+    return weight / accelerator.reduce(weight, "mean").clamp(min=1)
 
 
 def is_log_step(step: int, max_steps: int, logging_cfg: LoggingConfig) -> bool:

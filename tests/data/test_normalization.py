@@ -93,7 +93,7 @@ def test_normalize_by_value():
 
 def test_bad_data_is_named():
     rows = {ACTION: [[0.0] * 7, [np.nan] + [0.0] * 6], STATE: [[0.0] * 8] * 2, EPISODE_INDEX: [4, 5]}
-    with pytest.raises(ValueError, match=r"column 'action' holds a non-finite value at row 1 \(episode 5\)"):
+    with pytest.raises(ValueError, match=r"column 'action' holds a non-finite value \(nan\) at row 1 \(episode 5\)"):
         compute_norm_stats(datasets.Dataset.from_dict(rows))
     with pytest.raises(ValueError, match="column 'observation.state' missing"):
         compute_norm_stats(datasets.Dataset.from_dict({ACTION: [[0.0] * 7], EPISODE_INDEX: [0]}))
