@@ -34,7 +34,10 @@ from atlas_vla.wandb_artifacts import check_reference, is_wandb_reference, succe
 # config naming one is read without importing transformers (and with it torch); any other name is
 # checked against the installed transformers
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+# transformers schedules the training loop cannot drive: it steps every schedule once per update, with no metric
+_FOLLOWS_A_METRIC = "it sets the rate from a metric, and the loop steps schedules on the update count alone"
+REFUSED_SCHEDULERS = {"reduce_lr_on_plateau": _FOLLOWS_A_METRIC, "greedy": _FOLLOWS_A_METRIC}
 
 
 @dataclass
@@ -100,6 +103,9 @@ class TrainingConfig:
             raise ValueError(f"training.locate_learning_rate must be > 0 or null, got {self.locate_learning_rate}")
         for key in ("lr_scheduler", "locate_lr_scheduler"):
             name = getattr(self, key)
+            if name in REFUSED_SCHEDULERS:
+                raise ValueError(f"training.{key} {name!r} is not supported: {REFUSED_SCHEDULERS[name]}; expected one "
+                                 f"of {list(LR_SCHEDULERS)}")
             if name is not None and name not in LR_SCHEDULERS:
                 from transformers import SchedulerType
 
@@ -107,11 +113,6 @@ class TrainingConfig:
                 if name not in names:
                     raise ValueError(f"training.{key} {name!r} is not a transformers scheduler; "
                                      f"expected one of {names}{suggest(name, names)}")
-        if self.locate_lr_scheduler not in (None, self.lr_scheduler) and "reduce_lr_on_plateau" in (
-                self.lr_scheduler, self.locate_lr_scheduler):
-            raise ValueError(f"training.locate_lr_scheduler: {self.locate_lr_scheduler} differs from lr_scheduler: "
-                             f"{self.lr_scheduler}, and reduce_lr_on_plateau cannot be one of two schedules "
-                             f"(it follows a metric, not the update count)")
 
     def locate_group(self) -> tuple[float, str] | None:
         """The locating parameters' own (rate, schedule), each falling back to the rest's, when either key gives them

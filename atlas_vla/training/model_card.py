@@ -216,8 +216,8 @@ def _rates(training: TrainingConfig) -> str:
 
 
 def _schedule_text(name: str, training: TrainingConfig) -> str:
-    """A schedule's name, with its warm-up where it has one (transformers' constant and plateau schedules take none)."""
-    if name in ("constant", "reduce_lr_on_plateau"):
+    """A schedule's name, with its warm-up where it has one (transformers' constant schedule takes none)."""
+    if name == "constant":
         return name
     return f"{name}, {training.lr_warmup_steps} warm-up updates"
 

@@ -123,7 +123,7 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t
                              ) -> list[str]:
     """After `load_state`: this config's learning rates and AdamW settings in place of the checkpoint's, which torch
     restored with the optimizer's and the schedule's state. The schedule goes on from the update it reached, with
-    this config's rates and length (the plateau schedule, which keeps no base rate, keeps its rates). Returns
+    this config's rates and length. Returns
     "training.key old -> new" for each restored setting that changed."""
     locating = training_cfg.locate_group()
     rates = [training_cfg.learning_rate, locating[0] if locating else training_cfg.learning_rate]
@@ -132,8 +132,7 @@ def keep_configured_settings(optimizer: torch.optim.Optimizer, scheduler: Any, t
               "betas": (training_cfg.adam_beta1, training_cfg.adam_beta2)}
     changed: list[str] = []
     for index, (group, rate) in enumerate(zip(optimizer.param_groups, rates)):
-        # the base rate: set by every transformers schedule but the plateau, which keeps none
-        restored = {"lr": group["initial_lr"]} if "initial_lr" in group else {}
+        restored = {"lr": group["initial_lr"]}  # the base rate, which every schedule the config accepts keeps
         restored.update(weight_decay=group["weight_decay"], eps=group["eps"], betas=tuple(group["betas"]))
         for key, old in restored.items():
             value = rate if key == "lr" else wanted[key]

@@ -148,8 +148,16 @@ def test_a_locate_learning_rate_without_anything_to_locate_is_refused():
         TrainConfig(training=TrainingConfig(locate_lr_scheduler="constant"))
     with pytest.raises(ValueError, match=r"training.locate_lr_scheduler 'constnat' is not a transformers scheduler"):
         TrainingConfig(locate_lr_scheduler="constnat")
-    with pytest.raises(ValueError, match=r"reduce_lr_on_plateau cannot be one of two schedules"):
-        TrainingConfig(lr_scheduler="reduce_lr_on_plateau", locate_lr_scheduler="constant")
+
+
+def test_a_schedule_that_follows_a_metric_is_refused_by_name():
+    """The loop steps every schedule on the update count: one that sets the rate from a metric would fail at the
+    first update, after the features were built."""
+    for key, name in (("lr_scheduler", "reduce_lr_on_plateau"), ("locate_lr_scheduler", "reduce_lr_on_plateau"),
+                      ("lr_scheduler", "greedy")):
+        with pytest.raises(ValueError, match=rf"training.{key} '{name}' is not supported: it sets the rate from a "
+                                             r"metric"):
+            TrainingConfig(**{key: name})
 
 
 def test_a_resume_with_another_rate_and_weight_decay_goes_on_with_them(tmp_path, capsys):
