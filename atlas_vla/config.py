@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import yaml
 
-from atlas_vla.data.config import DataConfig, check_sources_exist
+from atlas_vla.data.config import DataConfig, check_sources_exist, shifts_anything
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.files import write_text_atomic
 from atlas_vla.hub import absolute_path, resolve_local
@@ -209,7 +209,7 @@ class TrainConfig:
         if store and (self.data.streaming or not self.model.freeze_vggt):
             raise ValueError(f"training.feature_store: {store} needs data.streaming: false (got "
                              f"{self.data.streaming}) and model.freeze_vggt: true (got {self.model.freeze_vggt})")
-        if self.training.cached_copies > 1 and not (store and self.data.random_shift):
+        if self.training.cached_copies > 1 and not (store and shifts_anything(self.data.random_shift)):
             raise ValueError(f"training.cached_copies: {self.training.cached_copies} stores differently shifted copies "
                              f"of each sample: it needs training.feature_store (got {store}) and data.random_shift "
                              f"> 0 (got {self.data.random_shift}); otherwise every copy is the same")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from atlas_vla.constants import CANONICAL_COLUMNS, TASK_INDEX
+from atlas_vla.constants import CAMERAS, CANONICAL_COLUMNS, TASK_INDEX
 from atlas_vla.hub import absolute_path, local_path_or_hub_id
 
 
@@ -35,7 +35,9 @@ class DataConfig:
     shuffle_buffer_size: int = 1000  # streaming only: samples mixed in a buffer, as rows cannot be indexed
     norm_stats: str | None = None  # statistics JSON (atlas-vla compute-stats); null = computed from the train split
     generate_synthetic: bool = False  # offline demo: write the synthetic dataset to `source` if it is not there yet
-    random_shift: int = 0  # training images only: pad by N pixels and crop back at a random offset (DrQ); 0 = off
+    # training images only: pad by N pixels and crop back at a random offset (DrQ); 0 = off. Or one N per camera,
+    # [agent view, wrist], e.g. [0, 4]: the wrist camera alone (the agent view's camera never moves)
+    random_shift: int | list[int] = 0
     # training only: the share of frames whose instruction is replaced by a paraphrase (`data/paraphrases.py`),
     # drawn from (split_seed, episode, frame), so a frame gets the same words in every run; 0 = off
     paraphrase_prob: float = 0.0
@@ -72,9 +74,17 @@ class DataConfig:
             raise ValueError(f"DataConfig.shuffle_buffer_size must be >= 0, got {self.shuffle_buffer_size!r}")
         if not 0.0 <= self.paraphrase_prob <= 1.0:
             raise ValueError(f"DataConfig.paraphrase_prob must be in [0, 1], got {self.paraphrase_prob!r}")
-        if not isinstance(self.random_shift, int) or self.random_shift < 0:
-            raise ValueError(f"DataConfig.random_shift must be a non-negative integer (pixels), got {self.random_shift!r}")
+        shifts = self.random_shift if isinstance(self.random_shift, list) else [self.random_shift]
+        if (isinstance(self.random_shift, list) and len(shifts) != len(CAMERAS)) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shifts):
+            raise ValueError(f"DataConfig.random_shift must be a non-negative integer (pixels) or one per camera "
+                             f"[agent view, wrist], e.g. [0, 4]; got {self.random_shift!r}")
         check_column_overrides(self.columns)
+
+
+def shifts_anything(shift: int | Sequence[int]) -> bool:
+    """Whether a `data.random_shift` value (pixels, or one per camera) shifts any image."""
+    return any(shift) if isinstance(shift, (list, tuple)) else shift > 0
 
 
 def check_column_overrides(columns: Mapping[str, str]) -> None:

@@ -41,6 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from atlas_vla.constants import OBS_IMAGES, OBS_VISION_FEATURES
+from atlas_vla.data.config import shifts_anything
 from atlas_vla.data.samples import LiberoSamples, collate
 from atlas_vla.files import staged_file, swap_in_folder, write_json_atomic
 
@@ -71,7 +72,7 @@ class StoreKey:
     temporal_frames: int
     temporal_stride: int
     spatial_pool: int | None
-    random_shift: int
+    random_shift: int | list[int]
     copies: int
     dtype: str
     feature_code: int = FEATURE_CODE_VERSION
@@ -124,7 +125,7 @@ def _shift_seed(index: int, copy: int) -> int:
 
 
 def _sample_with_images(samples: LiberoSamples, index: int, copy: int) -> dict[str, Any]:
-    if not samples.random_shift:
+    if not shifts_anything(samples.random_shift):
         return samples[index]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_shift_seed(index, copy))

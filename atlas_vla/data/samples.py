@@ -39,7 +39,7 @@ from atlas_vla.data.paraphrases import paraphrased
 from atlas_vla.data.sources import filter_stream_batches
 from atlas_vla.data.spec import SampleSpec
 from atlas_vla.data.transforms import image_to_chw
-from atlas_vla.data.transforms import random_shift as random_shift_images
+from atlas_vla.data.transforms import shift_cameras
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _float_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 def _build_samples(
     frames: _Frames, positions: np.ndarray, spec: SampleSpec, take_images: Callable[[np.ndarray], pa.Table] | None,
-    random_shift: int = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0,
+    random_shift: int | Sequence[int] = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Samples for `positions` of `frames`: views, state, instruction, action chunk and padding mask.
 
@@ -126,7 +126,7 @@ def _build_samples(
     `take_images(rows)` returns the camera columns of those source rows as an Arrow table; with
     `take_images=None` the samples carry no `OBS_IMAGES` (their frozen features come from a cache). When the
     table says where the objects are, each sample carries its current frame's `OBJECT_POSITIONS`.
-    `random_shift` > 0 shifts every view independently (`transforms.random_shift`). `paraphrase_prob` of the
+    `random_shift` (pixels, or one per camera) shifts every view independently (`transforms.shift_cameras`). `paraphrase_prob` of the
     samples read a paraphrase of their instruction, drawn from (`paraphrase_seed`, episode, frame).
     """
     cameras = CAMERAS[: spec.num_cameras]
@@ -146,7 +146,7 @@ def _build_samples(
                            axis=1)  # (U, C, 3, H, W)
         views = decoded[inverse.reshape(context.shape)]  # (B, T, C, 3, H, W)
         views = views.reshape(len(positions), spec.num_views, *views.shape[-3:])  # (B, S, 3, H, W)
-        views = random_shift_images(views, random_shift)
+        views = shift_cameras(views, random_shift, len(cameras))
 
     actions = frames.action[chunk]  # (B, H, 7)
     states = frames.state[positions]  # (B, 8), a copy: samples never alias the cached arrays
@@ -212,7 +212,7 @@ class LiberoSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: datasets.Dataset, spec: SampleSpec, *, images: bool = True,
-                 random_shift: int = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0) -> None:
+                 random_shift: int | Sequence[int] = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0) -> None:
         _check_canonical(dataset.column_names, "LiberoSamples dataset")
         self.spec = spec
         self.images = images  # False: samples without OBS_IMAGES, for training on cached frozen features
@@ -282,7 +282,7 @@ class LiberoSampleStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self, dataset: datasets.IterableDataset, spec: SampleSpec, *, shuffle_buffer_size: int = 0, seed: int = 0,
-        random_shift: int = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0,
+        random_shift: int | Sequence[int] = 0, paraphrase_prob: float = 0.0, paraphrase_seed: int = 0,
     ) -> None:
         if dataset.column_names is not None:
             _check_canonical(dataset.column_names, "LiberoSampleStream dataset")

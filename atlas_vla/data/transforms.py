@@ -93,6 +93,19 @@ def random_shift(images: np.ndarray, pad: int) -> np.ndarray:
     return shifted.reshape(images.shape)
 
 
+def shift_cameras(views: np.ndarray, shift: int | Sequence[int], num_cameras: int) -> np.ndarray:
+    """`random_shift` of views (..., S, 3, H, W) whose S run over the cameras in `CAMERAS` order at each time step:
+    every view by `shift` pixels, or the views of camera `c` by `shift[c]` (`[0, 4]`: the wrist camera alone, while
+    the agent view, whose camera never moves, stays as the camera saw it)."""
+    if not isinstance(shift, (list, tuple)):
+        return random_shift(views, shift)
+    shifted = views.copy()
+    for camera in range(num_cameras):
+        shifted[..., camera::num_cameras, :, :, :] = random_shift(views[..., camera::num_cameras, :, :, :],
+                                                                  shift[camera])
+    return shifted
+
+
 def image_to_chw(image: ImageLike, size: int) -> np.ndarray:
     """Decode any `ImageLike` and resize it with `resize_images` to uint8 (3, size, size)."""
     hwc = np.array(open_image(image, size))  # (H, W, 3), a writable copy

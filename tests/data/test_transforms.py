@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from atlas_vla.constants import INSTRUCTION, OBS_IMAGES, OBS_STATE
+from atlas_vla.data.config import DataConfig, shifts_anything
 from atlas_vla.data.samples import LiberoSamples
 from atlas_vla.data.sources import load_libero
 from atlas_vla.data.spec import SampleSpec
@@ -23,6 +24,7 @@ from atlas_vla.data.transforms import (
     random_shift,
     resize_images,
     rotate_180,
+    shift_cameras,
 )
 
 
@@ -174,3 +176,43 @@ def test_random_shift_crops_the_edge_padded_image_at_independent_offsets() -> No
             assert len(matches) == 1  # a pure translation of this very view, edges replicated
             offsets.add(matches[0])
     assert len(offsets) > 1  # views are shifted independently
+
+
+def test_a_shift_per_camera_leaves_the_agent_view_exact_and_shifts_the_wrist_view() -> None:
+    """`data.random_shift: [0, 4]`: views run [agent view, wrist] per time step; the agent view's camera never moves,
+    so only the wrist views are shifted. One number for every camera draws exactly what `random_shift` draws."""
+    views = torch.randint(0, 256, (3, 4, 3, 16, 16), dtype=torch.uint8).numpy()  # (B, S = 2 frames x 2 cameras, ...)
+    torch.manual_seed(0)
+    shifted = shift_cameras(views, [0, 2], num_cameras=2)
+    assert np.array_equal(shifted[:, 0::2], views[:, 0::2])  # agent view, both time steps: as the camera saw it
+    padded = np.pad(views, ((0, 0), (0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+    offsets = {next((dy, dx) for dy in range(5) for dx in range(5)
+                    if np.array_equal(shifted[b, s], padded[b, s, :, dy:dy + 16, dx:dx + 16]))
+               for b in range(3) for s in (1, 3)}
+    assert len(offsets) > 1 and offsets != {(2, 2)}  # the wrist views: translations at their own offsets
+    torch.manual_seed(0)
+    every = shift_cameras(views, 2, num_cameras=2)
+    torch.manual_seed(0)
+    assert np.array_equal(every, random_shift(views, 2))
+    assert not np.array_equal(every[:, 0::2], views[:, 0::2])
+    assert shifts_anything(2) and shifts_anything([0, 4]) and not shifts_anything([0, 0]) and not shifts_anything(0)
+    for bad in ([4], [0, -1], [0, 4, 4], -2, [0.5, 4]):
+        with pytest.raises(ValueError, match=r"DataConfig.random_shift must be a non-negative integer \(pixels\) or "
+                                             r"one per camera \[agent view, wrist\]"):
+            DataConfig(random_shift=bad)
+
+
+def test_training_samples_shift_the_cameras_the_config_names(tmp_path) -> None:
+    from helpers import synthetic_dataset
+
+    from atlas_vla.data.samples import build_samples
+
+    dataset = load_libero(str(synthetic_dataset(tmp_path, num_episodes=2)))
+    spec = SampleSpec(image_size=28, action_horizon=2)
+    exact = build_samples(dataset, spec)[5][OBS_IMAGES]  # (2 cameras, 3, H, W)
+    wrist_only = build_samples(dataset, spec, DataConfig(random_shift=[0, 3]), train=True)
+    torch.manual_seed(1)
+    shifted = [wrist_only[5][OBS_IMAGES] for _ in range(4)]
+    assert all(torch.equal(views[0], exact[0]) for views in shifted)  # the agent view as the camera saw it
+    assert not all(torch.equal(views[1], exact[1]) for views in shifted)
+    assert wrist_only.random_shift == [0, 3]
