@@ -45,12 +45,17 @@ def binarize_gripper(values: Values) -> Values:
     return torch.where(gripper_closed(values), GRIPPER_CLOSE, GRIPPER_OPEN).to(values.dtype)
 
 
+def without_action(actions: np.ndarray) -> np.ndarray:
+    """(N,) bool: the rows of `actions` (N, 7) that say "no action known", NaN in every dimension."""
+    return np.isnan(actions).all(axis=1)
+
+
 def known_actions(actions: np.ndarray, positions: np.ndarray | None, where: Callable[[int], str]) -> np.ndarray:
     """(N,) bool: which rows of `actions` (N, 7) are actions. A row that is NaN in every dimension says "no action
     known": a frame that only says where things are (`atlas-vla render-scenes` writes them), so it must say that,
     with a finite value in its row of `positions` (N, 6, `OBJECT_POSITIONS`). Any other non-finite value is corrupt
     data: `ValueError` naming the first such row (`where(row)`, e.g. "at episode 2, frame 3") and its value."""
-    unknown = np.isnan(actions).all(axis=1)
+    unknown = without_action(actions)
     located = np.isfinite(positions).any(axis=1) if positions is not None else np.zeros(len(actions), bool)
     bare = unknown & ~located
     bad = ~np.isfinite(actions) & ~(unknown & located)[:, None]

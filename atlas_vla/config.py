@@ -209,6 +209,11 @@ class TrainConfig:
         if store and (self.data.streaming or not self.model.freeze_vggt):
             raise ValueError(f"training.feature_store: {store} needs data.streaming: false (got "
                              f"{self.data.streaming}) and model.freeze_vggt: true (got {self.model.freeze_vggt})")
+        if isinstance(self.data.random_shift, list) and not self.model.use_wrist_camera and any(
+                self.data.random_shift[1:]):
+            raise ValueError(f"data.random_shift: {self.data.random_shift} shifts the wrist camera, and "
+                             f"model.use_wrist_camera is false: give the agent view's shift alone, e.g. "
+                             f"{self.data.random_shift[0]}")
         if self.training.cached_copies > 1 and not (store and shifts_anything(self.data.random_shift)):
             raise ValueError(f"training.cached_copies: {self.training.cached_copies} stores differently shifted copies "
                              f"of each sample: it needs training.feature_store (got {store}) and data.random_shift "

@@ -237,12 +237,15 @@ class LiberoSamples(torch.utils.data.Dataset):
     def fingerprint(self, batch_size: int = 1024) -> str:
         """A content hash (32 hex chars) of every sample's inputs, in sample order: episode, frame, state,
         action, instruction, and the stored bytes of each camera image (or, for an image kept as a file,
-        its path and the file's bytes). Two sample sets with the same fingerprint give the same samples (the same
-        images and recorded instructions: paraphrasing and shifting, training's augmentations, come after)."""
+        its path and the file's bytes), and which frames have no action. Two sample sets with the same fingerprint
+        give the same samples (the same images and recorded instructions: paraphrasing and shifting, training's
+        augmentations, come after)."""
         frames = self._frames
         digest = hashlib.blake2b(digest_size=16)
         for array in (frames.episode, frames.frame, frames.state, frames.action, frames.instruction_code):
             digest.update(np.ascontiguousarray(array).tobytes())
+        if not frames.action_known.all():  # only then: data where every frame has an action keeps its fingerprint
+            digest.update(frames.action_known.tobytes())
         digest.update("\0".join(frames.instructions).encode())
         for start in range(0, len(frames.rows), batch_size):
             table = self._images[frames.rows[start:start + batch_size].tolist()]

@@ -19,6 +19,8 @@ from atlas_vla.models.action_head import action_metrics
 
 VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss", "pose_l2_error", "pose_l1_error", "gripper_error",
                "pose_l1_error_normalized", "pose_l2_error_normalized")
+LOSS_PARTS = ("pose_loss", "gripper_loss", "locate_loss")  # what `AtlasPolicy.combined_loss` makes the loss of
+SUMMED_METRICS = VAL_METRICS[1:]  # summed over batches; "loss" is made from its parts' means (`policy_means`)
 BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `action_metrics` of the mean action
 
 
@@ -73,18 +75,18 @@ def _weighted_sums(batches: Iterable[Mapping[str, Any]], limit: int | None, name
 @torch.no_grad()
 def metric_sums(policy: torch.nn.Module, batches: Iterable[Mapping[str, Any]], limit: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each of `VAL_METRICS` summed over up to `limit` batches as `_weighted_sums` weighs them, and the weights: the
-    ratios are the means over every valid action step (the locate loss: every known coordinate), the same for any
-    batch size (a batch's mean weighs as many steps as it has, so a short last batch is not counted like a full
-    one)."""
+    """Each of `SUMMED_METRICS` summed over up to `limit` batches as `_weighted_sums` weighs them, and the weights:
+    the ratios are the means over every valid action step (the locate loss: every known coordinate), the same for
+    any batch size (a batch's mean weighs as many steps as it has, so a short last batch is not counted like a full
+    one); `policy_means` turns them into `VAL_METRICS`."""
     was_training = policy.training
     policy.eval()
 
     def metrics_of(batch: Mapping[str, Any]) -> torch.Tensor:
         out = policy(batch)
-        return torch.stack([out[key].float() for key in VAL_METRICS])
+        return torch.stack([out[key].float() for key in SUMMED_METRICS])
 
-    sums = _weighted_sums(batches, limit, VAL_METRICS, metrics_of)
+    sums = _weighted_sums(batches, limit, SUMMED_METRICS, metrics_of)
     policy.train(was_training)
     return sums
 
@@ -146,10 +148,10 @@ def evaluate_offline(policy_path: str, data: str | DataConfig, *, split: str = "
     if not any(values[1].any() for values in sums.values()):  # no source has a scored step or position
         raise ValueError(f"the {split} split of {config.source} is empty")
     totals, steps, baseline, baseline_steps = (sum(values) for values in zip(*sums.values()))
-    metrics = _means(f"{split}/", totals, steps, baseline, baseline_steps)
+    metrics = _means(f"{split}/", policy, totals, steps, baseline, baseline_steps)
     if len(sums) > 1:
         for source, values in sums.items():
-            metrics.update(_means(f"{split}/source_{source}/", *values))
+            metrics.update(_means(f"{split}/source_{source}/", policy, *values))
     return metrics
 
 
@@ -167,10 +169,21 @@ def named_means(prefix: str, names: Sequence[str], totals: torch.Tensor, weights
     return {f"{prefix}{name}": float(value / weight) for name, value, weight in zip(names, totals, weights) if weight}
 
 
-def _means(prefix: str, totals: torch.Tensor, steps: torch.Tensor, baseline: torch.Tensor,
+def policy_means(prefix: str, policy: Any, totals: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
+    """`metric_sums`' sums as `VAL_METRICS` named under `prefix`: each summed metric's mean (`named_means`) and the
+    loss made of its parts' means by `policy.combined_loss`, the loss of the whole split taken as one batch (no loss
+    where no part was scored)."""
+    means = named_means(prefix, SUMMED_METRICS, totals, weights)
+    if not any(f"{prefix}{name}" in means for name in LOSS_PARTS):
+        return means
+    return {f"{prefix}loss": float(policy.combined_loss(*(means.get(f"{prefix}{name}", 0.0) for name in LOSS_PARTS))),
+            **means}
+
+
+def _means(prefix: str, policy: Any, totals: torch.Tensor, steps: torch.Tensor, baseline: torch.Tensor,
            baseline_steps: torch.Tensor) -> dict[str, float]:
     """`VAL_METRICS` and the baseline's `BASELINE_METRICS` as means over their steps, named under `prefix`."""
-    return {**named_means(prefix, VAL_METRICS, totals, steps),
+    return {**policy_means(prefix, policy, totals, steps),
             **named_means(f"{prefix}baseline_", BASELINE_METRICS, baseline, baseline_steps)}
 
 

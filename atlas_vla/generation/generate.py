@@ -404,7 +404,7 @@ def _plan(name: str, episodes: list[SourceEpisode], other_goals: bool) -> TaskPl
     return TaskPlan(name, episodes, [None, *others], goal.target)
 
 
-def _check_goal(episode: SourceEpisode) -> None:
+def check_goal(episode: SourceEpisode) -> None:
     """A task whose goal is not one pick-and-place is refused before any try runs, naming the predicate."""
     from libero.libero.envs.bddl_utils import robosuite_parse_problem
 
@@ -438,7 +438,7 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
     for episode in episodes:
         tasks.setdefault(f"{episode.suite}/{episode.task_id}", []).append(episode)
     for found in tasks.values():
-        _check_goal(found[0])
+        check_goal(found[0])
     work = work_folder(output)
     log = TryLog(work, Settings(list(sources), seed, other_goals), fresh)
     plans = {name: _plan(name, found, other_goals) for name, found in tasks.items()}

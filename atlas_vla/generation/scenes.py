@@ -52,6 +52,8 @@ class SceneSettings:
     seed: int
     other_goals: bool
     initial_states: list[int]
+    image_size: int  # the sources' (a scene file holds its frames at this size)
+    image_format: str
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def render_scene(job: SceneJob) -> dict[str, Any]:
 @contextmanager
 def _soft_resets(env: Any) -> Iterator[None]:
     """Inside the block robosuite's resets keep the model they loaded. By default (`hard_reset`) each reset loads the
-    whole model again, about 4 of a scene's 5 seconds; a scene's reset is followed by a saved simulator state
+    whole model again, about 4 s of the 5 a scene took; a scene's reset is followed by a saved simulator state
     restored whole, so the loaded model serves (measured: frames within 0.2/255 on average of a hard reset's)."""
     robosuite_env = env.env
     hard = robosuite_env.hard_reset
@@ -157,10 +159,14 @@ def _goal_objects(suite: str, task_id: int, image_size: int, other_goals: bool) 
 
 
 def _check_settings(work: Path, settings: SceneSettings, fresh: bool) -> None:
-    """Refuse to continue scenes rendered with other settings (`fresh` discards them instead)."""
+    """Refuse to continue scenes rendered with other settings (`fresh` discards them instead), and to touch a folder
+    render-scenes did not write."""
     import shutil
 
     path = work / SETTINGS_NAME
+    if work.exists() and not path.is_file():
+        raise ValueError(f"{work} exists and holds no {SETTINGS_NAME}: render-scenes did not write it; move it away "
+                         f"or write to another --output")
     if path.is_file() and not fresh:
         recorded = read_json(path)
         differ = sorted(name for name, value in asdict(settings).items() if recorded.get(name) != value)
@@ -169,7 +175,7 @@ def _check_settings(work: Path, settings: SceneSettings, fresh: bool) -> None:
                              f"{[recorded.get(name) for name in differ]} there, "
                              f"{[asdict(settings)[name] for name in differ]} now); pass --fresh to discard them, or "
                              f"write to another --output")
-    elif work.exists():
+    elif path.is_file():
         shutil.rmtree(work)
     write_json_atomic(path, asdict(settings))
 
@@ -189,8 +195,11 @@ def render_scenes(sources: Sequence[str], output: str | os.PathLike, *, num_scen
                          f"{num_scenes}, {num_workers} and {list(initial_states)}")
     output = Path(output)
     tasks = _tasks(sources)
+    _check_tasks(tasks, initial_states)
+    like = next(iter(tasks.values()))
     work = work_folder(output)
-    _check_settings(work, SceneSettings(seed, other_goals, [int(s) for s in initial_states]), fresh)
+    _check_settings(work, SceneSettings(seed, other_goals, [int(s) for s in initial_states], like.image_size,
+                                        like.image_format), fresh)
     jobs = []
     for (suite, task_id), episode in tasks.items():
         objects = _goal_objects(suite, task_id, episode.image_size, other_goals)
@@ -204,8 +213,23 @@ def render_scenes(sources: Sequence[str], output: str | os.PathLike, *, num_scen
     with tqdm(total=len(jobs), initial=len(jobs) - len(missing), desc="render-scenes", unit="scene") as progress:
         _run(missing, num_workers, progress)
     report = _report(jobs, seed, time.perf_counter() - started)
-    _assemble(jobs, next(iter(tasks.values())), work, output, report)
+    _assemble(jobs, like, work, output, report)
     return report
+
+
+def _check_tasks(tasks: dict[tuple[str, int], SourceEpisode], initial_states: Sequence[int]) -> None:
+    """Before anything is rendered: every task is one pick-and-place (`generate.check_goal`) and has each of
+    `initial_states` among its official ones."""
+    from atlas_vla.eval.libero_sim import task_info
+    from atlas_vla.generation.generate import check_goal
+
+    for (suite, task_id), episode in tasks.items():
+        check_goal(episode)
+        count = len(task_info(suite, task_id)[2])
+        beyond = [state for state in initial_states if not 0 <= state < count]
+        if beyond:
+            raise ValueError(f"--initial-states {beyond}: {suite} task {task_id} has official initial states 0-"
+                             f"{count - 1}")
 
 
 def _run(jobs: list[SceneJob], num_workers: int, progress: Any) -> None:

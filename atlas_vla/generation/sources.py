@@ -24,6 +24,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from atlas_vla.action_layout import without_action
 from atlas_vla.constants import ACTION, AGENT_IMAGE, EEF_POSITION, EPISODE_INDEX, INSTRUCTION, STATE, WRIST_IMAGE
 
 SOURCE_STATES = 20  # official initial states 0..19 may be a source's; 20 and above are evaluation's alone
@@ -123,7 +124,7 @@ def _lerobot_episodes(source: str, dataset: datasets.Dataset) -> list[SourceEpis
     for episode in dict.fromkeys(episodes_index.tolist()):
         rows = np.flatnonzero(episodes_index == episode)
         instruction = str(numbers[INSTRUCTION][rows[0]])
-        if np.isnan(np.asarray(numbers[ACTION][rows], np.float32)).all(axis=1).any():
+        if without_action(np.asarray(numbers[ACTION][rows], np.float32)).any():
             raise ValueError(f"{source} episode {episode}: frames without an action (rendered scenes?); only recorded "
                              f"demonstrations are generated or rendered from")
         frames = {i: raw[int(rows[i])][AGENT_IMAGE] for i in checked_indices(len(rows))}

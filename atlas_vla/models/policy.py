@@ -251,14 +251,18 @@ class AtlasPolicy(PretrainedPolicy, nn.Module):
         target = self._to_head_units(actions)
         losses = self.head.loss(features, target, valid)
         losses["locate_loss"] = self._locate_loss(located, batch) if located is not None else features.new_zeros(())
-        loss = (self.config.head.pose_loss_weight * losses["pose_loss"]
-                + self.config.head.gripper_loss_weight * losses["gripper_loss"]
-                + self.config.locate_weight * losses["locate_loss"])
+        loss = self.combined_loss(losses["pose_loss"], losses["gripper_loss"], losses["locate_loss"])
         with torch.no_grad():
             predicted = self.head.predict(features.detach())
             metrics = action_metrics(self._from_head_units(predicted), actions, valid)
             metrics.update(action_metrics(predicted, target, valid, suffix="_normalized"))
         return {"loss": loss, **losses, **metrics}
+
+    def combined_loss(self, pose_loss: Any, gripper_loss: Any, locate_loss: Any) -> Any:
+        """The training loss from its parts, each a mean over what it is scored on (the action losses over the valid
+        action steps, the locate loss over the known coordinates): one batch's, or a whole split's from its means."""
+        return (self.config.head.pose_loss_weight * pose_loss + self.config.head.gripper_loss_weight * gripper_loss
+                + self.config.locate_weight * locate_loss)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: Mapping[str, Any]) -> Tensor:

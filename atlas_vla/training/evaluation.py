@@ -18,7 +18,7 @@ from atlas_vla.data.samples import collate
 from atlas_vla.eval import libero_sim as sim
 from atlas_vla.eval.config import EvalConfig
 from atlas_vla.eval.failures import check_episodes_ran
-from atlas_vla.eval.offline import BASELINE_METRICS, VAL_METRICS, baseline_sums, metric_sums, named_means
+from atlas_vla.eval.offline import BASELINE_METRICS, baseline_sums, metric_sums, named_means, policy_means
 from atlas_vla.models.policy import AtlasPolicy
 from atlas_vla.schema import to_dict
 from atlas_vla.training.run import TrainingRun
@@ -32,7 +32,8 @@ def validate(accelerator: Accelerator, policy: torch.nn.Module, loader: Iterable
     """`val/*` metrics over up to `limit` batches per process: each the mean over every valid action step (the
     locate loss: every known coordinate) that any process scored (`metric_sums`), so neither the batch size nor the
     number of processes changes it."""
-    return named_means("val/", VAL_METRICS, *_across_processes(accelerator, *metric_sums(policy, loader, limit)))
+    sums = _across_processes(accelerator, *metric_sums(policy, loader, limit))
+    return policy_means("val/", accelerator.unwrap_model(policy), *sums)
 
 
 def baseline_metrics(accelerator: Accelerator, loader: Iterable, stats: NormStats, limit: int | None

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from atlas_vla.config import CheckpointConfig, LoggingConfig, TrainingConfig, config_yaml
 from atlas_vla.constants import SOURCE_INDEX
 from atlas_vla.eval.config import EvalConfig
-from atlas_vla.eval.offline import POSITION_METRICS, known_coordinates, valid_steps
+from atlas_vla.eval.offline import LOSS_PARTS, POSITION_METRICS, known_coordinates, policy_means, valid_steps
 from atlas_vla.training.checkpointing import TrainingState, checkpoints_dir, save_checkpoint
 from atlas_vla.training.evaluation import (
     baseline_metrics,
@@ -32,7 +32,6 @@ from atlas_vla.training.run import TrainingRun
 from atlas_vla.training.run_folder import record_policy_version
 
 logger = logging.getLogger("atlas_vla.train")
-TRAIN_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss")
 
 
 @dataclass
@@ -50,7 +49,7 @@ class TrainWindow:
     def add(self, out: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         steps = valid_steps(batch).to(out["loss"].device)
         coordinates = known_coordinates(batch).to(out["loss"].device)
-        for key in TRAIN_METRICS:
+        for key in LOSS_PARTS:
             weight = coordinates if key in POSITION_METRICS else steps
             self.sums[key] = self.sums.get(key, 0) + out[key].detach().float() * weight
             self.weights[key] = self.weights.get(key, 0) + weight
@@ -59,18 +58,17 @@ class TrainWindow:
             self.source_samples = drawn if self.source_samples is None else self.source_samples + drawn
 
     def totals(self) -> torch.Tensor:
-        """This process's weighted sum of each of `TRAIN_METRICS` and then their weights (valid action steps; for
-        the locate loss, known coordinates): one tensor that sums over processes into the means of the whole run
+        """This process's weighted sum of each of `LOSS_PARTS` and then their weights (valid action steps; for the
+        locate loss, known coordinates): one tensor that sums over processes into the means of the whole run
         (`means_of`)."""
-        return torch.stack([*(self.sums[key] for key in TRAIN_METRICS),
-                            *(torch.as_tensor(self.weights[key]).to(self.sums["loss"]) for key in TRAIN_METRICS)])
+        return torch.stack([*(self.sums[key] for key in LOSS_PARTS),
+                            *(torch.as_tensor(self.weights[key]).to(self.sums[key]) for key in LOSS_PARTS)])
 
     @staticmethod
-    def means_of(totals: torch.Tensor) -> torch.Tensor:
-        """The mean of each of `TRAIN_METRICS` from `totals` (summed over processes or not); 0 where nothing was
-        scored."""
-        sums, weights = totals.split(len(TRAIN_METRICS))
-        return sums / weights.clamp(min=1)
+    def means_of(totals: torch.Tensor, policy: Any) -> dict[str, float]:
+        """`train/*` losses from `totals` (summed over processes or not): each part's mean and the loss made of them
+        (`eval.offline.policy_means`); a part nothing scored is left out."""
+        return policy_means("train/", policy, *totals.cpu().split(len(LOSS_PARTS)))
 
     def reset(self) -> None:
         self.sums, self.weights, self.source_samples = {}, {}, None
@@ -174,9 +172,11 @@ def update_policy(run: TrainingRun, batch: Mapping[str, Any], max_grad_norm: flo
         if accelerator.num_processes == 1:
             accelerator.backward(out["loss"])
         else:
-            located = accelerator.unwrap_model(run.policy).config.locate_weight * out["locate_loss"]
-            accelerator.backward((out["loss"] - located) * process_share(accelerator, valid_steps(batch))
-                                 + located * process_share(accelerator, known_coordinates(batch)))
+            policy = accelerator.unwrap_model(run.policy)
+            acting = policy.combined_loss(out["pose_loss"], out["gripper_loss"], 0.0)
+            locating = policy.combined_loss(0.0, 0.0, out["locate_loss"])
+            steps, coordinates = process_share(accelerator, torch.stack([valid_steps(batch), known_coordinates(batch)]))
+            accelerator.backward(acting * steps + locating * coordinates)
         if accelerator.sync_gradients and max_grad_norm:
             accelerator.clip_grad_norm_(run.policy.parameters(), max_grad_norm)
         run.optimizer.step()
@@ -186,9 +186,9 @@ def update_policy(run: TrainingRun, batch: Mapping[str, Any], max_grad_norm: flo
 
 
 def process_share(accelerator: Any, weight: torch.Tensor) -> torch.Tensor:
-    """This process's `weight` (its valid action steps, or its known coordinates) over the mean of all processes':
-    the factor that turns its loss (a mean over its own steps) into its part of the mean over everyone's, once DDP
-    averages the gradients.
+    """This process's `weight` (its valid action steps, its known coordinates, or both stacked) over the mean of all
+    processes': the factor that turns its loss (a mean over its own steps) into its part of the mean over
+    everyone's, once DDP averages the gradients.
 
     Without it a process whose micro-batch ends more episodes (more padded steps) would weigh each of its
     steps more, and two processes of 8 would not train as one of 16."""
@@ -217,12 +217,12 @@ def is_checkpoint_step(step: int, max_steps: int, checkpoint_cfg: CheckpointConf
 
 
 def log_train_metrics(run: TrainingRun, window: TrainWindow, throughput: Throughput, progress: tqdm) -> None:
-    """Log the `train/*` metrics: losses averaged over the valid action steps since the last log on every process,
+    """Log the `train/*` metrics: losses averaged over the valid action steps (the locate loss over the known
+    coordinates) since the last log on every process,
     and with several sources the samples each gave since then, summed over processes (what the run trained on)."""
     state = run.state
     step = state.global_step
-    means = window.means_of(run.accelerator.reduce(window.totals(), "sum"))
-    logs = {f"train/{k}": float(v) for k, v in zip(TRAIN_METRICS, means)}
+    logs = window.means_of(run.accelerator.reduce(window.totals(), "sum"), run.accelerator.unwrap_model(run.policy))
     rates = run.scheduler.get_last_lr()
     if len(rates) > 1:  # the locating parameters' group (`training.locate_learning_rate`, `locate_lr_scheduler`)
         logs["train/locate_lr"] = rates[1]

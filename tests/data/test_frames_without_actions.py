@@ -18,7 +18,7 @@ from atlas_vla.data.normalization import compute_norm_stats
 from atlas_vla.data.samples import LiberoSamples, LiberoSampleStream, collate
 from atlas_vla.data.sources import load_libero
 from atlas_vla.data.spec import SampleSpec
-from atlas_vla.eval.offline import VAL_METRICS, metric_sums, named_means
+from atlas_vla.eval.offline import metric_sums, policy_means
 from atlas_vla.models.policy import AtlasPolicy
 
 SCENE_POSITIONS = np.array([[0.1, 0.2, 0.9, -0.1, 0.0, 0.9]], np.float32)
@@ -87,10 +87,14 @@ def test_a_scene_trains_only_the_locate_query_and_stays_out_of_the_action_statis
     # validation: the locate loss is the mean over the coordinates known, the action metrics over the action steps
     policy.eval()
     scenes, demos = collate([by_episode[2][0], by_episode[3][0]]), collate(by_episode[0][:4])
-    metrics = named_means("val/", VAL_METRICS, *metric_sums(policy, [scenes, demos]))
+    metrics = policy_means("val/", policy, *metric_sums(policy, [scenes, demos]))
     with torch.no_grad():
-        assert metrics["val/locate_loss"] == pytest.approx(policy(scenes)["locate_loss"].item(), rel=1e-6)
-        assert metrics["val/pose_l1_error"] == pytest.approx(policy(demos)["pose_l1_error"].item(), rel=1e-6)
+        on_scenes, on_demos = policy(scenes), policy(demos)
+    assert metrics["val/locate_loss"] == pytest.approx(on_scenes["locate_loss"].item(), rel=1e-6)
+    assert metrics["val/pose_l1_error"] == pytest.approx(on_demos["pose_l1_error"].item(), rel=1e-6)
+    # the loss of the two batches as one: the demonstrations' action losses and the scenes' locate loss
+    assert metrics["val/loss"] == pytest.approx(on_demos["pose_loss"].item() + 0.1 * on_demos["gripper_loss"].item()
+                                                + 1.0 * on_scenes["locate_loss"].item(), rel=1e-6)
 
 
 def test_a_frame_without_an_action_must_say_where_things_are_and_a_partial_nan_is_corrupt(tmp_path):

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from atlas_vla.constants import INSTRUCTION, OBS_IMAGES, OBS_STATE
+from atlas_vla.config import TrainConfig
 from atlas_vla.data.config import DataConfig, shifts_anything
+from atlas_vla.models.config import PolicyConfig
 from atlas_vla.data.samples import LiberoSamples
 from atlas_vla.data.sources import load_libero
 from atlas_vla.data.spec import SampleSpec
@@ -196,6 +198,9 @@ def test_a_shift_per_camera_leaves_the_agent_view_exact_and_shifts_the_wrist_vie
     assert np.array_equal(every, random_shift(views, 2))
     assert not np.array_equal(every[:, 0::2], views[:, 0::2])
     assert shifts_anything(2) and shifts_anything([0, 4]) and not shifts_anything([0, 0]) and not shifts_anything(0)
+    with pytest.raises(ValueError, match=r"data.random_shift: \[0, 4\] shifts the wrist camera, and "
+                                         r"model.use_wrist_camera is false: give the agent view's shift alone, e.g. 0"):
+        TrainConfig(data=DataConfig(random_shift=[0, 4]), model=PolicyConfig(use_wrist_camera=False))
     for bad in ([4], [0, -1], [0, 4, 4], -2, [0.5, 4]):
         with pytest.raises(ValueError, match=r"DataConfig.random_shift must be a non-negative integer \(pixels\) or "
                                              r"one per camera \[agent view, wrist\]"):

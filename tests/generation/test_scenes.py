@@ -81,3 +81,13 @@ def test_scenes_name_either_bowl_where_it_is_say_where_it_rests_and_a_rerun_rend
     assert np.abs(again.astype(int) - before.astype(int)).mean() < 1.0
     refused = _render(source, output, "--num-scenes", "4", "--seed", "3")
     assert refused.returncode != 0 and "rendered with other settings (seed: [0] there, [3] now)" in refused.stderr
+    # before anything is written: a state the task does not have; a work folder render-scenes did not write
+    refused = _render(source, tmp_path / "more", "--num-scenes", "4", "--initial-states", "0,50")
+    assert refused.returncode != 0 and ("--initial-states [50]: libero_spatial task 0 has official initial states "
+                                        "0-49") in refused.stderr
+    assert not (tmp_path / "more.scenes").exists()
+    (tmp_path / "mine.scenes").mkdir()
+    (tmp_path / "mine.scenes" / "notes.txt").write_text("mine")
+    refused = _render(source, tmp_path / "mine", "--num-scenes", "4", "--fresh")
+    assert refused.returncode != 0 and "holds no settings.json: render-scenes did not write it" in refused.stderr
+    assert (tmp_path / "mine.scenes" / "notes.txt").read_text() == "mine"
