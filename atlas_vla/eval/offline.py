@@ -21,10 +21,8 @@ VAL_METRICS = ("loss", "pose_loss", "gripper_loss", "locate_loss", "pose_l2_erro
                "pose_l1_error_normalized", "pose_l2_error_normalized")
 LOSS_PARTS = ("pose_loss", "gripper_loss", "locate_loss")  # what `AtlasPolicy.combined_loss` makes the loss of
 SUMMED_METRICS = VAL_METRICS[1:]  # summed over batches; "loss" is made from its parts' means (`policy_means`)
-BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `action_metrics` of the mean action
-
-
 POSITION_METRICS = ("locate_loss",)  # means over the positions a batch knows; every other metric over action steps
+BASELINE_METRICS = ("pose_l1_error", "pose_l2_error", "gripper_error")  # `action_metrics` of the mean action
 
 
 def valid_steps(batch: Mapping[str, Any]) -> torch.Tensor:
