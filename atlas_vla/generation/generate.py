@@ -389,19 +389,41 @@ class TaskPlan:
         return len(self.kept(num_demos)) >= num_demos or len(self.finished) >= num_demos * MAX_TRIES_PER_DEMO
 
 
-def _plan(name: str, episodes: list[SourceEpisode], other_goals: bool) -> TaskPlan:
-    """A task's plan: the objects its tries move (its own goal's (None), then, with `other_goals`, each other
-    movable object of that kind in its scene) and its goal's target, read from its scene."""
+def goal_objects(episode: SourceEpisode, other_goals: bool) -> tuple[list[str | None], str]:
+    """What a task's goal can move, read from its scene: its own goal's object (None), then, with `other_goals`, each
+    other movable object of that kind; and the goal's target."""
     from atlas_vla.scenes.instructions import same_kind
 
-    episode = episodes[0]
     generator = Generator(episode.suite, episode.task_id, episode.image_size)
     try:
         goal = generator.goal
         others = same_kind(generator.scene, goal.obj) if other_goals else []
     finally:  # the main process keeps no simulator
         generator.close()
-    return TaskPlan(name, episodes, [None, *others], goal.target)
+    return [None, *others], goal.target
+
+
+def _plan(name: str, episodes: list[SourceEpisode], other_goals: bool) -> TaskPlan:
+    """A task's plan: the objects its tries move and its goal's target (`goal_objects`)."""
+    objects, target = goal_objects(episodes[0], other_goals)
+    return TaskPlan(name, episodes, objects, target)
+
+
+def episodes_by_task(sources: Sequence[str]) -> dict[tuple[str, int], list[SourceEpisode]]:
+    """Every recorded episode of `sources` by task (suite, task id), tasks in the order they first appear; each task
+    one pick-and-place (`check_goal`), and every source in the same image size, encoding and fps (`ValueError`
+    naming them otherwise: generate-demos and render-scenes write one format)."""
+    episodes = [episode for source in sources for episode in read_episodes(source)]
+    formats = {(e.image_size, e.image_format, e.fps) for e in episodes}
+    if len(formats) > 1:
+        raise ValueError(f"the sources differ in image size, encoding or fps ({sorted(formats)}): use each "
+                         f"separately")
+    tasks: dict[tuple[str, int], list[SourceEpisode]] = {}
+    for episode in episodes:
+        tasks.setdefault((episode.suite, episode.task_id), []).append(episode)
+    for found in tasks.values():
+        check_goal(found[0])
+    return tasks
 
 
 def check_goal(episode: SourceEpisode) -> None:
@@ -429,16 +451,7 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
     if num_demos < 1 or num_workers < 1:
         raise ValueError(f"--num-demos and --num-workers must be >= 1, got {num_demos} and {num_workers}")
     output = Path(output)
-    episodes = [episode for source in sources for episode in read_episodes(source)]
-    formats = {(e.image_size, e.image_format, e.fps) for e in episodes}
-    if len(formats) > 1:
-        raise ValueError(f"the sources differ in image size, encoding or fps ({sorted(formats)}): generate from each "
-                         f"separately")
-    tasks: dict[str, list[SourceEpisode]] = {}
-    for episode in episodes:
-        tasks.setdefault(f"{episode.suite}/{episode.task_id}", []).append(episode)
-    for found in tasks.values():
-        check_goal(found[0])
+    tasks = {f"{suite}/{task_id}": found for (suite, task_id), found in episodes_by_task(sources).items()}
     work = work_folder(output)
     log = TryLog(work, Settings(list(sources), seed, other_goals), fresh)
     plans = {name: _plan(name, found, other_goals) for name, found in tasks.items()}
@@ -454,7 +467,7 @@ def generate_demos(sources: Sequence[str], output: str | os.PathLike, *, num_dem
         progress.close()
         log.close()
     report = _report(plans, num_demos, seed, time.perf_counter() - started)
-    _assemble(plans, num_demos, episodes[0], work, output, report, known)
+    _assemble(plans, num_demos, next(iter(tasks.values()))[0], work, output, report, known)
     return report
 
 

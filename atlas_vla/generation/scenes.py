@@ -35,7 +35,8 @@ import numpy as np
 
 from atlas_vla.action_layout import ACTION_DIM
 from atlas_vla.files import read_json, staged_file, write_json_atomic
-from atlas_vla.generation.sources import SourceEpisode, read_episodes
+from atlas_vla.generation.generate import episodes_by_task, generator_for, goal_objects
+from atlas_vla.generation.sources import SourceEpisode
 from atlas_vla.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,6 @@ def work_folder(output: Path) -> Path:
 def render_scene(job: SceneJob) -> dict[str, Any]:
     """Render one scene in this process's simulator into `job.path`; returns its record."""
     from atlas_vla.data.transforms import libero_state, rotate_180
-    from atlas_vla.generation.generate import generator_for
     from atlas_vla.scenes.instructions import instruction
     from atlas_vla.scenes.layouts import LayoutRejected, first_usable, layout_rng
 
@@ -131,33 +131,6 @@ def _read_scene(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return json.loads(str(arrays["record"])), {key: arrays[key] for key in arrays.files if key != "record"}
 
 
-def _tasks(sources: Sequence[str]) -> dict[tuple[str, int], SourceEpisode]:
-    """One recorded episode per task the sources hold, in the order they first appear (its instruction, image size,
-    encoding and frame rate are the task's)."""
-    episodes = [episode for source in sources for episode in read_episodes(source)]
-    formats = {(e.image_size, e.image_format, e.fps) for e in episodes}
-    if len(formats) > 1:
-        raise ValueError(f"the sources differ in image size, encoding or fps ({sorted(formats)}): render from each "
-                         f"separately")
-    tasks: dict[tuple[str, int], SourceEpisode] = {}
-    for episode in episodes:
-        tasks.setdefault((episode.suite, episode.task_id), episode)
-    return tasks
-
-
-def _goal_objects(suite: str, task_id: int, image_size: int, other_goals: bool) -> list[str | None]:
-    """The objects a task's scenes name as the goal's: its own (None), then with `other_goals` each other movable
-    object of that kind."""
-    from atlas_vla.generation.generate import Generator
-    from atlas_vla.scenes.instructions import same_kind
-
-    generator = Generator(suite, task_id, image_size)
-    try:
-        return [None, *(same_kind(generator.scene, generator.goal.obj) if other_goals else [])]
-    finally:  # the main process keeps no simulator
-        generator.close()
-
-
 def _check_settings(work: Path, settings: SceneSettings, fresh: bool) -> None:
     """Refuse to continue scenes rendered with other settings (`fresh` discards them instead), and to touch a folder
     render-scenes did not write."""
@@ -194,15 +167,15 @@ def render_scenes(sources: Sequence[str], output: str | os.PathLike, *, num_scen
         raise ValueError(f"--num-scenes and --num-workers must be >= 1 and --initial-states not empty, got "
                          f"{num_scenes}, {num_workers} and {list(initial_states)}")
     output = Path(output)
-    tasks = _tasks(sources)
-    _check_tasks(tasks, initial_states)
+    tasks = {task: found[0] for task, found in episodes_by_task(sources).items()}
+    _check_states(tasks, initial_states)
     like = next(iter(tasks.values()))
     work = work_folder(output)
     _check_settings(work, SceneSettings(seed, other_goals, [int(s) for s in initial_states], like.image_size,
                                         like.image_format), fresh)
     jobs = []
     for (suite, task_id), episode in tasks.items():
-        objects = _goal_objects(suite, task_id, episode.image_size, other_goals)
+        objects, _ = goal_objects(episode, other_goals)
         for number in range(num_scenes):
             jobs.append(SceneJob(suite, task_id, number, int(initial_states[number % len(initial_states)]),
                                  objects[(number // len(initial_states)) % len(objects)], episode.instruction,
@@ -217,14 +190,11 @@ def render_scenes(sources: Sequence[str], output: str | os.PathLike, *, num_scen
     return report
 
 
-def _check_tasks(tasks: dict[tuple[str, int], SourceEpisode], initial_states: Sequence[int]) -> None:
-    """Before anything is rendered: every task is one pick-and-place (`generate.check_goal`) and has each of
-    `initial_states` among its official ones."""
+def _check_states(tasks: dict[tuple[str, int], SourceEpisode], initial_states: Sequence[int]) -> None:
+    """Before anything is rendered: every task has each of `initial_states` among its official ones."""
     from atlas_vla.eval.libero_sim import task_info
-    from atlas_vla.generation.generate import check_goal
 
-    for (suite, task_id), episode in tasks.items():
-        check_goal(episode)
+    for suite, task_id in tasks:
         count = len(task_info(suite, task_id)[2])
         beyond = [state for state in initial_states if not 0 <= state < count]
         if beyond:
